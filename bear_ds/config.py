@@ -143,15 +143,24 @@ class TrainConfig(_Section):
     eval_max_users: int | None = Field(None, ge=1, description="cap of valid users evaluated per epoch")
     select_metric: str = Field("ndcg@10", description="validation metric that selects the epoch")
     pg_timeout_s: int = Field(600, ge=5, description="process-group timeout in seconds")
+    ds_config: str | None = Field(
+        None,
+        description="DeepSpeed JSON used outside `accelerate launch` (default ds_configs/zero{zero_stage}.json); "
+        "its \"auto\" values are filled from this section",
+    )
+    length_bucket: int = Field(
+        16, ge=1, description="length grouping: examples are sorted by length within windows of this many global batches"
+    )
 
 
 class EvalConfig(_Section):
     split: Literal["valid", "test"] = "test"
     num_beams: int = Field(10, ge=1)
     top_k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20], description="K of HR@K and NDCG@K, capped at num_beams")
-    mask: Literal["after", "before"] = Field(
-        "after", description="after: log-softmax over the vocabulary then restrict (LML, HF default); "
-        "before: restrict then log-softmax (the release for MSL/BEAR)"
+    mask: Literal["auto", "after", "before"] = Field(
+        "auto", description="after: log-softmax over the vocabulary then restrict (LML, HF default); "
+        "before: restrict then log-softmax (the release for MSL/BEAR); auto: the released protocol, "
+        "after for loss.name=lml and before for msl/bear"
     )
     length_penalty: float = 1.0
     max_users: int | None = Field(None, ge=1, description="evaluate only the first N examples of the split")
@@ -161,6 +170,7 @@ class EvalConfig(_Section):
 
 class AnalyzeConfig(_Section):
     batch_items: int = Field(256, ge=1, description="titles scored per forward in the exhaustive ranking")
+    max_users: int = Field(300, ge=1, description="pipeline/demo: test users given the exhaustive pruning analysis")
 
 
 class SweepConfig(_Section):
@@ -190,6 +200,13 @@ class Config(_Section):
         if bad:
             raise ValueError(f"eval.top_k values must be >= 1, got {bad}")
         return self
+
+    def decoding_mask(self) -> Literal["after", "before"]:
+        """eval.mask with `auto` resolved: the released evaluation decodes LML with the HF default
+        (mask after the log-softmax) and MSL/BEAR renormalised over the trie (mask before)."""
+        if self.eval.mask != "auto":
+            return self.eval.mask
+        return "after" if self.loss.name == "lml" else "before"
 
 
 class ConfigError(ValueError):

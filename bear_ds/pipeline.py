@@ -1,0 +1,85 @@
+"""Thin orchestration of whole experiments: one run point, the embedded demo, sweeps.
+
+A run point = train (with per-epoch validation and test, epoch selected on valid) -> pruning
+analysis of the exported model on the test split -> summary. Points whose `summary.json` and
+`analysis/analysis.json` exist are skipped, so a crashed demo or sweep restarts where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from bear_ds.config import Config, with_overrides
+
+METHODS = ("lml", "msl", "bear")
+
+
+def point_finished(out_dir: Path) -> bool:
+    return (out_dir / "summary.json").is_file() and (out_dir / "analysis" / "analysis.json").is_file()
+
+
+def run_point(cfg: Config, out_dir: Path) -> None:
+    """Train one configuration into `out_dir`, then run the pruning analysis on its test users."""
+    from bear_ds.evaluation.analysis import analyze
+    from bear_ds.training import train
+
+    out_dir = Path(out_dir)
+    point = with_overrides(cfg, [f"output_dir={out_dir}"])
+    if not (out_dir / "summary.json").is_file():
+        # resume=auto: a point that crashed mid-training continues from its last checkpoint
+        train(with_overrides(point, ["train.resume=auto"]))
+    analysis_cfg = with_overrides(
+        point,
+        [
+            f"model.path={out_dir / 'model'}",
+            f"output_dir={out_dir / 'analysis'}",
+            "eval.split=test",
+            f"eval.max_users={cfg.analyze.max_users}",
+        ],
+    )
+    analyze(analysis_cfg)
+
+
+def prepare_once(cfg: Config, data_dir: Path) -> Path:
+    """Prepare the data once for every point of an experiment (same splits for every method)."""
+    from bear_ds.data import resolve_prepared
+
+    return resolve_prepared(cfg, data_dir)
+
+
+def demo(cfg: Config) -> Path:
+    """The embedded default: LML, MSL and BEAR on the same data and seed, then results.md and plots."""
+    from bear_ds.reports import report
+
+    out = Path(cfg.output_dir)
+    started = time.perf_counter()
+    data_dir = prepare_once(cfg, out / "data")
+    for method in METHODS:
+        point_dir = out / method
+        if point_finished(point_dir):
+            print(f"[demo] {method}: already finished in {point_dir}, skipped")
+            continue
+        print(f"[demo] {method}: training into {point_dir}")
+        point = with_overrides(cfg, [f"loss.name={method}", f"data.path={data_dir}", "data.source=prepared"])
+        run_point(point, point_dir)
+    results = report(out)
+    print((out / "results.md").read_text() if (out / "results.md").is_file() else f"report: {results}")
+    (out / "demo_time.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}))
+    return out
+
+
+def sweep(cfg: Config) -> Path:
+    """Run (or write job scripts for) every grid point of `cfg.sweep`, then aggregate and report."""
+    from bear_ds.reports import report
+    from bear_ds.reports.sweep import aggregate, run_sweep
+
+    out = Path(cfg.output_dir)
+    data_dir = prepare_once(cfg, out / "data")
+    base = with_overrides(cfg, [f"data.path={data_dir}", "data.source=prepared"])
+    run_sweep(base, run_point)
+    if cfg.sweep.mode == "run":
+        aggregate(out)
+        report(out)
+    return out
