@@ -1,0 +1,229 @@
+"""The BEAR/BIGRec CSV format: `id2name4Rec.json` + `user_id,item_ids,timestamp` window files.
+
+`item_ids` is a Python-style list, oldest first, whose last id is the target. Train and test come
+from the named files; valid is carved from the chronologically last `data.valid_fraction` of the
+training rows (no validation file was released).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from bear_ds.config import DataConfig
+from bear_ds.data.common import (
+    EXAMPLE_SCHEMA,
+    DataError,
+    Problems,
+    SourceData,
+    catalog_table,
+    gather_lists,
+)
+
+COLUMNS = ("user_id", "item_ids", "timestamp")
+# one list element: a bare token or a quoted string; the whole field: [e, e, ...] with at least one
+_ELEMENT = r"""(?:'[^']*'|"[^"]*"|[^,\[\]'"\s]+)"""
+ITEM_LIST_RE = rf"^\s*\[\s*{_ELEMENT}(?:\s*,\s*{_ELEMENT})*\s*,?\s*\]\s*$"
+INTEGER_RE = r"^\s*-?\d+\s*$"
+
+
+def read_catalog(path: Path, problems: Problems) -> dict[str, str]:
+    """id -> title; an empty or non-string title is a problem naming the id."""
+    if not path.is_file():
+        raise DataError(f"catalog file {path} does not exist (data.catalog_file)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{path}: expected a non-empty JSON object {{item id: title}}")
+    catalog: dict[str, str] = {}
+    bad = []
+    for item_id, title in raw.items():
+        if not isinstance(title, str) or not title.strip():
+            bad.append(f"{path}: item id {item_id!r} has an empty or non-string title {title!r}")
+        else:
+            catalog[str(item_id)] = title
+    problems.add("catalog_empty_title", len(bad), bad)
+    return catalog
+
+
+def read_window_csv(
+    path: Path, catalog_ids: pa.Array, cfg: DataConfig, problems: Problems
+) -> tuple[pa.Table, int, int]:
+    """Parse one window file -> (examples, rows read, histories truncated). Bad rows go to `problems`."""
+    if not path.is_file():
+        raise DataError(f"window file {path} does not exist")
+    with path.open(encoding="utf-8", newline="") as f:
+        header = f.readline().strip().lstrip("\ufeff")
+    names = [c.strip() for c in header.split(",")]
+    missing = [c for c in COLUMNS if c not in names]
+    extra = [c for c in names if c not in COLUMNS]
+    if missing or extra or len(names) != len(COLUMNS):
+        raise DataError(
+            f"{path} line 1: expected the columns {','.join(COLUMNS)}, found {header!r}"
+            + (f" (missing: {', '.join(missing)})" if missing else "")
+            + (f" (unexpected: {', '.join(extra)})" if extra else "")
+        )
+    invalid_lines: list[int] = []
+    invalid_examples: list[str] = []
+
+    def on_invalid_row(row) -> str:
+        # newlines_in_values=False: one physical line per row, so row.number is the file's line
+        invalid_lines.append(row.number)
+        invalid_examples.append(
+            f"{path} line {row.number}: expected {row.expected_columns} columns, found {row.actual_columns}: {row.text!r}"
+        )
+        return "skip"
+
+    table = pacsv.read_csv(
+        path,
+        read_options=pacsv.ReadOptions(use_threads=False, column_names=names, skip_rows=1),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row, ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False, quoted_strings_can_be_null=False
+        ),
+    )
+    problems.add("wrong_column_count", len(invalid_lines), invalid_examples)
+    rows_read = len(table) + len(invalid_lines)
+    all_lines = np.arange(2, rows_read + 2)
+    lines = np.setdiff1d(all_lines, np.asarray(invalid_lines, dtype=np.int64), assume_unique=True)  # [R]
+
+    users = pc.utf8_trim_whitespace(table.column("user_id").combine_chunks())
+    lists = table.column("item_ids").combine_chunks()
+    stamps = table.column("timestamp").combine_chunks()
+    blank = np.asarray(
+        pc.and_(pc.and_(pc.equal(users, ""), pc.equal(lists, "")), pc.equal(pc.utf8_trim_whitespace(stamps), ""))
+    )
+    keep = ~blank  # blank lines are no data: skipped (counted in stats as blank_lines)
+
+    def describe(column: pa.Array, what: str):
+        return lambda i: f"{path} line {lines[i]}: {what} {column[i].as_py()!r}"
+
+    checks = [
+        ("empty_user_id", np.asarray(pc.equal(users, "")), describe(users, "empty user_id")),
+        (
+            "unparsable_item_list",
+            ~np.asarray(pc.match_substring_regex(lists, ITEM_LIST_RE)),
+            describe(lists, "cannot parse item_ids"),
+        ),
+        (
+            "bad_timestamp",
+            ~np.asarray(pc.match_substring_regex(stamps, INTEGER_RE)),
+            describe(stamps, "timestamp is not an integer:"),
+        ),
+    ]
+    for reason, bad, explain in checks:
+        bad &= keep
+        problems.add_mask(reason, bad, explain)
+        keep &= ~bad
+
+    # parse the lists of the surviving rows: "[1, 2]" -> ["1", "2"] (quotes stripped)
+    survivors = pa.array(np.flatnonzero(keep))
+    lines = lines[np.flatnonzero(keep)]
+    users = users.take(survivors)
+    stamps = pc.cast(pc.utf8_trim_whitespace(stamps.take(survivors)), pa.int64())
+    inner = pc.utf8_trim(pc.utf8_trim_whitespace(lists.take(survivors)), "[]")
+    inner = pc.replace_substring_regex(inner, r",\s*$", "")
+    parts = pc.split_pattern_regex(inner, r"\s*,\s*")
+    flat = pc.utf8_trim(pc.utf8_trim_whitespace(pc.list_flatten(parts)), "'\"")
+    offsets = parts.offsets.to_numpy()  # [R+1]
+    lengths = np.diff(offsets)
+    ends = offsets[1:] - 1  # index of each row's target in `flat`
+
+    keep = np.ones(len(lines), dtype=bool)
+    problems.add_mask(
+        "empty_history",
+        lengths < 2,
+        lambda i: f"{path} line {lines[i]}: the item list has no history (only the target)",
+    )
+    keep &= lengths >= 2
+    unknown_flat = ~np.asarray(pc.is_in(flat, value_set=catalog_ids))
+    unknown_rows = np.bitwise_or.reduceat(unknown_flat, offsets[:-1]) if len(flat) else np.zeros(0, bool)
+    unknown_rows &= keep
+
+    def describe_unknown(i: int) -> str:
+        ids = [flat[j].as_py() for j in range(offsets[i], offsets[i + 1]) if unknown_flat[j]]
+        return f"{path} line {lines[i]}: item id(s) {', '.join(map(repr, ids))} not in the catalog"
+
+    problems.add_mask("unknown_item", unknown_rows, describe_unknown)
+    keep &= ~unknown_rows
+    too_short = keep & (lengths - 1 < cfg.min_history)
+    # a short history is a filter (data.min_history), not malformed input: always counted as a drop
+    idx = np.flatnonzero(keep & ~too_short)
+    starts = np.maximum(offsets[:-1][idx], ends[idx] - cfg.max_history)
+    truncated = int(np.sum(ends[idx] - offsets[:-1][idx] > cfg.max_history))
+    examples = pa.table(
+        {
+            "user_id": users.take(pa.array(idx)),
+            "history": gather_lists(flat, starts, ends[idx]),
+            "target": flat.take(pa.array(ends[idx])),
+            "timestamp": stamps.take(pa.array(idx)),
+        },
+        schema=EXAMPLE_SCHEMA,
+    )
+    examples = examples.replace_schema_metadata(
+        {"short_history": str(int(too_short.sum())), "blank": str(int(blank.sum()))}
+    )
+    return examples, rows_read, truncated
+
+
+def load_bear_csv(cfg: DataConfig) -> SourceData:
+    folder = Path(cfg.path)
+    if not folder.is_dir():
+        raise DataError(f"data.path {folder} is not a folder")
+    problems = Problems(cfg.drop_malformed)
+    catalog = read_catalog(folder / cfg.catalog_file, problems)
+    catalog_ids = pa.array(list(catalog), pa.string())
+    train_all, train_read, train_trunc = read_window_csv(folder / cfg.train_file, catalog_ids, cfg, problems)
+    test, test_read, test_trunc = read_window_csv(folder / cfg.test_file, catalog_ids, cfg, problems)
+    problems.raise_if_any()
+
+    # valid = the chronologically last share of training rows; stable sort keeps file order on ties
+    order = np.argsort(train_all.column("timestamp").to_numpy(), kind="stable")
+    n_valid = int(round(len(order) * cfg.valid_fraction))
+    valid_idx = order[len(order) - n_valid :]
+    train_mask = np.ones(len(order), dtype=bool)
+    train_mask[valid_idx] = False
+    train = train_all.filter(pa.array(train_mask))  # file order
+    valid = train_all.take(pa.array(valid_idx, pa.int64()))  # chronological order
+    cut = int(valid.column("timestamp")[0].as_py()) if n_valid else None
+
+    dropped = problems.dropped()
+    short = sum(int(t.schema.metadata[b"short_history"]) for t in (train_all, test))
+    if short:
+        dropped["history_shorter_than_min_history"] = short
+    blank = sum(int(t.schema.metadata[b"blank"]) for t in (train_all, test))
+    notes = [
+        f"train and valid come from {cfg.train_file} ({len(train_all)} windows kept of {train_read} rows); "
+        f"valid is its chronologically last {cfg.valid_fraction:g} ({n_valid} windows, target timestamps >= {cut}), "
+        "by a stable sort on the target timestamp (ties keep file order); train keeps file order",
+        f"test comes from {cfg.test_file} ({len(test)} windows kept of {test_read} rows)",
+    ]
+    if train_trunc + test_trunc:
+        notes.append(
+            f"{train_trunc + test_trunc} histories longer than data.max_history={cfg.max_history} kept their most recent items"
+        )
+    if blank:
+        notes.append(f"{blank} blank lines skipped")
+    items = list(catalog)
+    strip = lambda t: t.replace_schema_metadata(None)  # noqa: E731
+    return SourceData(
+        source="bear_csv",
+        domain=folder.resolve().name.lower(),
+        splits={"train": strip(train), "valid": strip(valid), "test": strip(test)},
+        catalog=catalog_table(items, [catalog[i] for i in items]),
+        dropped=dropped,
+        notes=notes,
+        extra={
+            "files": {"train": cfg.train_file, "test": cfg.test_file, "catalog": cfg.catalog_file},
+            "train_windows_before_valid": len(train_all),
+            "histories_truncated": train_trunc + test_trunc,
+            "blank_lines": blank,
+        },
+    )

@@ -1,0 +1,196 @@
+"""`prepare`: any source -> the prepared folder (three splits, catalog, stats.json, config.yaml).
+
+Layout and API are the contract in docs/architecture.md ("Prepared dataset folder"). stats.json is
+written last: a folder with it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from bear_ds.config import Config, save_config
+from bear_ds.data.amazon import detect_amazon, load_amazon
+from bear_ds.data.bear_csv import load_bear_csv
+from bear_ds.data.common import CATALOG_SCHEMA, EXAMPLE_SCHEMA, SPLITS, DataError, SourceData, shared_title_counts
+from bear_ds.data.movielens import is_ml100k_folder, load_ml100k
+from bear_ds.data.prompts import canonical_domain
+
+PREPARED_FILES = ("catalog.parquet", "stats.json")
+
+
+def is_prepared(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in PREPARED_FILES)
+
+
+def detect_source(path: str | None) -> str:
+    """The source `data.source=auto` means for `data.path`."""
+    if path is None:
+        return "ml100k"
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"data.path {folder} does not exist or is not a folder")
+    if is_prepared(folder):
+        return "prepared"
+    if (folder / "id2name4Rec.json").is_file():
+        return "bear_csv"
+    if is_ml100k_folder(folder):
+        return "ml100k"
+    found = detect_amazon(folder)
+    if found is not None:
+        return found[0]
+    raise DataError(
+        f"data.source=auto cannot tell what {folder} holds: expected catalog.parquet + stats.json (prepared), "
+        "id2name4Rec.json (bear_csv), u.data/u.item or ml-100k.inter (ml100k), or <Category>.json.gz + "
+        "meta_<Category>.json.gz (amazon18) / .jsonl.gz (amazon23); set data.source explicitly"
+    )
+
+
+def load_source(cfg: Config) -> SourceData:
+    data = cfg.data
+    source = detect_source(data.path) if data.source == "auto" else data.source
+    if source == "bear_csv":
+        if not data.path:
+            raise DataError("data.source=bear_csv needs data.path (the dataset folder)")
+        return load_bear_csv(data)
+    if source == "ml100k":
+        return load_ml100k(data)
+    if source in ("amazon18", "amazon23"):
+        return load_amazon(data, source)
+    raise DataError(f"source {source!r} cannot be prepared (data.path {data.path})")
+
+
+def _check_ids(data: SourceData) -> None:
+    """Every id of every split is in the catalog (sources guarantee it; a bug here must not pass)."""
+    catalog_ids = data.catalog.column("item_id")
+    for name, table in data.splits.items():
+        ids = pa.chunked_array(
+            [pc.list_flatten(table.column("history")).combine_chunks(), table.column("target").combine_chunks()]
+        )
+        unknown = pc.unique(ids.filter(pc.invert(pc.is_in(ids, value_set=catalog_ids))))
+        if len(unknown):
+            raise DataError(f"internal error: split {name} uses ids not in the catalog: {unknown[:5].to_pylist()}")
+
+
+def _write_parquet(table: pa.Table, schema: pa.Schema, path: Path) -> None:
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table.cast(schema), tmp)
+    os.replace(tmp, path)
+
+
+def build_stats(data: SourceData, domain: str) -> dict[str, Any]:
+    users = pa.chunked_array([t.column("user_id").combine_chunks() for t in data.splits.values()], pa.string())
+    return {
+        "source": data.source,
+        "domain": domain,
+        "users": len(pc.unique(users)),
+        "items": len(data.catalog),
+        "rows": {name: len(data.splits[name]) for name in SPLITS},
+        "dropped": data.dropped,
+        **shared_title_counts(data.catalog.column("title")),
+        "notes": data.notes,
+        **data.extra,
+    }
+
+
+def prepare(cfg: Config) -> Path:
+    """Read `cfg.data`'s source and write the prepared folder to `cfg.output_dir`; return it."""
+    out = Path(cfg.output_dir)
+    source = detect_source(cfg.data.path) if cfg.data.source == "auto" else cfg.data.source
+    if source == "prepared":
+        return _copy_prepared(cfg, out)
+    data = load_source(cfg)
+    _check_ids(data)
+    domain = cfg.data.domain or data.domain
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stats.json").unlink(missing_ok=True)  # the folder is incomplete until stats.json is back
+    for name in SPLITS:
+        _write_parquet(data.splits[name], EXAMPLE_SCHEMA, out / f"{name}.parquet")
+    _write_parquet(data.catalog, CATALOG_SCHEMA, out / "catalog.parquet")
+    save_config(cfg, out)
+    stats = build_stats(data, domain)
+    stats["prompt_domain"] = canonical_domain(domain)
+    tmp = out / "stats.json.tmp"
+    tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    os.replace(tmp, out / "stats.json")
+    return out
+
+
+def _copy_prepared(cfg: Config, out: Path) -> Path:
+    folder = Path(cfg.data.path or "")
+    if not is_prepared(folder):
+        raise DataError(f"data.path {folder} is not a prepared folder (needs {', '.join(PREPARED_FILES)})")
+    for name in SPLITS:
+        load_split(folder, name)  # validates presence and columns
+    if folder.resolve() != out.resolve():
+        out.mkdir(parents=True, exist_ok=True)
+        for name in [f"{s}.parquet" for s in SPLITS] + ["catalog.parquet", "stats.json"]:
+            shutil.copy2(folder / name, out / name)
+    return out
+
+
+def resolve_prepared(cfg: Config, workdir: str | Path) -> Path:
+    """`data.path` if it is a prepared folder, else prepare into `workdir` (reused when it holds
+    a complete preparation of the same `data` config)."""
+    path = cfg.data.path
+    if cfg.data.source == "prepared" or (cfg.data.source == "auto" and path and is_prepared(Path(path))):
+        folder = Path(path or "")
+        if not is_prepared(folder):
+            raise DataError(f"data.path {folder} is not a prepared folder (needs {', '.join(PREPARED_FILES)})")
+        return folder
+    workdir = Path(workdir)
+    saved = workdir / "config.yaml"
+    if is_prepared(workdir) and saved.is_file():
+        previous = (yaml.safe_load(saved.read_text()) or {}).get("data")
+        if previous == cfg.data.model_dump():
+            return workdir
+    return prepare(cfg.model_copy(update={"output_dir": str(workdir)}))
+
+
+def load_split(folder: str | Path, split: str) -> datasets.Dataset:
+    """One split as an in-memory `datasets.Dataset` (user_id, history, target, timestamp)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    path = Path(folder) / f"{split}.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (run `bear-ds prepare` first)")
+    table = pq.read_table(path)
+    missing = [f.name for f in EXAMPLE_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    return datasets.Dataset(table.select(EXAMPLE_SCHEMA.names).cast(EXAMPLE_SCHEMA))
+
+
+def load_catalog(folder: str | Path) -> dict[str, str]:
+    """item id -> title, in catalog order."""
+    path = Path(folder) / "catalog.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (run `bear-ds prepare` first)")
+    table = pq.read_table(path)
+    missing = [f.name for f in CATALOG_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    ids = table.column("item_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        duplicate = next(
+            i for i, c in zip(*np.unique(np.asarray(ids, dtype=object), return_counts=True), strict=True) if c > 1
+        )
+        raise DataError(f"{path}: item id {duplicate!r} appears more than once")
+    return dict(zip(ids, table.column("title").to_pylist(), strict=True))
+
+
+def load_stats(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "stats.json"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (run `bear-ds prepare` first)")
+    return json.loads(path.read_text())
