@@ -58,7 +58,10 @@ class TokenTrie:
         children: list[dict[int, int]] = [{}]
         terminal: list[int] = [INVALID]
         max_depth = 0
-        for seq, gid in zip(sequences, group_ids):
+        for seq, gid in zip(sequences, group_ids, strict=True):
+            gid = int(gid)
+            if gid < 0:
+                raise ValueError(f"group id {gid} is negative: group ids must be >= 0 ({INVALID} marks 'no terminal')")
             if len(seq) == 0:
                 raise ValueError(f"sequence of group {gid} is empty: an empty title cannot be decoded")
             node = 0
@@ -162,7 +165,10 @@ class TokenTrie:
     def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Next state for each (state, token); INVALID where the token is not a child (or state INVALID)."""
         if self.edge_key.numel() == 0:
-            return torch.full_like(states, INVALID)
+            shape = torch.broadcast_shapes(states.shape, tokens.shape)
+            return torch.full(shape, INVALID, dtype=torch.int64, device=states.device)
+        # int64 before multiplying: node * vocab overflows int32 (20k nodes x 128k tokens > 2^31)
+        states, tokens = states.long(), tokens.long()
         key = states.clamp(min=0) * self.vocab_size + tokens
         idx = torch.searchsorted(self.edge_key, key).clamp(max=self.edge_key.numel() - 1)
         hit = (self.edge_key[idx] == key) & (states >= 0) & (tokens >= 0) & (tokens < self.vocab_size)
@@ -188,7 +194,7 @@ class TokenTrie:
             tok = targets[:, t]
             active = tok != ignore_index
             states[:, t] = torch.where(active, cur, torch.full_like(cur, INVALID))
-            nxt = self.advance(cur, tok.clamp(min=0))
+            nxt = self.advance(cur, tok)  # negative tokens other than ignore_index give INVALID -> error
             bad = active & (nxt < 0)
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
