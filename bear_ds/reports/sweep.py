@@ -1,0 +1,507 @@
+"""Grid sweeps over dotted config keys: expansion, idempotent running or job scripts, aggregation.
+
+A sweep file is a normal config plus a `sweep:` section; the other sections are the base every
+point starts from (or `sweep.base` names a config file to start from instead):
+
+    defaults: [../office/bear.yaml]
+    output_dir: runs/sweeps/office_ablation
+    sweep:
+      grid: {loss.lam: [0.1, 0.25], train.seed: [1, 2]}
+
+Sweep folder (`output_dir`):
+    sweep.yaml                the sweep config as run (base + grid)
+    base.yaml                 the resolved config every point starts from (a rerun must match it)
+    points.json               [{"name", "overrides"}] in grid order
+    point_configs/NAME.yaml   each point's resolved config (what a job script trains)
+    NAME/                     each point's run folder (docs/architecture.md, "Run folder")
+    jobs/NAME.sh, submit_all.sh   scripts mode only
+    results.csv               one row per point; results_by_config.csv: mean/std/n over seeds
+    results.md                the same as Markdown tables (rewritten with plots by `report`)
+
+A point is done when its summary.json exists; rerunning the sweep skips it. Every point runs with
+train.resume=auto, so a point that crashed continues from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from bear_ds.config import Config, ConfigError, SweepConfig, build_config, load_config, with_overrides
+from bear_ds.reports.runs import SWEEP_CONFIG, SWEEP_MANIFEST, flatten, read_config_yaml, read_json
+
+logger = logging.getLogger(__name__)
+
+SEED_KEY = "train.seed"
+# always reported per point, whether or not the grid varies them
+METHOD_KEYS: tuple[str, ...] = (
+    "loss.name",
+    "loss.lam",
+    "loss.xi",
+    "loss.tau",
+    "loss.beam_width",
+    "eval.num_beams",
+    SEED_KEY,
+)
+_RESERVED_TOP = ("output_dir", "sweep")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]")
+_MAX_NAME = 200  # file names are limited to 255 bytes on common file systems
+POINT_CONFIGS = "point_configs"
+BASE_CONFIG = "base.yaml"
+
+
+class SweepError(RuntimeError):
+    """A sweep could not continue; the message names the point and the folder."""
+
+
+def override_value(value: Any) -> str:
+    """A grid value as the right-hand side of `key=value`, parsed back to the same value by YAML."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def _name_part(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        text = override_value(value)
+    elif isinstance(value, float):
+        text = repr(value)  # shortest round-trip form: 0.5, 1e-05
+    elif isinstance(value, (list, tuple)):
+        text = "-".join(_name_part(v) for v in value)
+    else:
+        text = str(value)
+    return _UNSAFE.sub("_", text)
+
+
+def point_name(assignment: dict[str, Any]) -> str:
+    """`loss.name=bear__loss.lam=0.5__train.seed=3`: grid order, filesystem-safe, stable."""
+    return "__".join(f"{key}={_name_part(value)}" for key, value in assignment.items())
+
+
+def expand_grid(sweep_cfg: SweepConfig, base: Config | None = None) -> list[tuple[str, list[str]]]:
+    """[(point name, ["key=value", ...])] for the cartesian product of `sweep_cfg.grid`.
+
+    Keys keep the grid's order, the last key varies fastest; `sweep_cfg.only_when` leaves a key out
+    of the points where its condition fails (those points collapse into one). Every point is validated against the
+    schema (on `base`, default: the default Config); all problems are reported in one ConfigError.
+    """
+    grid = sweep_cfg.grid
+    if not grid:
+        raise ConfigError(
+            "sweep.grid is empty: give at least one dotted key with a list of values, e.g. loss.lam: [0.1, 0.5]"
+        )
+    base = base if base is not None else Config()
+    problems: list[str] = []
+    for key, values in grid.items():
+        if key.split(".")[0] in _RESERVED_TOP:
+            problems.append(f"sweep.grid.{key}: cannot be swept (the sweep sets output_dir per point and owns sweep.*)")
+            continue
+        if not values:
+            problems.append(f"sweep.grid.{key}: empty list of values")
+            continue
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                problems.append(f"sweep.grid.{key}: duplicate value {value!r}")
+        try:
+            with_overrides(base, [f"{key}={override_value(values[0])}"])
+        except ConfigError as err:
+            problems.append(f"sweep.grid.{key}: {err}")
+    for key, conditions in sweep_cfg.only_when.items():
+        if key not in grid:
+            problems.append(f"sweep.only_when.{key}: not a key of sweep.grid")
+        for other in conditions:
+            if other not in grid or other == key:
+                problems.append(f"sweep.only_when.{key}.{other}: must be another key of sweep.grid")
+    if problems:
+        raise ConfigError("invalid sweep grid:\n  " + "\n  ".join(problems))
+
+    points: list[tuple[str, list[str]]] = []
+    seen: dict[str, dict[str, Any]] = {}
+    keys = list(grid)
+    for combo in product(*(grid[k] for k in keys)):
+        full = dict(zip(keys, combo, strict=True))
+        # keys whose only_when condition fails keep the base value; the points that differ only in
+        # those keys collapse into one
+        assignment = {
+            k: v
+            for k, v in full.items()
+            if all(full[other] in allowed for other, allowed in sweep_cfg.only_when.get(k, {}).items())
+        }
+        name = point_name(assignment)
+        if name in seen:
+            if seen[name] != assignment:
+                problems.append(f"points {seen[name]} and {assignment} get the same folder name {name!r}")
+            continue
+        if len(name.encode()) > _MAX_NAME:
+            problems.append(f"point name too long for a folder ({len(name)} characters): {name}")
+            continue
+        seen[name] = assignment
+        overrides = [f"{k}={override_value(v)}" for k, v in assignment.items()]
+        try:
+            with_overrides(base, overrides)
+        except ConfigError as err:
+            problems.append(f"point {name}: {err}")
+            continue
+        points.append((name, overrides))
+    if problems:
+        raise ConfigError("invalid sweep grid:\n  " + "\n  ".join(problems))
+    return points
+
+
+def sweep_base(cfg: Config) -> Config:
+    """The config every point starts from: `sweep.base` if set, else the sweep config itself,
+    with the sweep section reset (a point is a plain run) and output_dir = the sweep folder."""
+    if cfg.sweep.base is None:
+        raw = cfg.model_dump()
+    else:
+        # with a base file, a section set in the sweep file too would be ambiguous (which wins?)
+        defaults = flatten(Config().model_dump())
+        extra = sorted(
+            k
+            for k, v in flatten(cfg.model_dump()).items()
+            if k.split(".")[0] not in _RESERVED_TOP and defaults.get(k) != v
+        )
+        if extra:
+            raise ConfigError(
+                f"sweep.base={cfg.sweep.base} is set, but the sweep config also sets {', '.join(extra)}; "
+                "put those in the base file, or drop sweep.base and compose with `defaults:`"
+            )
+        raw = load_config(cfg.sweep.base).model_dump()
+    raw["sweep"] = SweepConfig().model_dump()
+    raw["output_dir"] = cfg.output_dir
+    return build_config(raw, origin=f"sweep base ({cfg.sweep.base or 'the sweep config'})")
+
+
+def point_config(base: Config, sweep_dir: Path, name: str, overrides: list[str]) -> Config:
+    return with_overrides(
+        base, [*overrides, f"output_dir={override_value(str(sweep_dir / name))}", "train.resume=auto"]
+    )
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    points: list[str]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    scripts: list[Path] = field(default_factory=list)
+
+
+def _check_same_base(sweep_dir: Path, base: Config) -> None:
+    """A sweep folder resumed with a different base config would mix results silently; the
+    resolved base is stored (base.yaml), so an edited `sweep.base` file is caught too."""
+    previous, why = read_config_yaml(sweep_dir / BASE_CONFIG)
+    if previous is None:
+        if (sweep_dir / BASE_CONFIG).exists():
+            raise SweepError(f"cannot compare with the previous sweep's base config: {why}")
+        return
+    old, new = flatten(previous), flatten(base.model_dump())
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    ]
+    if changed:
+        raise SweepError(
+            f"{sweep_dir} holds a sweep with a different base config ({'; '.join(changed)}); "
+            "use a new output_dir, or remove the folder to start over"
+        )
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _job_script(name: str, overrides: list[str], point_dir: Path, config_path: Path, launcher: str | None) -> str:
+    launch = ["accelerate", "launch"]
+    if launcher:
+        launch += ["--config_file", launcher]
+    launch += ["-m", "bear_ds.train", "--config", str(config_path)]
+    done = shlex.quote(str(point_dir / "summary.json"))
+    return "\n".join(
+        [
+            "#!/usr/bin/env bash",
+            f"# bear-ds sweep point {name}",
+            f"# overrides: {' '.join(overrides)}",
+            "# Exits at once when the point is done (summary.json exists); a crashed point resumes",
+            "# from its newest checkpoint (train.resume=auto in its config).",
+            "set -euo pipefail",
+            f"cd {shlex.quote(str(Path.cwd()))}  # relative paths in the config are relative to here",
+            f'if [ -f {done} ]; then echo "done already: {name}"; exit 0; fi',
+            ("" if launcher else "# no sweep.launcher: accelerate uses its default config\n")
+            + "exec "
+            + shlex.join(launch),
+            "",
+        ]
+    )
+
+
+def _write_scripts(
+    sweep_dir: Path, outcome: SweepOutcome, overrides_of: dict[str, list[str]], launcher: str | None
+) -> None:
+    jobs_dir = sweep_dir.resolve() / "jobs"
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    pending: list[Path] = []
+    for name in outcome.points:
+        point_dir = sweep_dir.resolve() / name
+        script = jobs_dir / f"{name}.sh"
+        script.write_text(
+            _job_script(
+                name, overrides_of[name], point_dir, sweep_dir.resolve() / POINT_CONFIGS / f"{name}.yaml", launcher
+            )
+        )
+        script.chmod(0o755)
+        outcome.scripts.append(script)
+        if (point_dir / "summary.json").is_file():
+            outcome.skipped.append(name)
+        else:
+            pending.append(script)
+    submit = sweep_dir / "submit_all.sh"
+    submit.write_text(
+        "\n".join(
+            [
+                "#!/usr/bin/env bash",
+                f"# Submits the {len(pending)} of {len(outcome.points)} points of this sweep that were not done when it was written.",
+                "# SUBMIT says how: default `bash` runs them one after another here; e.g. SUBMIT=sbatch ./submit_all.sh",
+                "set -euo pipefail",
+                'SUBMIT="${SUBMIT:-bash}"',
+                *(f"$SUBMIT {shlex.quote(str(s))}" for s in pending),
+                "",
+            ]
+        )
+    )
+    submit.chmod(0o755)
+
+
+def run_sweep(cfg: Config, run_point: Callable[[Config, Path], None]) -> SweepOutcome:
+    """Run every point not done yet (`run_point(point_cfg, point_dir)` must leave summary.json in
+    point_dir), or in `sweep.mode: scripts` write jobs/NAME.sh and submit_all.sh instead.
+
+    Stops at the first failing point (the failure is re-raised; rerunning resumes from there).
+    In run mode the results are aggregated at the end (results.csv, results.md).
+    """
+    sweep_dir = Path(cfg.output_dir)
+    base = sweep_base(cfg)
+    points = expand_grid(cfg.sweep, base)
+    point_cfgs = {name: point_config(base, sweep_dir, name, overrides) for name, overrides in points}
+    _check_same_base(sweep_dir, base)
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _write_yaml(sweep_dir / SWEEP_CONFIG, cfg.model_dump())
+    _write_yaml(sweep_dir / BASE_CONFIG, base.model_dump())
+    manifest = {"grid": list(cfg.sweep.grid), "points": [{"name": n, "overrides": o} for n, o in points]}
+    (sweep_dir / SWEEP_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    for name, pcfg in point_cfgs.items():
+        _write_yaml(sweep_dir / POINT_CONFIGS / f"{name}.yaml", pcfg.model_dump())
+
+    outcome = SweepOutcome(sweep_dir=sweep_dir, points=[n for n, _ in points])
+    if cfg.sweep.mode == "scripts":
+        _write_scripts(sweep_dir, outcome, dict(points), cfg.sweep.launcher)
+        logger.info("wrote %d job scripts and %s", len(outcome.scripts), sweep_dir / "submit_all.sh")
+        return outcome
+
+    for i, (name, pcfg) in enumerate(point_cfgs.items(), start=1):
+        point_dir = sweep_dir / name
+        if (point_dir / "summary.json").is_file():
+            outcome.skipped.append(name)
+            logger.info("[%d/%d] %s: done already, skipped", i, len(points), name)
+            continue
+        logger.info("[%d/%d] %s: %s", i, len(points), name, "resuming" if point_dir.exists() else "starting")
+        point_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_point(pcfg, point_dir)
+        except BaseException:
+            logger.error("sweep point %s failed; its folder %s is kept, rerun the sweep to resume it", name, point_dir)
+            raise
+        if not (point_dir / "summary.json").is_file():
+            raise SweepError(f"sweep point {name} returned without writing {point_dir / 'summary.json'}")
+        outcome.ran.append(name)
+    aggregate(sweep_dir)
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation
+
+
+def _metric_sort_key(metric: str) -> tuple[str, int, str]:
+    name, _, k = metric.partition("@")
+    return (name, int(k) if k.isdigit() else 0, metric)
+
+
+def _metrics_of(section: Any) -> dict[str, float]:
+    """hr@K / ndcg@K entries of a summary's "valid"/"test" dict."""
+    if not isinstance(section, dict):
+        return {}
+    return {
+        k: float(v)
+        for k, v in section.items()
+        if ("@" in k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def collect_points(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """(one row per point, grid keys, notes). Pending points are rows with status 'pending'."""
+    sweep_dir = Path(sweep_dir)
+    manifest, why = read_json(sweep_dir / SWEEP_MANIFEST)
+    if manifest is None:
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep folder: {why}")
+    grid_keys: list[str] = list(manifest.get("grid", []))
+    names = [p["name"] for p in manifest.get("points", [])]
+    param_keys = list(dict.fromkeys([*METHOD_KEYS, *grid_keys]))
+    notes: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for point in manifest.get("points", []):
+        name = point["name"]
+        point_dir = sweep_dir / name
+        config, why = read_config_yaml(point_dir / "config.yaml")
+        if config is None:
+            config, why_planned = read_config_yaml(sweep_dir / POINT_CONFIGS / f"{name}.yaml")
+            if config is None:
+                notes.append(f"point {name}: parameters unknown ({why}; {why_planned})")
+        params = flatten(config) if config else {}
+        row: dict[str, Any] = {"point": name, "status": "pending"}
+        row.update({k: params.get(k) for k in param_keys})
+        # grid keys that sweep.only_when left out of this point do not apply to it: shown as empty
+        swept = {o.split("=", 1)[0] for o in point.get("overrides", [])}
+        row.update({k: None for k in grid_keys if k not in swept})
+        summary, why = read_json(point_dir / "summary.json")
+        if summary is None:
+            notes.append(f"point {name}: not done ({why})")
+        else:
+            row["status"] = "done"
+            row["selected_epoch"] = summary.get("selected_epoch")
+            row["select_metric"] = summary.get("select_metric")
+            for split in ("valid", "test"):
+                for metric, value in _metrics_of(summary.get(split)).items():
+                    row[f"{split}.{metric}"] = value
+            row["train_time_s"] = summary.get("train_time_s")
+            row["steps"] = summary.get("steps")
+            missing = [k for k in ("selected_epoch", "test", "train_time_s") if k not in summary]
+            if missing:
+                notes.append(f"point {name}: {point_dir / 'summary.json'} lacks {', '.join(missing)}")
+        rows.append(row)
+    known = set(names) | {POINT_CONFIGS, "jobs", "plots"}
+    for sub in sorted(sweep_dir.iterdir()):
+        if sub.is_dir() and sub.name not in known:
+            notes.append(f"folder {sub} is not a point of this sweep's grid; ignored")
+    df = pd.DataFrame(rows)
+    metric_cols = sorted(
+        (c for c in df.columns if c.startswith(("valid.", "test."))),
+        key=lambda c: (c.split(".")[0] != "valid", _metric_sort_key(c.split(".", 1)[1])),
+    )
+    head = ["point", "status", *param_keys]
+    tail = [c for c in ("selected_epoch", "select_metric", "train_time_s", "steps") if c in df.columns]
+    return df[head + tail + metric_cols], grid_keys, notes
+
+
+def group_keys_of(grid_keys: list[str]) -> list[str]:
+    keys = [k for k in grid_keys if k != SEED_KEY]
+    return keys or ["loss.name"]
+
+
+def group_over_seeds(points: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
+    """Done points grouped by every grid key except train.seed: mean, std (ddof=1) and n."""
+    keys = group_keys_of(grid_keys)
+    done = points[points["status"] == "done"]
+    value_cols = [
+        c for c in points.columns if c.startswith(("valid.", "test.")) or c in ("train_time_s", "selected_epoch")
+    ]
+    if done.empty:
+        return pd.DataFrame(columns=[*keys, "n"])
+    numeric = done[value_cols].apply(pd.to_numeric, errors="coerce")
+    grouped = pd.concat([done[keys], numeric], axis=1).groupby(keys, sort=False, dropna=False)
+    stats = grouped[value_cols].agg(["mean", "std"])
+    stats.columns = [f"{col} {stat}" for col, stat in stats.columns]
+    stats.insert(0, "n", grouped.size())
+    return stats.reset_index()
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    def cell(text: Any) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_param(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def format_mean_std(mean: Any, std: Any, digits: int = 4) -> str:
+    text = format_number(mean, digits)
+    if text == "–" or std is None or (isinstance(std, float) and math.isnan(std)):
+        return text  # n = 1: no spread to show
+    return f"{text} ± {float(std):.{digits}f}"
+
+
+def grouped_markdown(grouped: pd.DataFrame, grid_keys: list[str], select_metric: str = "ndcg@10") -> str:
+    """Mean ± std of the test metrics, the validation selection metric, selected epoch and time
+    (every validation metric is in results_by_config.csv)."""
+    keys = group_keys_of(grid_keys)
+    metrics = [c[: -len(" mean")] for c in grouped.columns if c.endswith(" mean")]
+    shown = [m for m in metrics if m.startswith("test.")] + [m for m in metrics if m == f"valid.{select_metric}"]
+    shown += [m for m in ("selected_epoch", "train_time_s") if m in metrics]
+    headers = [*keys, "n", *(f"{m} (s)" if m == "train_time_s" else m for m in shown)]
+    rows = []
+    for _, r in grouped.iterrows():
+        row = [format_param(r[k]) for k in keys]
+        row.append(str(int(r["n"])))
+        for m in shown:
+            digits = 1 if m in ("train_time_s", "selected_epoch") else 4
+            row.append(format_mean_std(r[f"{m} mean"], r[f"{m} std"], digits))
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def _select_metric(points: pd.DataFrame) -> str:
+    chosen = points["select_metric"].dropna() if "select_metric" in points.columns else pd.Series(dtype=object)
+    return str(chosen.mode().iloc[0]) if not chosen.empty else "ndcg@10"
+
+
+def aggregate_markdown(points: pd.DataFrame, grouped: pd.DataFrame, grid_keys: list[str], notes: list[str]) -> str:
+    done = int((points["status"] == "done").sum())
+    group_label = ", ".join(group_keys_of(grid_keys))
+    parts = [
+        f"### Mean ± std over seeds (grouped by {group_label}; std with ddof=1; {done} of {len(points)} points done)",
+        "",
+        grouped_markdown(grouped, grid_keys, _select_metric(points)) if not grouped.empty else "No point is done yet.",
+    ]
+    if notes:
+        parts += ["", "Notes:", *(f"- {n}" for n in notes)]
+    return "\n".join(parts)
+
+
+def aggregate(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per point (parameters, seed, selected_epoch, valid/test metrics, train_time_s);
+    writes results.csv (per point), results_by_config.csv (mean/std/n over seeds) and results.md."""
+    sweep_dir = Path(sweep_dir)
+    points, grid_keys, notes = collect_points(sweep_dir)
+    grouped = group_over_seeds(points, grid_keys)
+    points.to_csv(sweep_dir / "results.csv", index=False)
+    grouped.to_csv(sweep_dir / "results_by_config.csv", index=False)
+    (sweep_dir / "results.md").write_text(
+        f"# Sweep results: {sweep_dir.name}\n\n" + aggregate_markdown(points, grouped, grid_keys, notes) + "\n"
+    )
+    return points

@@ -1,0 +1,137 @@
+"""report() and results_table() over synthetic run folders: PNGs written and linked, missing
+inputs skipped with a reason, never a crash."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from test_reports_fakes import write_run, write_summary
+
+from bear_ds.config import Config
+from bear_ds.reports import report, results_table, run_sweep
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def linked_images(results_md: Path) -> dict[str, Path]:
+    """{alt text: file} for every Markdown image link (which must be relative), resolved against results.md."""
+    links = re.findall(r"!\[([^\]]*)\]\(([^)]+)\)", results_md.read_text())
+    assert all(not Path(rel).is_absolute() for _, rel in links)
+    return {alt: results_md.parent / rel for alt, rel in links}
+
+
+def demo_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "demo"
+    write_run(root / "lml", ["loss.name=lml"], test_ndcg10=0.05, pruned_share=0.9)
+    write_run(root / "msl", ["loss.name=msl"], test_ndcg10=0.08, pruned_share=0.85)
+    write_run(root / "bear", ["loss.name=bear"], test_ndcg10=0.12, pruned_share=0.6)
+    (root / "data").mkdir()  # a prepared data folder beside the runs is not a run
+    (root / "data" / "config.yaml").write_text("output_dir: x\n")
+    return root
+
+
+def test_report_folder_of_runs_writes_and_links_plots(tmp_path: Path) -> None:
+    root = demo_folder(tmp_path)
+    out = report(root)
+    assert out == root / "results.md"
+    images = linked_images(out)
+    expected = {"train_loss.png", "frac_outside_topb.png", "valid_ndcg10.png", "pruning.png"}
+    assert {p.name for p in images.values()} == expected
+    for path in images.values():
+        assert path.is_file() and path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 5_000
+    text = out.read_text()
+    assert "](plots/train_loss.png)" in text  # relative link
+    assert "Skipped: not a sweep folder" in text  # NDCG vs lam/xi need a sweep
+    # the results table sits above the plots, one row per run, the data folder is not a run
+    assert text.index("| run | HR@5") < text.index("## Plots")
+    assert "| bear | 0.1200 | 0.2400 | 0.0600 | 0.1200 | 3 | 12.5 | 60.0% |" in text
+    assert "| data |" not in text
+
+
+def test_report_single_run_skips_missing_inputs_with_reason(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", ["loss.name=bear"], with_train_log=False, with_analysis=False)
+    out = report(run)
+    text = out.read_text()
+    assert {p.name for p in linked_images(out).values()} == {"valid_ndcg10.png"}
+    assert not (run / "plots" / "train_loss.png").exists() and not (run / "plots" / "pruning.png").exists()
+    assert "### Training loss per step\n\nSkipped: no run has 'loss' in train_log.jsonl." in text
+    assert "train_log.jsonl does not exist" in text
+    assert "Skipped: no run has an analysis.json with 'pruned_share'." in text
+    assert "no analysis.json in" in text
+
+
+def test_report_tolerates_malformed_lines_and_missing_analysis_keys(tmp_path: Path) -> None:
+    root = demo_folder(tmp_path)
+    with (root / "lml" / "train_log.jsonl").open("a") as handle:
+        handle.write('{"step": 13, "loss": 0.3')  # a line cut by a crash
+    analysis = root / "msl" / "analysis" / "analysis.json"
+    analysis.write_text(json.dumps({"num_beams": 10, "users": 5}))
+    text = report(root).read_text()
+    assert "train_log.jsonl line 13: invalid JSON" in text
+    assert "msl: analysis.json has no numeric 'pruned_share' (keys present: num_beams, users)" in text
+    assert "msl: analysis.json lacks topb_positives, pruned, pruned_share" in text
+    assert (root / "plots" / "pruning.png").is_file()  # lml and bear still have it
+
+
+def test_report_sweep_plots_metric_vs_lam(tmp_path: Path) -> None:
+    grid = {"loss.name": ["lml", "bear"], "loss.lam": [0.1, 0.5], "train.seed": [1, 2]}
+    cfg = Config.model_validate(
+        {
+            "output_dir": str(tmp_path / "sweep"),
+            "sweep": {"grid": grid, "only_when": {"loss.lam": {"loss.name": ["bear"]}}},
+        }
+    )
+
+    def fake_point(point_cfg: Config, out: Path) -> None:
+        value = 0.05 if point_cfg.loss.name == "lml" else point_cfg.loss.lam / 5 + 0.01 * point_cfg.train.seed
+        write_run(
+            out,
+            [
+                f"loss.name={point_cfg.loss.name}",
+                f"loss.lam={point_cfg.loss.lam}",
+                f"train.seed={point_cfg.train.seed}",
+            ],
+            test_ndcg10=value,
+        )
+
+    run_sweep(cfg, fake_point)
+    out = report(tmp_path / "sweep")
+    text = out.read_text()
+    names = {p.name for p in linked_images(out).values()}
+    assert "ndcg10_vs_lam.png" in names and (tmp_path / "sweep" / "plots" / "ndcg10_vs_lam.png").is_file()
+    assert "Skipped: loss.xi takes fewer than 2 values among done BEAR points." in text
+    assert "## Sweep summary" in text and "| bear | 0.5 | 2 |" in text
+    # per-step curves are averaged over seeds: one line per configuration
+    assert "train_loss.png" in names
+
+
+def test_results_table_values_and_missing_notes(tmp_path: Path) -> None:
+    a = write_run(tmp_path / "a", ["loss.name=bear"], test_ndcg10=0.1, pruned_share=0.83)
+    b = tmp_path / "b"
+    write_summary(b, 0.2)  # no analysis, no config
+    table = results_table({"BEAR": a, "other": b})
+    lines = table.splitlines()
+    assert lines[0] == "| run | HR@5 | HR@10 | NDCG@5 | NDCG@10 | selected epoch | train time (s) | pruned share |"
+    assert lines[2] == "| BEAR | 0.1000 | 0.2000 | 0.0500 | 0.1000 | 3 | 12.5 | 83.0% |"
+    assert lines[3] == "| other | 0.2000 | 0.4000 | 0.1000 | 0.2000 | 2 | 12.5 | – |"
+    assert any(line.startswith("- other: pruned share unknown (no analysis.json in") for line in lines)
+
+
+def test_report_rejects_a_folder_without_runs(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="holds no run"):
+        report(tmp_path)
+
+
+def test_report_sweep_with_no_finished_point(tmp_path: Path) -> None:
+    cfg = Config.model_validate(
+        {"output_dir": str(tmp_path / "sweep"), "sweep": {"grid": {"train.seed": [1, 2]}, "mode": "scripts"}}
+    )
+    run_sweep(cfg, lambda point_cfg, out: None)
+    text = report(tmp_path / "sweep").read_text()
+    assert "No point is done yet." in text and "No finished run." in text
+    assert "point train.seed=1: not done (train.seed=1/summary.json does not exist)" in text
+    assert linked_images(tmp_path / "sweep" / "results.md") == {}
+    assert not (tmp_path / "sweep" / "plots").exists()

@@ -1,0 +1,236 @@
+"""Sweep expansion, idempotent running, job scripts and aggregation over synthetic run folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from test_reports_fakes import write_summary
+
+from bear_ds.config import Config, ConfigError, SweepConfig, load_config, save_config, with_overrides
+from bear_ds.reports import SweepError, aggregate, expand_grid, run_sweep
+
+
+def sweep_cfg(tmp_path: Path, grid: dict, **sweep: object) -> Config:
+    raw = {"output_dir": str(tmp_path / "sweep"), "sweep": {"grid": grid, **sweep}}
+    return Config.model_validate(raw)
+
+
+class FakeTrainer:
+    """run_point stand-in: records calls, writes the trainer's config.yaml and summary.json."""
+
+    def __init__(self, fail_on: str | None = None, write_summary: bool = True) -> None:
+        self.calls: list[tuple[Config, Path]] = []
+        self.fail_on = fail_on
+        self.write = write_summary
+
+    def __call__(self, cfg: Config, out: Path) -> None:
+        self.calls.append((cfg, out))
+        save_config(cfg, out)
+        if self.fail_on and self.fail_on in out.name:
+            raise RuntimeError(f"simulated crash in {out.name}")
+        if self.write:
+            write_summary(out, 0.1 * cfg.train.seed)
+
+
+def test_expand_grid_names_order_and_overrides() -> None:
+    grid = {"loss.name": ["lml", "bear"], "loss.lam": [0.5, 1e-05], "train.seed": [1, 2]}
+    points = expand_grid(SweepConfig(grid=grid))
+    assert len(points) == 8
+    names = [n for n, _ in points]
+    assert names[0] == "loss.name=lml__loss.lam=0.5__train.seed=1"
+    assert names[1] == "loss.name=lml__loss.lam=0.5__train.seed=2"  # last key varies fastest
+    assert names[-1] == "loss.name=bear__loss.lam=1e-05__train.seed=2"
+    # YAML 1.1 reads "1e-05" as a string: the override is written so that it parses back to a float
+    assert points[-1][1] == ["loss.name=bear", "loss.lam=1.0e-05", "train.seed=2"]
+    assert len(set(names)) == 8
+    # overrides parse back to the grid values
+    cfg = with_overrides(Config(), points[-1][1])
+    assert (cfg.loss.name, cfg.loss.lam, cfg.train.seed) == ("bear", 1e-05, 2)
+    # stable: the same grid gives the same names
+    assert expand_grid(SweepConfig(grid=grid)) == points
+
+
+def test_expand_grid_filesystem_safe_and_typed_values() -> None:
+    grid = {"data.domain": ["office products", "a/b"], "train.eval_max_users": [None], "model.lora.enabled": [True]}
+    points = expand_grid(SweepConfig(grid=grid))
+    assert points[0][0] == "data.domain=office_products__train.eval_max_users=null__model.lora.enabled=true"
+    assert points[1][0].startswith("data.domain=a_b__")
+    cfg = with_overrides(Config(), points[0][1])
+    assert cfg.data.domain == "office products" and cfg.train.eval_max_users is None and cfg.model.lora.enabled
+
+
+def test_expand_grid_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        expand_grid(SweepConfig(grid={"loss.lamb": [0.1], "train.seed": [1]}))
+    assert "loss.lamb" in str(err.value) and "lam" in str(err.value)
+
+
+def test_expand_grid_rejects_bad_values_duplicates_and_reserved_keys() -> None:
+    with pytest.raises(ConfigError, match="loss.name=foo"):
+        expand_grid(SweepConfig(grid={"train.seed": [1], "loss.name": ["bear", "foo"]}))
+    with pytest.raises(ConfigError, match="duplicate value 0.5"):
+        expand_grid(SweepConfig(grid={"loss.lam": [0.5, 0.5]}))
+    with pytest.raises(ConfigError, match="same folder name"):
+        expand_grid(SweepConfig(grid={"data.domain": ["a/b", "a_b"]}))
+    with pytest.raises(ConfigError, match="output_dir"):
+        expand_grid(SweepConfig(grid={"output_dir": ["x", "y"]}))
+    with pytest.raises(ConfigError, match="empty"):
+        expand_grid(SweepConfig(grid={}))
+    with pytest.raises(ConfigError, match=r"sweep.only_when.loss.xi.loss.nam"):
+        expand_grid(SweepConfig(grid={"loss.xi": [1.0]}, only_when={"loss.xi": {"loss.nam": ["bear"]}}))
+
+
+def test_expand_grid_only_when_collapses_irrelevant_points() -> None:
+    grid = {"loss.name": ["lml", "msl", "bear"], "loss.lam": [0.1, 0.5], "loss.xi": [1.0, 2.75], "train.seed": [1, 2]}
+    only = {"loss.lam": {"loss.name": ["bear"]}, "loss.xi": {"loss.name": ["bear"]}}
+    points = expand_grid(SweepConfig(grid=grid, only_when=only))
+    assert len(points) == (1 + 1 + 2 * 2) * 2
+    assert points[0] == ("loss.name=lml__train.seed=1", ["loss.name=lml", "train.seed=1"])
+    assert "loss.name=bear__loss.lam=0.5__loss.xi=2.75__train.seed=2" in [n for n, _ in points]
+
+
+def test_run_sweep_is_idempotent_and_reruns_unfinished_points(tmp_path: Path) -> None:
+    cfg = sweep_cfg(tmp_path, {"loss.lam": [0.1, 0.5], "train.seed": [1, 2]})
+    trainer = FakeTrainer()
+    outcome = run_sweep(cfg, trainer)
+    assert len(trainer.calls) == 4 and len(outcome.ran) == 4
+    point_cfg, out = trainer.calls[0]
+    assert out == tmp_path / "sweep" / "loss.lam=0.1__train.seed=1"
+    assert point_cfg.output_dir == str(out) and point_cfg.train.resume == "auto"
+    assert point_cfg.loss.lam == 0.1 and point_cfg.sweep.grid == {}  # a point is a plain run
+    # the sweep records what it ran
+    saved = yaml.safe_load((tmp_path / "sweep" / "sweep.yaml").read_text())
+    assert saved["sweep"]["grid"] == {"loss.lam": [0.1, 0.5], "train.seed": [1, 2]}
+    assert (tmp_path / "sweep" / "results.csv").is_file()
+
+    again = FakeTrainer()
+    outcome = run_sweep(cfg, again)
+    assert again.calls == [] and len(outcome.skipped) == 4
+
+    (tmp_path / "sweep" / "loss.lam=0.5__train.seed=1" / "summary.json").unlink()
+    third = FakeTrainer()
+    run_sweep(cfg, third)
+    assert [o.name for _, o in third.calls] == ["loss.lam=0.5__train.seed=1"]
+
+
+def test_run_sweep_crash_stops_and_restart_resumes(tmp_path: Path) -> None:
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1, 2, 3]})
+    crashing = FakeTrainer(fail_on="seed=2")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_sweep(cfg, crashing)
+    assert len(crashing.calls) == 2
+    assert not (tmp_path / "sweep" / "train.seed=2" / "summary.json").exists()
+    assert (tmp_path / "sweep" / "train.seed=2" / "config.yaml").exists()  # partial folder kept for resume
+    restart = FakeTrainer()
+    run_sweep(cfg, restart)
+    assert [o.name for _, o in restart.calls] == ["train.seed=2", "train.seed=3"]
+    assert restart.calls[0][0].train.resume == "auto"
+
+
+def test_run_sweep_requires_summary_and_same_base(tmp_path: Path) -> None:
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1]})
+    with pytest.raises(SweepError, match="summary.json"):
+        run_sweep(cfg, FakeTrainer(write_summary=False))
+    changed = with_overrides(cfg, ["loss.tau=2.0"])
+    with pytest.raises(SweepError, match=r"loss.tau: 1.0 -> 2.0"):
+        run_sweep(changed, FakeTrainer())
+
+
+def test_sweep_base_file(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text("loss: {name: msl, tau: 3.0}\n")
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1]}, base=str(base))
+    trainer = FakeTrainer()
+    run_sweep(cfg, trainer)
+    assert trainer.calls[0][0].loss.tau == 3.0 and trainer.calls[0][0].loss.name == "msl"
+    both = with_overrides(cfg, ["train.epochs=4"])
+    with pytest.raises(ConfigError, match="train.epochs"):
+        run_sweep(both, FakeTrainer())
+
+
+def test_scripts_mode_writes_jobs_instead_of_running(tmp_path: Path) -> None:
+    launcher = "launchers/accelerate/zero3.yaml"
+    cfg = sweep_cfg(tmp_path, {"loss.name": ["msl", "bear"], "train.seed": [7]}, mode="scripts", launcher=launcher)
+    done_dir = tmp_path / "sweep" / "loss.name=bear__train.seed=7"
+    write_summary(done_dir, 0.2)
+    trainer = FakeTrainer()
+    outcome = run_sweep(cfg, trainer)
+    assert trainer.calls == []
+    sweep_dir = (tmp_path / "sweep").resolve()
+    assert [s.name for s in outcome.scripts] == ["loss.name=msl__train.seed=7.sh", "loss.name=bear__train.seed=7.sh"]
+    job = outcome.scripts[0].read_text()
+    point_yaml = sweep_dir / "point_configs" / "loss.name=msl__train.seed=7.yaml"
+    assert f"accelerate launch --config_file {launcher} -m bear_ds.train --config {shlex.quote(str(point_yaml))}" in job
+    assert "summary.json" in job
+    point = load_config(point_yaml)
+    assert point.loss.name == "msl" and point.train.seed == 7 and point.train.resume == "auto"
+    assert point.output_dir == str(tmp_path / "sweep" / "loss.name=msl__train.seed=7")
+    submit = (tmp_path / "sweep" / "submit_all.sh").read_text()
+    assert "loss.name=msl__train.seed=7.sh" in submit and "loss.name=bear__train.seed=7.sh" not in submit
+    for script in [*outcome.scripts, tmp_path / "sweep" / "submit_all.sh"]:
+        subprocess.run(["bash", "-n", str(script)], check=True)  # valid bash
+
+
+def test_aggregate_mean_std_over_seeds(tmp_path: Path) -> None:
+    grid = {"loss.name": ["lml", "bear"], "train.seed": [1, 2, 3]}
+    cfg = sweep_cfg(tmp_path, grid, mode="scripts")
+    run_sweep(cfg, FakeTrainer())  # writes the manifest and point configs only
+    sweep_dir = tmp_path / "sweep"
+    # bear: seeds 1..3 with test NDCG@10 0.1, 0.2, 0.4; lml: seeds 1, 2 done, seed 3 pending
+    for seed, value in ((1, 0.1), (2, 0.2), (3, 0.4)):
+        write_summary(sweep_dir / f"loss.name=bear__train.seed={seed}", value, train_time_s=10.0 * seed)
+    for seed, value in ((1, 0.3), (2, 0.5)):
+        write_summary(sweep_dir / f"loss.name=lml__train.seed={seed}", value)
+
+    points = aggregate(sweep_dir)
+    assert len(points) == 6
+    assert list(points["status"]) == ["done", "done", "pending", "done", "done", "done"]
+    assert points.loc[3, "test.ndcg@10"] == pytest.approx(0.1) and points.loc[3, "train.seed"] == 1
+
+    grouped = pd.read_csv(sweep_dir / "results_by_config.csv")
+    bear = grouped[grouped["loss.name"] == "bear"].iloc[0]
+    # by hand: mean(0.1, 0.2, 0.4) = 0.23333; deviations -0.13333, -0.03333, 0.16667,
+    # squares sum 0.046667, / (n-1) = 0.023333, sqrt = 0.152753
+    assert bear["n"] == 3
+    assert bear["test.ndcg@10 mean"] == pytest.approx(0.233333, abs=1e-5)
+    assert bear["test.ndcg@10 std"] == pytest.approx(0.152753, abs=1e-5)
+    assert bear["train_time_s mean"] == pytest.approx(20.0) and bear["train_time_s std"] == pytest.approx(10.0)
+    lml = grouped[grouped["loss.name"] == "lml"].iloc[0]
+    assert lml["n"] == 2 and lml["test.ndcg@10 mean"] == pytest.approx(0.4)
+    assert lml["test.ndcg@10 std"] == pytest.approx(math.sqrt(0.02))
+
+    md = (sweep_dir / "results.md").read_text()
+    assert "0.2333 ± 0.1528" in md and "5 of 6 points done" in md
+    assert "point loss.name=lml__train.seed=3: not done" in md
+    per_point = pd.read_csv(sweep_dir / "results.csv")
+    assert len(per_point) == 6 and "test.hr@10" in per_point.columns
+
+
+def test_aggregate_shows_only_when_keys_as_not_applicable(tmp_path: Path) -> None:
+    grid = {"loss.name": ["lml", "bear"], "loss.lam": [0.1, 0.5], "train.seed": [1]}
+    cfg = sweep_cfg(tmp_path, grid, mode="scripts", only_when={"loss.lam": {"loss.name": ["bear"]}})
+    run_sweep(cfg, FakeTrainer())
+    manifest = json.loads((tmp_path / "sweep" / "points.json").read_text())
+    for point in manifest["points"]:
+        write_summary(tmp_path / "sweep" / point["name"], 0.1)
+    points = aggregate(tmp_path / "sweep")
+    assert points["loss.lam"].isna().tolist() == [True, False, False]
+    md = (tmp_path / "sweep" / "results.md").read_text()
+    assert "| lml | – | 1 |" in md
+
+
+def test_edited_base_file_is_caught_on_rerun(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text("loss: {tau: 3.0}\n")
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1]}, base=str(base))
+    run_sweep(cfg, FakeTrainer())
+    base.write_text("loss: {tau: 4.0}\n")
+    with pytest.raises(SweepError, match=r"loss.tau: 3.0 -> 4.0"):
+        run_sweep(cfg, FakeTrainer())
