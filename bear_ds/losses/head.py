@@ -1,0 +1,194 @@
+"""The loss head: LML/MSL/BEAR from hidden states at response positions, chunk by chunk.
+
+Only response positions are projected to the vocabulary (the prompt's logits are never built) and
+only C = loss.chunk_size of them at a time, each chunk under activation checkpointing, so the
+head's peak memory is O(C x V) instead of O(B x L x V). Worked example: V = 128k, C = 1024 gives
+a float32 [C, V] logits block of 0.5 GiB (plus its log-softmax and the bool trie mask of 128 MiB)
+where the released approach holds float32 logits for every position of every sequence.
+
+Exactness: each chunk returns raw sums (`LossSums`); the micro-batch loss is formed once from the
+totals. The BEAR weights are detached, so the reweight normalisation sum_t w_t is a constant of
+the backward pass and sum_chunks(w*CE) / (sum_chunks(w) + 1e-8) equals the unchunked loss, with
+no second pass over the chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from bear_ds.config import LossConfig
+from bear_ds.losses.functional import LossSums, loss_from_sums, loss_sums, metrics_from_sums
+from bear_ds.trie import TokenTrie
+
+
+class LMHead(NamedTuple):
+    """The output projection as tensors: logits = softcap(scale * (h @ weight.T + bias))."""
+
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None = None  # [V]
+    scale: float = 1.0  # Cohere `logit_scale`, 1 / Granite `logits_scaling`
+    softcap: float | None = None  # Gemma-2 `final_logit_softcapping`: cap * tanh(logits / cap)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[C, H] -> [C, V] logits in the hidden dtype (the softmax upcasts to float32)."""
+        z = torch.nn.functional.linear(hidden, self.weight, self.bias)  # [C, V]
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar float32, carries gradient
+    metrics: dict[str, float] = field(
+        default_factory=dict
+    )  # ce, reg|weight_mean, frac_outside_topb, counted, positions
+    sums: LossSums | None = None  # raw sums, e.g. for a token-weighted reduction across ranks
+
+
+def _as_lm_head(lm_head: LMHead | tuple | torch.Tensor) -> LMHead:
+    if isinstance(lm_head, LMHead):
+        return lm_head
+    if isinstance(lm_head, torch.Tensor):
+        return LMHead(lm_head)
+    if isinstance(lm_head, tuple) and 1 <= len(lm_head) <= 4:
+        return LMHead(*lm_head)
+    raise TypeError(
+        f"lm_head must be an LMHead, a (weight, bias) tuple or a weight tensor, got {type(lm_head).__name__}"
+    )
+
+
+def _chunk_sums(
+    hidden: torch.Tensor,  # [C, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # [C]
+    states: torch.Tensor,  # [C]
+    trie: TokenTrie,
+    loss_cfg: LossConfig,
+    scale: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, ...]:
+    """One chunk's `LossSums` as a tuple (checkpoint needs tensors in, tensors out)."""
+    head = LMHead(weight, bias, scale, softcap)
+    logits = head.logits(hidden)  # [C, V]
+    vocab = logits.shape[-1]
+    use_mask = loss_cfg.name == "msl" or (loss_cfg.name == "bear" and loss_cfg.masked)
+    valid = trie.allowed_mask(states, vocab) if use_mask else None  # [C, V] bool, built on the device
+    sums = loss_sums(
+        logits,
+        targets,
+        valid,
+        name=loss_cfg.name,
+        beam_width=loss_cfg.beam_width,
+        tau=loss_cfg.tau,
+        xi=loss_cfg.xi,
+        lam=loss_cfg.lam,
+        check=False,  # targets and states were checked once for the whole micro-batch
+    )
+    return tuple(getattr(sums, name) for name in LossSums.__dataclass_fields__)
+
+
+def _check_response(
+    hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, states: torch.Tensor, trie: TokenTrie
+) -> None:
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H] (response positions only), got shape {tuple(hidden.shape)}")
+    n, h = hidden.shape
+    if head.weight.dim() != 2 or head.weight.shape[1] != h:
+        raise ValueError(f"lm_head weight must be [V, {h}], got shape {tuple(head.weight.shape)}")
+    vocab = head.weight.shape[0]
+    if targets.shape != (n,) or states.shape != (n,):
+        raise ValueError(f"targets and states must be [N]={n}, got {tuple(targets.shape)} and {tuple(states.shape)}")
+    if trie.vocab_size > vocab:
+        raise ValueError(f"the trie's vocabulary ({trie.vocab_size}) is larger than the lm_head's ({vocab})")
+    bad = (targets < 0) | (targets >= vocab)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target at response position {i} is {int(targets[i])}, outside the vocabulary [0, {vocab})")
+    off = states < 0
+    if bool(off.any()):
+        i = int(off.nonzero()[0, 0])
+        raise ValueError(
+            f"trie state at response position {i} is {int(states[i])} (off the trie): pass response positions only"
+        )
+    # the gold token must be a child of its state (else the masked softmax gives it probability 0)
+    follows = trie.advance(states, targets) >= 0  # [N]
+    if not bool(follows.all()):
+        i = int((~follows).nonzero()[0, 0])
+        raise ValueError(
+            f"gold token {int(targets[i])} at response position {i} is not a trie continuation of state {int(states[i])}"
+        )
+
+
+def response_loss(
+    hidden: torch.Tensor,
+    lm_head: LMHead | tuple | torch.Tensor,
+    targets: torch.Tensor,
+    states: torch.Tensor,
+    trie: TokenTrie,
+    loss_cfg: LossConfig,
+) -> LossOutput:
+    """The configured loss of one micro-batch from the hidden states of its response positions.
+
+    hidden [N, H]: the last hidden states that predict each response token; targets [N]: those
+    tokens; states [N]: the trie state before each target (`TokenTrie.states_along`). The loss is
+    normalised over the whole micro-batch (LML/MSL: mean over N; BEAR reweight: weights normalised
+    over every counted position; BEAR regularizer: mean over counted), whatever the chunk size.
+
+    With N == 0 the loss is 0 * (sum of hidden and head parameters): it still reaches every
+    parameter, so gradient synchronisation (DDP, ZeRO) sees the same parameters on every rank.
+    """
+    head = _as_lm_head(lm_head)
+    _check_response(hidden, head, targets, states, trie)
+    trie = trie if trie.device == hidden.device else trie.to(hidden.device)
+    touch = hidden.float().sum() * 0.0 + head.weight.float().sum() * 0.0  # a 0 that reaches every input
+    if head.bias is not None:
+        touch = touch + head.bias.float().sum() * 0.0
+    totals = LossSums.zeros(hidden)
+    n = hidden.shape[0]
+    chunk = loss_cfg.chunk_size
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        parts = checkpoint(
+            _chunk_sums,
+            hidden[start:end],  # [C, H]
+            head.weight,
+            head.bias,
+            targets[start:end],
+            states[start:end],
+            trie,
+            loss_cfg,
+            head.scale,
+            head.softcap,
+            use_reentrant=False,
+        )
+        totals = totals + LossSums(*parts)
+    loss = loss_from_sums(totals, name=loss_cfg.name, form=loss_cfg.form, lam=loss_cfg.lam) + touch
+    metrics = metrics_from_sums(totals, name=loss_cfg.name, form=loss_cfg.form)
+    return LossOutput(loss=loss, metrics=metrics, sums=totals)
+
+
+def select_response(
+    hidden: torch.Tensor, labels: torch.Tensor, trie: TokenTrie, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states, targets and trie states of the response positions of a batch.
+
+    hidden [B, L, H] (last hidden states), labels [B, L] (`ignore_index` on prompt and padding,
+    the response ids, contiguous, on the response; `bear_ds.catalog.encode_example`). Position
+    j - 1 predicts label j. Returns hidden [N, H], targets [N], states [N] in row-major order.
+    """
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"hidden must be [B, L, H] and labels [B, L], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+        )
+    shifted = labels[:, 1:]  # [B, L-1]: label predicted at each position
+    states = trie.to(labels.device).states_along(shifted, ignore_index=ignore_index)  # [B, L-1]
+    keep = shifted != ignore_index  # [B, L-1]
+    return hidden[:, :-1][keep], shifted[keep], states[keep]

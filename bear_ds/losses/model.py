@@ -1,0 +1,138 @@
+"""Coupling of the loss head to a Hugging Face causal LM: hidden states without the lm_head, and
+the lm_head's tensors (gathered once per step under ZeRO-3).
+
+Use (one optimiser micro-step; backward INSIDE the context, because under ZeRO-3 the chunks'
+recomputation in backward needs the gathered weight):
+
+    hidden = backbone_hidden_states(model, input_ids, attention_mask)     # [B, L, H]
+    h, y, s = select_response(hidden, labels, trie)                      # [N, H], [N], [N]
+    with lm_head_context(model) as head:
+        out = response_loss(h, head, y, s, trie, cfg.loss)
+        accelerator.backward(out.loss)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from bear_ds.losses.head import LMHead
+
+
+def unwrap_model(model: Any) -> torch.nn.Module:
+    """The Hugging Face model inside DeepSpeed engines, DDP / torch.compile wrappers and PeftModels."""
+    seen = 0
+    while seen < 8:  # wrappers nest a few levels at most; the bound avoids a cycle
+        seen += 1
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.Module) and type(model).__name__ in (
+            "DeepSpeedEngine",
+            "DistributedDataParallel",
+            "PipelineEngine",
+        ):
+            model = model.module
+        else:
+            return model
+    raise TypeError(f"could not unwrap {type(model).__name__}: too many nested wrappers")
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    base = getattr(model, "base_model", None)
+    if isinstance(base, torch.nn.Module) and base is not model:
+        return base  # LlamaModel / Qwen2Model / MistralModel / GPT2Model
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if isinstance(decoder, torch.nn.Module) and decoder is not model:
+        return decoder
+    raise TypeError(
+        f"{type(model).__name__} has no base_model or decoder separate from its lm_head: "
+        "backbone_hidden_states needs a *ForCausalLM model"
+    )
+
+
+def backbone_hidden_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Last hidden states [B, L, H] (after the final norm), without calling the lm_head.
+
+    Works for *ForCausalLM models whose backbone is `base_model` (Llama, Qwen2, Mistral, GPT-2,
+    ...), inside PeftModels (the LoRA layers live in the backbone) and DeepSpeed engines.
+    """
+    backbone = _backbone(unwrap_model(model))
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden
+
+
+def _output_projection(model: torch.nn.Module) -> torch.nn.Module:
+    proj = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if proj is None:
+        raise TypeError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    if hasattr(proj, "base_layer"):  # peft wraps adapted modules; only the plain lm_head is supported
+        if getattr(proj, "merged", False) or not getattr(proj, "active_adapters", None):
+            return proj.base_layer
+        raise ValueError(
+            "the lm_head carries an active LoRA adapter (lora.target_modules includes it): the loss head "
+            "reads the plain weight; remove lm_head from lora.target_modules"
+        )
+    if hasattr(proj, "original_module") and hasattr(proj, "modules_to_save"):  # peft ModulesToSaveWrapper
+        active = getattr(proj, "active_adapter", None)
+        active = active[0] if isinstance(active, (list, tuple)) else active
+        return proj.modules_to_save[active] if active in proj.modules_to_save else proj.original_module
+    if not isinstance(getattr(proj, "weight", None), torch.Tensor):
+        raise TypeError(f"the output projection {type(proj).__name__} has no weight tensor")
+    return proj
+
+
+def logit_transform(config: Any) -> tuple[float, float | None]:
+    """(scale, softcap) applied after the output projection, read from the model config.
+
+    Cohere: logits * logit_scale; Granite: logits / logits_scaling; Gemma-2/3:
+    cap * tanh(logits / cap) with cap = final_logit_softcapping. Defaults: (1.0, None).
+    """
+    scale = 1.0
+    logit_scale = getattr(config, "logit_scale", None)
+    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
+        scale *= float(logit_scale)
+    logits_scaling = getattr(config, "logits_scaling", None)
+    if isinstance(logits_scaling, (int, float)) and not isinstance(logits_scaling, bool) and logits_scaling != 0:
+        scale /= float(logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = float(softcap) if isinstance(softcap, (int, float)) and softcap else None
+    return scale, softcap
+
+
+def _is_zero3_partitioned(params: list[torch.nn.Parameter]) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+@contextlib.contextmanager
+def lm_head_context(model: Any) -> Iterator[LMHead]:
+    """Yield the output projection as an `LMHead` (weight [V, H], bias, scale, softcap).
+
+    Under ZeRO-3 the weight (tied to the input embeddings or not) is partitioned: it is gathered
+    here once, on every rank (`deepspeed.zero.GatheredParameters(modifier_rank=None)`), and
+    partitioned again on exit; every rank must enter the context once per micro-step, whatever
+    its number of response tokens. Run the backward inside the context. Without ZeRO-3 it is a
+    no-op. deepspeed is imported only when the parameters are partitioned.
+    """
+    hf_model = unwrap_model(model)
+    proj = _output_projection(hf_model)
+    weight = proj.weight
+    bias = getattr(proj, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    scale, softcap = logit_transform(getattr(hf_model, "config", None))
+    params = [p for p in (weight, bias) if p is not None]
+    if _is_zero3_partitioned(params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield LMHead(weight, bias, scale, softcap)
+    else:
+        yield LMHead(weight, bias, scale, softcap)
