@@ -35,8 +35,7 @@ def run_point(cfg: Config, out_dir: Path) -> None:
         [
             f"model.path={out_dir / 'model'}",
             f"output_dir={out_dir / 'analysis'}",
-            "eval.split=test",
-            f"eval.max_users={cfg.analyze.max_users}",
+            "eval.split=test",  # analyze.max_users caps the (costly) exhaustive ranking
         ],
     )
     analyze(analysis_cfg)

@@ -1,0 +1,390 @@
+"""Exhaustive ranking of the whole catalog and the beam-search pruning analysis (`bear-ds analyze`).
+
+For each user the exact log-probability of every catalog group is computed: the prompt is encoded
+once, then all titles are teacher-forced in batches that reuse the prompt's KV cache. This gives the
+true top-K by total probability, against which beam search (width B) is compared:
+
+- the target's global rank (by total log-probability, ties counted in the target's favour);
+- whether beam search returns it;
+- for targets in the global top-B that beam search misses, the decoding step at which the target's
+  prefix left the live beams, and whether the per-token condition (the gold token ranks within
+  the top-B trie-valid next tokens given the gold prefix, the relaxed condition BEAR trains for)
+  fails at or before that step.
+
+The per-token rank is taken among trie-valid tokens; it is the same in both mask modes, since
+renormalising a row does not change its order. The log-probabilities follow `mask`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bear_ds.catalog import IGNORE_INDEX
+from bear_ds.evaluation.metrics import rank_metrics
+from bear_ds.generation.beam import BeamResult, constrained_beam_search
+from bear_ds.trie import TokenTrie
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CatalogTargets:
+    """Every group's response ids as a right-padded tensor, with the trie states along each."""
+
+    tokens: torch.Tensor  # int64 [G, T], padded with IGNORE_INDEX
+    states: torch.Tensor  # int64 [G, T], trie state before each token (INVALID on padding)
+    lengths: torch.Tensor  # int64 [G], tokens incl. EOS
+
+    @classmethod
+    def build(cls, group_token_ids: Sequence[Sequence[int]], trie: TokenTrie) -> CatalogTargets:
+        if len(group_token_ids) == 0:
+            raise ValueError("the catalog is empty: nothing to rank")
+        lengths = torch.tensor([len(ids) for ids in group_token_ids], dtype=torch.int64)
+        tokens = torch.full((len(group_token_ids), int(lengths.max())), IGNORE_INDEX, dtype=torch.int64)
+        for g, ids in enumerate(group_token_ids):
+            tokens[g, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        return cls(tokens=tokens, states=trie.states_along(tokens, IGNORE_INDEX), lengths=lengths)
+
+    def to(self, device: torch.device) -> CatalogTargets:
+        return CatalogTargets(self.tokens.to(device), self.states.to(device), self.lengths.to(device))
+
+
+@dataclass
+class ExhaustiveScores:
+    """Teacher-forced scores of every group for one prompt."""
+
+    token_logp: torch.Tensor  # float32 [G, T] log p of each gold token (0 on padding)
+    token_rank: torch.Tensor  # int64 [G, T] rank of the gold token among trie-valid tokens (-1 on padding)
+    total_logp: torch.Tensor  # float32 [G] sum of token_logp
+    lengths: torch.Tensor  # int64 [G]
+
+    def beam_scores(self, length_penalty: float) -> torch.Tensor:
+        """Scores as beam search ranks finished items: total log p / length ** length_penalty."""
+        return self.total_logp / self.lengths.float() ** length_penalty
+
+
+def _gold_stats(
+    logits: torch.Tensor, states: torch.Tensor, gold: torch.Tensor, trie: TokenTrie, mask: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gold-token log p (per mask mode) and rank among trie-valid tokens.
+
+    logits [N, V], states [N] (valid, not INVALID), gold [N] -> (logp [N] float32, rank [N] int64).
+    Works on the (row, allowed token) pairs only, so no [N, V] boolean mask is built.
+    """
+    logits = logits.float()
+    rows, toks = trie.allowed_pairs(states)  # [P], [P]
+    vals = logits[rows, toks]  # [P]
+    gold_val = logits.gather(1, gold[:, None]).squeeze(1)  # [N]
+    rank = torch.zeros_like(gold).index_add_(0, rows, (vals > gold_val[rows]).long())  # [N]
+    if mask == "after":
+        logp = gold_val - torch.logsumexp(logits, dim=-1)
+    elif mask == "before":
+        row_max = torch.full_like(gold_val, float("-inf")).scatter_reduce(0, rows, vals, reduce="amax")
+        sum_exp = torch.zeros_like(gold_val).index_add_(0, rows, torch.exp(vals - row_max[rows]))
+        logp = gold_val - (row_max + torch.log(sum_exp))
+    else:
+        raise ValueError(f"mask must be 'after' or 'before', got {mask!r}")
+    return logp, rank
+
+
+@torch.no_grad()
+def exhaustive_scores(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    targets: CatalogTargets,
+    trie: TokenTrie,
+    *,
+    mask: str = "after",
+    batch_items: int = 256,
+) -> ExhaustiveScores:
+    """Exact log p of every group's response given one prompt (teacher forcing, prompt cache reused)."""
+    if len(prompt_ids) == 0:
+        raise ValueError("empty prompt")
+    device = next(model.parameters()).device
+    targets = targets.to(device)
+    trie = trie.to(device) if trie.device != device else trie
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device)  # [1, Lp]
+    out = model(input_ids=prompt, use_cache=True)
+    prompt_cache = out.past_key_values
+    first_logits = out.logits[:, -1, :]  # [1, V] predicts the first response token
+    del out
+    num_groups, width = targets.tokens.shape
+    plen = prompt.shape[1]
+    token_logp = torch.zeros(num_groups, width, device=device)
+    token_rank = torch.full((num_groups, width), -1, dtype=torch.int64, device=device)
+    for start in range(0, num_groups, batch_items):
+        tok = targets.tokens[start : start + batch_items]  # [b, T]
+        states = targets.states[start : start + batch_items]
+        b = tok.shape[0]
+        valid = tok != IGNORE_INDEX  # [b, T]
+        if width > 1:
+            cache = copy.deepcopy(prompt_cache)
+            cache.reorder_cache(torch.zeros(b, dtype=torch.int64, device=device))  # [b] copies of the prompt
+            feed = tok[:, :-1].clamp(min=0)  # [b, T-1] tokens that predict positions 1..T-1
+            attn = torch.cat([torch.ones(b, plen, dtype=torch.int64, device=device), valid[:, :-1].long()], dim=1)
+            pos = (plen + torch.arange(width - 1, device=device)).expand(b, -1)
+            rest = model(input_ids=feed, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            logits = torch.cat([first_logits.expand(b, 1, -1), rest.logits], dim=1)  # [b, T, V]
+            del rest, cache
+        else:
+            logits = first_logits.expand(b, 1, -1)
+        flat_valid = valid.reshape(-1)
+        logp, rank = _gold_stats(
+            logits.reshape(b * width, -1)[flat_valid],
+            states.reshape(-1)[flat_valid],
+            tok.reshape(-1)[flat_valid],
+            trie,
+            mask,
+        )
+        block_logp = torch.zeros(b * width, device=device)
+        block_rank = torch.full((b * width,), -1, dtype=torch.int64, device=device)
+        block_logp[flat_valid] = logp
+        block_rank[flat_valid] = rank
+        token_logp[start : start + b] = block_logp.view(b, width)
+        token_rank[start : start + b] = block_rank.view(b, width)
+    return ExhaustiveScores(
+        token_logp=token_logp.cpu(),
+        token_rank=token_rank.cpu(),
+        total_logp=token_logp.sum(dim=1).cpu(),
+        lengths=targets.lengths.cpu(),
+    )
+
+
+def _path_states(token_ids: Sequence[int], trie: TokenTrie) -> list[int]:
+    """Trie state after each prefix (1..T tokens) of a title."""
+    states, cur = [], torch.zeros(1, dtype=torch.int64, device=trie.device)
+    for tok in token_ids:
+        cur = trie.advance(cur, torch.tensor([tok], device=trie.device))
+        states.append(int(cur))
+    return states
+
+
+def user_pruning_record(
+    target_group: int | None,
+    scores: ExhaustiveScores,
+    beam: BeamResult,
+    user: int,
+    catalog_token_ids: Sequence[Sequence[int]],
+    trie: TokenTrie,
+    num_beams: int,
+) -> dict[str, Any]:
+    """Pruning facts for one user (`user` indexes the rows of `beam`, run with `return_trace=True`)."""
+    order = torch.argsort(scores.total_logp, descending=True, stable=True)
+    returned = [g for g in beam.groups[user].tolist() if g >= 0]
+    rec: dict[str, Any] = {
+        "target_group": target_group,
+        "exhaustive_top": order[:num_beams].tolist(),
+        "exhaustive_logp": scores.total_logp[order[:num_beams]].tolist(),
+        "beam_top": returned,
+        "beam_rank": returned.index(target_group) if target_group in returned else None,
+    }
+    if target_group is None:
+        rec.update(global_rank=None, in_top_b=False, condition_holds=None, pruned=None)
+        return rec
+    target_total = scores.total_logp[target_group]
+    global_rank = int((scores.total_logp > target_total).sum())
+    length = int(scores.lengths[target_group])
+    fails = (scores.token_rank[target_group, :length] >= num_beams).tolist()  # per-token condition violated
+    rec.update(
+        global_rank=global_rank,
+        in_top_b=global_rank < num_beams,
+        target_logp=float(target_total),
+        condition_holds=not any(fails),
+        condition_fail_steps=[t for t, f in enumerate(fails) if f],
+    )
+    pruned = rec["in_top_b"] and rec["beam_rank"] is None
+    rec["pruned"] = pruned
+    if pruned:
+        path = _path_states(catalog_token_ids[target_group], trie)
+        steps_run = int(beam.steps[user])
+        if beam.live_states is None:
+            raise ValueError("the beam search must be run with return_trace=True for the pruning analysis")
+        pruned_step, reason = length - 1, "finished_but_not_returned"
+        for step in range(length - 1):  # the last step emits EOS: the item finishes, it is not a live beam
+            if step >= steps_run:
+                pruned_step, reason = step, "search_stopped"
+                break
+            if path[step] not in beam.live_states[step][user].tolist():
+                pruned_step, reason = step, "pruned"
+                break
+        rec.update(
+            pruned_step=pruned_step,
+            prune_reason=reason,
+            violated_at_or_before=any(fails[: pruned_step + 1]),
+        )
+    return rec
+
+
+def aggregate_pruning(records: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str, Any]:
+    """Shares of pruned top-B positives and of those violating the per-token condition; recall@K."""
+    in_top = [r for r in records if r["in_top_b"]]
+    pruned = [r for r in in_top if r["pruned"]]
+    violating = [r for r in pruned if r["violated_at_or_before"]]
+    with_target = [r for r in records if r["global_rank"] is not None]
+    exh = rank_metrics([r["global_rank"] for r in records], ks)
+    beam = rank_metrics([r["beam_rank"] for r in records], ks)
+    reasons: dict[str, int] = {}
+    for r in pruned:
+        reasons[r["prune_reason"]] = reasons.get(r["prune_reason"], 0) + 1
+    return {
+        "users": len(records),
+        "targets_not_in_catalog": len(records) - len(with_target),
+        "topb_positives": len(in_top),  # targets whose total probability is in the global top-B
+        "pruned": len(pruned),  # ... that beam search does not return
+        "pruned_share": len(pruned) / len(in_top) if in_top else None,
+        "pruned_violating": len(violating),  # ... whose per-token condition failed at or before pruning
+        "pruned_violating_share": len(violating) / len(pruned) if pruned else None,
+        "prune_reasons": reasons,
+        "share_users_condition_holds": (
+            sum(bool(r["condition_holds"]) for r in with_target) / len(with_target) if with_target else None
+        ),
+        "exhaustive": {f"hr@{k}": exh[f"hr@{k}"] for k in ks},  # recall@K of the exact ranking
+        "beam": {f"hr@{k}": beam[f"hr@{k}"] for k in ks},  # recall@K of beam search
+    }
+
+
+def analyze_users(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    target_groups: Sequence[int | None],
+    group_token_ids: Sequence[Sequence[int]],
+    trie: TokenTrie,
+    *,
+    num_beams: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    mask: str = "after",
+    length_penalty: float = 1.0,
+    batch_items: int = 256,
+    batch_users: int = 16,
+    progress: Any = None,
+) -> list[dict[str, Any]]:
+    """Per-user pruning records (one process, full model) for the given prompts, in input order."""
+    device = next(model.parameters()).device
+    trie_dev = trie.to(device)
+    targets = CatalogTargets.build(group_token_ids, trie)
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(prompt_ids), batch_users):
+        chunk = prompt_ids[start : start + batch_users]
+        input_ids, attention_mask = left_pad(chunk, pad_token_id, device)
+        beam = constrained_beam_search(
+            model,
+            input_ids,
+            attention_mask,
+            trie_dev,
+            num_beams=num_beams,
+            eos_token_id=eos_token_id,
+            mask=mask,
+            length_penalty=length_penalty,
+            return_trace=True,
+        )
+        beam = BeamResult(
+            beam.groups.cpu(), beam.scores.cpu(), beam.steps.cpu(), [s.cpu() for s in beam.live_states or []]
+        )
+        for j, ids in enumerate(chunk):
+            scores = exhaustive_scores(model, ids, targets, trie_dev, mask=mask, batch_items=batch_items)
+            records.append(
+                user_pruning_record(target_groups[start + j], scores, beam, j, group_token_ids, trie, num_beams)
+            )
+            if progress is not None:
+                progress.update(1)
+    return records
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded [U, L] input ids and attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.int64)
+    attn = torch.zeros(len(sequences), width, dtype=torch.int64)
+    for i, s in enumerate(sequences):
+        if len(s) == 0:
+            raise ValueError(f"prompt {i} of the batch is empty")
+        ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.int64)
+        attn[i, width - len(s) :] = 1
+    return ids.to(device), attn.to(device)
+
+
+def analyze(cfg) -> dict[str, Any]:
+    """`bear-ds analyze`: pruning analysis of the model in `model.path` on `eval.split`.
+
+    Writes output_dir/analysis.json (aggregates) and analysis.jsonl (one record per user). Always
+    uses a full model copy per rank (eval.weights is ignored); users are sharded across ranks.
+    """
+    from tqdm.auto import tqdm
+
+    from bear_ds.config import save_config
+    from bear_ds.evaluation.evaluate import (
+        DistContext,
+        load_eval_inputs,
+        load_model_replicated,
+        resolve_mask,
+        shard_indices,
+        training_loss_name,
+    )
+
+    started = time.perf_counter()
+    ctx = DistContext.setup(timeout_s=cfg.eval.timeout_s)
+    inputs = load_eval_inputs(cfg, ctx)
+    model = load_model_replicated(Path(cfg.model.path), ctx.device)
+    ks = inputs.ks
+    catalog = inputs.catalog
+    mask = resolve_mask(cfg.eval.mask, training_loss_name(Path(cfg.model.path), cfg.loss.name))
+    num_users = min(len(inputs.prompt_ids), cfg.analyze.max_users)  # the exhaustive ranking is costly
+    mine = shard_indices(num_users, ctx.rank, ctx.world_size)
+    mine.sort(key=lambda i: -len(inputs.prompt_ids[i]))
+    bar = tqdm(total=len(mine), desc="analyze", unit="user", disable=not ctx.is_main)
+    local = analyze_users(
+        model,
+        [inputs.prompt_ids[i] for i in mine],
+        [inputs.target_groups[i] for i in mine],
+        catalog.group_token_ids,
+        catalog.trie,
+        num_beams=cfg.eval.num_beams,
+        eos_token_id=catalog.eos_token_id,
+        pad_token_id=inputs.pad_token_id,
+        mask=mask,
+        length_penalty=cfg.eval.length_penalty,
+        batch_items=cfg.analyze.batch_items,
+        batch_users=cfg.eval.batch_users,
+        progress=bar,
+    )
+    bar.close()
+    gathered = ctx.gather(list(zip(mine, local, strict=True)))
+    records: list[dict[str, Any]] = [None] * num_users  # type: ignore[list-item]
+    for part in gathered:
+        for i, rec in part:
+            records[i] = rec
+    summary = aggregate_pruning(records, ks)
+    summary.update(
+        num_beams=cfg.eval.num_beams,
+        mask=mask,
+        length_penalty=cfg.eval.length_penalty,
+        split=cfg.eval.split,
+        global_rank_by="total log-probability (not length-normalised)",
+        elapsed_s=time.perf_counter() - started,
+    )
+    if ctx.is_main:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "analysis.jsonl").open("w") as fh:
+            for i, rec in enumerate(records):
+                row = {"user_id": inputs.user_ids[i], "target": inputs.target_titles[i], **rec}
+                row["exhaustive_top"] = [catalog.group_titles[g] for g in rec["exhaustive_top"]]
+                row["beam_top"] = [catalog.group_titles[g] for g in rec["beam_top"]]
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (out / "analysis.json").write_text(json.dumps(summary, indent=2))
+        save_config(cfg, out)
+        logger.info("analysis written to %s", out / "analysis.json")
+    ctx.barrier()
+    return summary

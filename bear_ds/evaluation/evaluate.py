@@ -1,0 +1,488 @@
+"""Distributed top-K evaluation with the trie-constrained beam search (`bear-ds evaluate`).
+
+Users are sharded across ranks by strided index (user i goes to rank i % world_size): no padding,
+no duplicates, shards differ in size by at most one. Within a rank users are decoded in batches of
+similar prompt length; results are gathered and put back in the original order, so world sizes 1
+and 2 give identical predictions. Two weight modes:
+
+- replicated: every rank holds the full model and decodes independently (synced=False);
+- zero3: the model stays partitioned by DeepSpeed ZeRO-3; every forward gathers the weights from
+  all ranks, so ranks run the same number of forwards (synced=True, dummy batches where a rank
+  has fewer users).
+
+Works under plain python, torchrun, accelerate launch and the deepspeed launcher: the process group
+is read from the standard environment variables (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bear_ds.evaluation.analysis import left_pad
+from bear_ds.evaluation.metrics import rank_metrics
+from bear_ds.generation.beam import constrained_beam_search
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- process group, sharding
+def shard_indices(num_users: int, rank: int, world_size: int) -> list[int]:
+    """Users of `rank`: i with i % world_size == rank (every user exactly once, no padding)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    return list(range(rank, num_users, world_size))
+
+
+@dataclass
+class DistContext:
+    """Rank, world size and device; collective helpers that are no-ops in a single process."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls, device: torch.device | None = None) -> DistContext:
+        """The context of an already initialised process group (or a single process)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        else:
+            rank, world = 0, 1
+        return cls(rank, world, device if device is not None else _default_device())
+
+    @classmethod
+    def setup(cls, timeout_s: int = 1800) -> DistContext:
+        """Join the process group described by the launcher's environment (if WORLD_SIZE > 1)."""
+        import torch.distributed as dist
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        return cls.current()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_max(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def is_zero3_partitioned(model: torch.nn.Module) -> bool:
+    """True when the model's parameters are DeepSpeed ZeRO-3 partitions (they carry `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- decoding + metrics
+def metric_ks(top_k: Sequence[int], num_beams: int, *, warn: bool = True) -> tuple[list[int], list[int]]:
+    """(K values used, K values left out because beam search returns only num_beams items)."""
+    used = sorted({k for k in top_k if k <= num_beams})
+    skipped = sorted({k for k in top_k if k > num_beams})
+    if not used:
+        raise ValueError(
+            f"eval.top_k {list(top_k)}: every K exceeds eval.num_beams={num_beams}; "
+            f"beam search returns at most num_beams items (raise eval.num_beams or lower eval.top_k)"
+        )
+    if skipped and warn:
+        logger.warning("eval.top_k %s exceed eval.num_beams=%d: left out of the metrics", skipped, num_beams)
+    return used, skipped
+
+
+def resolve_mask(mask: str, loss_name: str | None) -> str:
+    """eval.mask as decoded: "auto" is the released protocol, "after" for LML and "before" for MSL/BEAR."""
+    if mask in ("after", "before"):
+        return mask
+    if mask != "auto":
+        raise ValueError(f"eval.mask must be 'auto', 'after' or 'before', got {mask!r}")
+    if loss_name is None:
+        raise ValueError("eval.mask=auto needs the training loss (loss.name) to choose; set eval.mask=after or before")
+    return "after" if loss_name == "lml" else "before"
+
+
+def training_loss_name(model_dir: Path, fallback: str | None) -> str | None:
+    """loss.name of the run that exported `model_dir` (its config.yaml), else `fallback`."""
+    import yaml
+
+    saved = model_dir / "config.yaml"
+    if saved.is_file():
+        name = ((yaml.safe_load(saved.read_text()) or {}).get("loss") or {}).get("name")
+        if name:
+            return str(name)
+    return fallback
+
+
+def check_context(prompt_ids: Sequence[Sequence[int]], max_depth: int, context: int | None, what: str = "user") -> None:
+    """Raise ValueError when a prompt plus the longest title does not fit the model's context."""
+    if context is None:
+        return
+    too_long = [i for i, p in enumerate(prompt_ids) if len(p) + max_depth > context]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(
+            f"{len(too_long)} prompts plus the longest title ({max_depth} tokens) exceed the model context of "
+            f"{context} positions, e.g. {what} {i} ({len(prompt_ids[i])} prompt tokens); "
+            f"lower data.max_history or use a model with a longer context"
+        )
+
+
+def run_beam_evaluation(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    catalog: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    targets_groups: Sequence[int | None],
+    eval_cfg: Any,
+    accelerator: Any = None,
+    synced: bool = False,
+    *,
+    loss_name: str | None = None,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Beam-search every user's prompt and score the lists; usable from the trainer each epoch.
+
+    prompts: the prompt strings (or their token ids) of ALL users, the same list on every rank;
+    targets_groups: each user's target group (None when the target is not in the catalog: a miss).
+    Each rank decodes its shard; results are gathered on every rank in the original order.
+    `synced` is forced on when the model is ZeRO-3 partitioned. The model's train/eval mode is
+    restored on return. eval.mask="auto" follows `loss_name` (after for lml, before otherwise). Returns (predictions, metrics): predictions[i] = {"groups", "predictions"
+    (titles), "scores", "target_rank"}; metrics = {"hr@K", "ndcg@K", "users",
+    "targets_not_in_catalog", "decoding", "decode_s", "users_per_second"}.
+    """
+    from tqdm.auto import tqdm
+
+    if len(prompts) != len(targets_groups):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets_groups)} targets")
+    if len(prompts) == 0:
+        raise ValueError("no users to evaluate")
+    if catalog.num_groups == 0:
+        raise ValueError("the catalog is empty: nothing to recommend")
+    ks, skipped = metric_ks(eval_cfg.top_k, eval_cfg.num_beams)
+    mask = resolve_mask(eval_cfg.mask, loss_name)
+    net = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
+    synced = synced or is_zero3_partitioned(net)
+    device = accelerator.device if accelerator is not None else next(net.parameters()).device
+    ctx = DistContext.current(device)
+    if isinstance(prompts[0], str):
+        from bear_ds.catalog import encode_prompts
+
+        prompt_ids = encode_prompts(tokenizer, list(prompts))
+    else:
+        prompt_ids = [list(p) for p in prompts]
+    check_context(prompt_ids, catalog.trie.max_depth, getattr(net.config, "max_position_embeddings", None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else catalog.eos_token_id
+    trie = catalog.trie.to(device)
+
+    mine = shard_indices(len(prompt_ids), ctx.rank, ctx.world_size)
+    mine.sort(key=lambda i: (-len(prompt_ids[i]), i))  # similar lengths together: little padding
+    bs = eval_cfg.batch_users
+    batches = [mine[s : s + bs] for s in range(0, len(mine), bs)]
+    # ZeRO-3: every rank runs as many beam searches as the busiest one (empty ones are dummies)
+    n_calls = int(ctx.all_max(len(batches))) if synced else len(batches)
+
+    was_training = net.training
+    net.eval()
+    local: list[tuple[int, list[int], list[float]]] = []
+    bar = tqdm(total=len(mine), desc="beam search", unit="user", disable=not (progress and ctx.is_main))
+    started = time.perf_counter()
+    try:
+        for call in range(n_calls):
+            batch = batches[call] if call < len(batches) else []
+            if batch:
+                input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], pad, device)
+            else:
+                input_ids = torch.zeros(0, 1, dtype=torch.int64, device=device)
+                attention_mask = torch.ones(0, 1, dtype=torch.int64, device=device)
+            res = constrained_beam_search(
+                net,
+                input_ids,
+                attention_mask,
+                trie,
+                num_beams=eval_cfg.num_beams,
+                eos_token_id=catalog.eos_token_id,
+                mask=mask,
+                length_penalty=eval_cfg.length_penalty,
+                synced=synced,
+            )
+            groups, scores = res.groups.cpu().tolist(), res.scores.cpu().tolist()
+            for j, i in enumerate(batch):
+                keep = [b for b, g in enumerate(groups[j]) if g >= 0]
+                local.append((i, [groups[j][b] for b in keep], [scores[j][b] for b in keep]))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        net.train(was_training)
+    decode_s = ctx.all_max(time.perf_counter() - started)
+
+    by_user: dict[int, tuple[list[int], list[float]]] = {}
+    for part in ctx.gather(local):
+        for i, groups, scores in part:
+            if i in by_user:
+                raise RuntimeError(f"user {i} was decoded by two ranks")
+            by_user[i] = (groups, scores)
+    missing = [i for i in range(len(prompt_ids)) if i not in by_user]
+    if missing:
+        raise RuntimeError(f"{len(missing)} users were not decoded (e.g. user {missing[0]})")
+
+    predictions: list[dict[str, Any]] = []
+    for i, target in enumerate(targets_groups):
+        groups, scores = by_user[i]
+        rank = groups.index(target) if target is not None and target in groups else None
+        predictions.append(
+            {
+                "groups": groups,
+                "predictions": [catalog.group_titles[g] for g in groups],
+                "scores": scores,
+                "target_rank": rank,
+            }
+        )
+    metrics: dict[str, Any] = rank_metrics([p["target_rank"] for p in predictions], ks)
+    metrics.update(
+        users=len(predictions),
+        targets_not_in_catalog=sum(t is None for t in targets_groups),
+        decoding={
+            "num_beams": eval_cfg.num_beams,
+            "mask": mask,
+            "length_penalty": eval_cfg.length_penalty,
+            "batch_users": eval_cfg.batch_users,
+            "synced": synced,
+            "zero3_partitioned": is_zero3_partitioned(net),
+            "world_size": ctx.world_size,
+            "top_k_skipped": skipped,
+        },
+        decode_s=decode_s,
+        users_per_second=len(predictions) / decode_s if decode_s > 0 else None,
+    )
+    return predictions, metrics
+
+
+# ---------------------------------------------------------------------- inputs and models
+@dataclass
+class EvalInputs:
+    catalog: Any
+    tokenizer: Any
+    user_ids: list[str]
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    target_items: list[str]
+    target_titles: list[str | None]
+    target_groups: list[int | None]
+    pad_token_id: int
+    ks: list[int]
+
+
+def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
+    """Tokenizer, catalog and the users of eval.split (first eval.max_users) with their prompts."""
+    from bear_ds.catalog import CATALOG_FILE, Catalog, encode_prompts
+    from bear_ds.data import load_catalog, load_split, load_stats, resolve_prepared
+    from bear_ds.data.prompts import PromptBuilder
+    from bear_ds.tokenization import load_tokenizer
+
+    if not cfg.model.path:
+        raise ValueError("model.path is not set: evaluate needs a local model folder (the trainer's OUT/model)")
+    model_dir = Path(cfg.model.path)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {model_dir} has no config.json (expected a Hugging Face model folder)")
+    ks, _ = metric_ks(cfg.eval.top_k, cfg.eval.num_beams, warn=False)  # fail before loading anything
+    tokenizer = load_tokenizer(cfg.tokenizer.path or model_dir)
+
+    # rank 0 prepares the data if needed; the others wait and then read the same folder
+    workdir = Path(cfg.output_dir) / "data"
+    if ctx.is_main:
+        folder = resolve_prepared(cfg, workdir)
+    ctx.barrier()
+    if not ctx.is_main:
+        folder = resolve_prepared(cfg, workdir)
+    titles = load_catalog(folder)
+    stats = load_stats(folder)
+    domain = cfg.data.domain or stats.get("domain")
+    if not domain:
+        raise ValueError(f"{folder}/stats.json has no 'domain' and data.domain is not set")
+    builder = PromptBuilder(cfg.prompt, domain)
+    if (model_dir / CATALOG_FILE).is_file():
+        catalog = Catalog.load(model_dir)
+        catalog.check_tokenizer(tokenizer)
+    else:
+        catalog = Catalog.build(titles, tokenizer, builder)
+
+    split = load_split(folder, cfg.eval.split)
+    n = len(split) if cfg.eval.max_users is None else min(cfg.eval.max_users, len(split))
+    if n == 0:
+        raise ValueError(f"split {cfg.eval.split!r} of {folder} has no rows")
+    rows = split.select(range(n))
+    user_ids = [str(u) for u in rows["user_id"]]
+    histories = rows["history"]
+    targets = [str(t) for t in rows["target"]]
+    unknown = sorted({h for hist in histories for h in hist if h not in titles})
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} history items of split {cfg.eval.split!r} are not in {folder}/catalog.parquet, e.g. {unknown[:3]}"
+        )
+    prompts = [builder.prompt([titles[h] for h in hist]) for hist in histories]
+    target_groups = [catalog.group_of_item(t) for t in targets]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else catalog.eos_token_id
+    return EvalInputs(
+        catalog=catalog,
+        tokenizer=tokenizer,
+        user_ids=user_ids,
+        prompts=prompts,
+        prompt_ids=encode_prompts(tokenizer, prompts),
+        target_items=targets,
+        target_titles=[titles.get(t) for t in targets],
+        target_groups=target_groups,
+        pad_token_id=pad,
+        ks=ks,
+    )
+
+
+def load_model_replicated(model_dir: Path, device: torch.device) -> torch.nn.Module:
+    """The full model on this rank's device (local files only)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+    return model.to(device).eval()
+
+
+def _skip_deepspeed_shm_build() -> None:
+    # DeepSpeed compiles a shared-memory all-reduce op (25-42 s) when its CPU process group starts;
+    # it only serves inference tensor parallelism, which ZeRO-3 evaluation does not use
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def load_model_zero3(model_dir: Path, timeout_s: int) -> tuple[torch.nn.Module, Any]:
+    """The model partitioned across ranks with DeepSpeed ZeRO-3 as it is loaded.
+
+    Returns (module, keep_alive): keep `keep_alive` referenced while the model is used (it holds
+    the DeepSpeed engine and the transformers ZeRO-3 config).
+    """
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if not torch.cuda.is_available():
+        _skip_deepspeed_shm_build()
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s)
+    )
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    hf_ds = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions while loading while this lives
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.module.eval()
+    return engine.module, (engine, hf_ds)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------- the command
+def evaluate(cfg: Any) -> dict[str, Any]:
+    """`bear-ds evaluate`: top-K beam-search evaluation of `model.path` on `eval.split`.
+
+    Writes output_dir/predictions.jsonl, metrics.json, catalog.json and config.yaml (rank 0).
+    Returns the metrics (on every rank).
+    """
+    from bear_ds.config import save_config
+
+    started = time.perf_counter()
+    keep_alive = None
+    if cfg.eval.weights == "zero3":
+        model, keep_alive = load_model_zero3(Path(cfg.model.path or ""), cfg.eval.timeout_s)
+        ctx = DistContext.current()
+    else:
+        ctx = DistContext.setup(timeout_s=cfg.eval.timeout_s)
+    inputs = load_eval_inputs(cfg, ctx)
+    if cfg.eval.weights == "replicated":
+        model = load_model_replicated(Path(cfg.model.path), ctx.device)
+    predictions, metrics = run_beam_evaluation(
+        model,
+        inputs.tokenizer,
+        inputs.catalog,
+        inputs.prompt_ids,
+        inputs.target_groups,
+        cfg.eval,
+        synced=cfg.eval.weights == "zero3",
+        loss_name=training_loss_name(Path(cfg.model.path), cfg.loss.name),
+    )
+    metrics["decoding"].update(weights=cfg.eval.weights, split=cfg.eval.split)
+    metrics["elapsed_s"] = time.perf_counter() - started
+    if ctx.is_main:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "predictions.jsonl").open("w") as fh:
+            for i, pred in enumerate(predictions):
+                row = {
+                    "user_id": inputs.user_ids[i],
+                    "prompt": inputs.prompts[i],
+                    "target": inputs.target_titles[i],
+                    "target_item": inputs.target_items[i],
+                    "predictions": pred["predictions"],
+                    "scores": pred["scores"],
+                    "target_rank": pred["target_rank"],
+                }
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        inputs.catalog.save(out)
+        save_config(cfg, out)
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@" in k)
+        print(f"{summary} ({metrics['users']} users, {metrics['users_per_second'] or 0:.2f} users/s) -> {out}")
+    ctx.barrier()
+    del keep_alive
+    return metrics

@@ -1,0 +1,280 @@
+"""Beam-search benchmark: our vectorised trie search vs transformers generate + a Python dict trie.
+
+Same model, prompts and catalog for both: the Office dataset prepared by bear_ds.data, a BPE
+trained on its titles and prompts, a tiny Llama (random, or trained for a few LML steps so that
+next-token distributions are peaked and the top-10 comparison is meaningful). B = 10, mask after
+(the Hugging Face default). Reports users/s of each and the agreement of their top-10 lists.
+With --world-size 2 it also runs `bear-ds evaluate` under torchrun with 1 and 2 processes.
+
+    python benchmarks/beam_search.py --data ../shared/data/Office --users 64 --train-steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _build(args):
+    from transformers import LlamaForCausalLM
+
+    from bear_ds.catalog import Catalog, encode_example, encode_prompts
+    from bear_ds.config import load_config
+    from bear_ds.data import load_catalog, load_split, load_stats, resolve_prepared
+    from bear_ds.data.prompts import PromptBuilder
+    from bear_ds.models import tiny_llama_config
+    from bear_ds.tokenization import train_bpe_tokenizer
+
+    out = Path(args.out)
+    cfg = load_config(
+        None,
+        [f"output_dir={out}", f"data.path={args.data}", "data.source=bear_csv", "model.max_position_embeddings=1024"],
+    )
+    folder = resolve_prepared(cfg, out / "data")
+    titles = load_catalog(folder)
+    builder = PromptBuilder(cfg.prompt, load_stats(folder)["domain"])
+    train = load_split(folder, "train").select(range(2000))
+    test = load_split(folder, "test").select(range(args.users))
+
+    def prompts_of(rows):
+        return [builder.prompt([titles[h] for h in hist]) for hist in rows["history"]]
+
+    train_prompts, test_prompts = prompts_of(train), prompts_of(test)
+    tokenizer = train_bpe_tokenizer(
+        [builder.response(t) for t in titles.values()] + train_prompts[:500], args.vocab_size
+    )
+    catalog = Catalog.build(titles, tokenizer, builder)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(cfg.model, tokenizer))
+    if args.train_steps:
+        _train_lml(model, tokenizer, catalog, train_prompts, train["target"], args, encode_example, encode_prompts)
+    model.eval()
+    model_dir = out / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    catalog.save(model_dir)
+    (model_dir / "config.yaml").write_text("loss: {name: lml}\n")  # mask=auto decodes as 'after'
+    prompt_ids = encode_prompts(tokenizer, test_prompts)
+    targets = [catalog.group_of_item(t) for t in test["target"]]
+    return model, tokenizer, catalog, prompt_ids, targets, folder
+
+
+def _train_lml(model, tokenizer, catalog, prompts, targets, args, encode_example, encode_prompts):
+    """A few plain cross-entropy steps so that the model's next-token distributions are peaked."""
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    examples = [
+        encode_example(p, catalog.group_token_ids[catalog.group_of_item(t)])
+        for p, t in zip(prompt_ids, targets, strict=False)
+    ]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for step in range(args.train_steps):
+        idx = torch.randint(len(examples), (16,), generator=g).tolist()
+        width = max(len(examples[i][0]) for i in idx)
+        ids = torch.full((16, width), tokenizer.pad_token_id)
+        labels = torch.full((16, width), -100)
+        attn = torch.zeros(16, width, dtype=torch.long)
+        for r, i in enumerate(idx):
+            x, y = examples[i]
+            ids[r, : len(x)], labels[r, : len(y)], attn[r, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0 or step == args.train_steps - 1:
+            print(f"  train step {step}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f}s)", flush=True)
+
+
+def _batches(prompt_ids, pad, size):
+    from bear_ds.evaluation.analysis import left_pad
+
+    for s in range(0, len(prompt_ids), size):
+        yield left_pad(prompt_ids[s : s + size], pad, torch.device("cpu"))
+
+
+def _ours(model, catalog, ids, attn, args):
+    from bear_ds.generation.beam import constrained_beam_search
+
+    res = constrained_beam_search(
+        model, ids, attn, catalog.trie, num_beams=args.num_beams, eos_token_id=catalog.eos_token_id, mask="after"
+    )
+    return [
+        [(a, b) for a, b in zip(g, sc, strict=False) if a >= 0]
+        for g, sc in zip(res.groups.tolist(), res.scores.tolist(), strict=False)
+    ]
+
+
+def _dict_trie(catalog):
+    trie: dict = {}
+    for ids in catalog.group_token_ids:
+        node = trie
+        for tok in ids:
+            node = node.setdefault(tok, {})
+    return trie
+
+
+def _hf(model, catalog, trie, ids, attn, pad, args):
+    """The released approach: generate with prefix_allowed_tokens_fn over a Python dict trie."""
+    group = {tuple(t): g for g, t in enumerate(catalog.group_token_ids)}
+    eos = catalog.eos_token_id
+    width = ids.shape[1]
+
+    def allowed(batch_id, sent):
+        node = trie
+        for tok in sent[width:].tolist():
+            node = node.get(tok)
+            if node is None:
+                return [eos]
+        return list(node) or [eos]
+
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        num_beams=args.num_beams,
+        num_return_sequences=args.num_beams,
+        do_sample=False,
+        prefix_allowed_tokens_fn=allowed,
+        max_new_tokens=catalog.trie.max_depth,
+        early_stopping=False,
+        length_penalty=1.0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    gen, scores = out.sequences[:, width:].tolist(), out.sequences_scores.tolist()
+    lists = []
+    for u in range(ids.shape[0]):
+        row = []
+        for b in range(args.num_beams):
+            seq, sc = gen[u * args.num_beams + b], scores[u * args.num_beams + b]
+            if sc > -1e7 and eos in seq:  # HF pads missing beams with copies scored about -1e9
+                row.append((group[tuple(seq[: seq.index(eos) + 1])], sc))
+        lists.append(row)
+    return lists
+
+
+def _timed(fn, clock):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    clock[0] += time.perf_counter() - wall
+    clock[1] += time.process_time() - cpu
+    return out
+
+
+def _agreement(ours, ref):
+    same = sum([g for g, _ in a] == [g for g, _ in b] for a, b in zip(ours, ref, strict=False))
+    same_set = sum({g for g, _ in a} == {g for g, _ in b} for a, b in zip(ours, ref, strict=False))
+    overlap = sum(
+        len({g for g, _ in a} & {g for g, _ in b}) / max(len(b), 1) for a, b in zip(ours, ref, strict=False)
+    ) / len(ref)
+    diffs = [
+        abs(x[1] - y[1]) for a, b in zip(ours, ref, strict=False) for x, y in zip(a, b, strict=False) if x[0] == y[0]
+    ]
+    return same, same_set, overlap, max(diffs, default=0.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _evaluate_cli(args, folder, nproc):
+    out = Path(args.out) / f"eval_ws{nproc}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "bear_ds.cli",
+        "evaluate",
+        f"output_dir={out}",
+        f"data.path={folder}",
+        "data.source=prepared",
+        f"model.path={Path(args.out) / 'model'}",
+        f"eval.num_beams={args.num_beams}",
+        f"eval.max_users={args.users}",
+        f"eval.batch_users={args.batch_users}",
+        "eval.top_k=[1,5,10]",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"bear-ds evaluate on {nproc} processes failed:\n{proc.stderr[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    preds = [json.loads(line)["predictions"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return metrics, preds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "../shared/data/Office"))
+    p.add_argument("--out", default="runs/bench_beam")
+    p.add_argument("--users", type=int, default=64)
+    p.add_argument("--num-beams", type=int, default=10)
+    p.add_argument("--batch-users", type=int, default=16)
+    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--train-steps", type=int, default=60, help="LML steps before decoding (0: random model)")
+    p.add_argument("--world-size", type=int, default=1, help="2: also compare `bear-ds evaluate` on 1 vs 2 processes")
+    args = p.parse_args()
+
+    print(f"building Office catalog, BPE and tiny Llama in {args.out} ...", flush=True)
+    model, tokenizer, catalog, prompt_ids, targets, folder = _build(args)
+    pad = tokenizer.pad_token_id
+    print(
+        f"catalog: {catalog.num_items} items, {catalog.num_groups} groups, trie depth {catalog.trie.max_depth}, "
+        f"vocab {len(tokenizer)}; {len(prompt_ids)} users, mean prompt {sum(map(len, prompt_ids)) / len(prompt_ids):.0f} tokens; "
+        f"B={args.num_beams}, {args.batch_users} users per batch, torch threads {torch.get_num_threads()}"
+    )
+    trie = _dict_trie(catalog)
+    batches = list(_batches(prompt_ids, pad, args.batch_users))
+    _ours(model, catalog, *batches[0], args)  # warm-up
+    ours, ref, clock_ours, clock_hf = [], [], [0.0, 0.0], [0.0, 0.0]
+    for ids, attn in batches:  # interleaved, so that load from other processes hits both alike
+        ours += _timed(lambda ids=ids, attn=attn: _ours(model, catalog, ids, attn, args), clock_ours)
+        ref += _timed(lambda ids=ids, attn=attn: _hf(model, catalog, trie, ids, attn, pad, args), clock_hf)
+    same, same_set, overlap, max_diff = _agreement(ours, ref)
+    n = len(prompt_ids)
+    print()
+    print(f"| decoder (B={args.num_beams}, {n} users) | wall s | users/s | CPU s | users per CPU-s | speed-up (CPU) |")
+    print("|---|---|---|---|---|---|")
+    for name, (wall, cpu) in (
+        ("transformers generate + Python dict trie", clock_hf),
+        ("bear_ds constrained_beam_search", clock_ours),
+    ):
+        print(f"| {name} | {wall:.2f} | {n / wall:.2f} | {cpu:.2f} | {n / cpu:.2f} | {clock_hf[1] / cpu:.2f}x |")
+    print()
+    print(
+        f"agreement of top-{args.num_beams} lists: identical order {same}/{n}, same set {same_set}/{n}, "
+        f"mean overlap {overlap:.4f}, max |score diff| on matching items {max_diff:.2e}"
+    )
+    if args.world_size > 1:
+        m1, p1 = _evaluate_cli(args, folder, 1)
+        m2, p2 = _evaluate_cli(args, folder, args.world_size)
+        print()
+        print("| bear-ds evaluate | users/s (decoding) | hr@10 |")
+        print("|---|---|---|")
+        print(f"| world size 1 | {m1['users_per_second']:.2f} | {m1['hr@10']:.4f} |")
+        print(f"| world size {args.world_size} | {m2['users_per_second']:.2f} | {m2['hr@10']:.4f} |")
+        print(
+            f"identical predictions across world sizes: {sum(a == b for a, b in zip(p1, p2, strict=False))}/{len(p1)}"
+        )
+
+
+if __name__ == "__main__":
+    main()

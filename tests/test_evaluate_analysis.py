@@ -1,0 +1,101 @@
+"""Exhaustive ranking and the pruning analysis."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from eval_fixtures import EOS, random_prompts, random_titles, tiny_llama, trie_of, write_model_folder, write_prepared
+
+from bear_ds.config import load_config
+from bear_ds.evaluation.analysis import (
+    CatalogTargets,
+    aggregate_pruning,
+    analyze,
+    exhaustive_scores,
+    user_pruning_record,
+)
+from bear_ds.generation.beam import constrained_beam_search
+
+VOCAB = 2000
+
+
+@torch.no_grad()
+def test_exhaustive_matches_full_forward():
+    # teacher forcing with the reused prompt cache == one forward over prompt + title
+    model = tiny_llama(VOCAB, seed=1)
+    titles = random_titles(12, VOCAB, seed=1, alphabet=5)
+    trie = trie_of(titles, VOCAB)
+    prompt = [9, 99, 999, 5]
+    scores = exhaustive_scores(model, prompt, CatalogTargets.build(titles, trie), trie, mask="after", batch_items=5)
+    for g, t in enumerate(titles):
+        ids = torch.tensor([prompt + t[:-1]])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 :].float(), -1)
+        expected = logp.gather(1, torch.tensor(t)[:, None]).sum()
+        assert abs(float(scores.total_logp[g]) - float(expected)) < 1e-4
+
+
+def test_pruning_records_are_consistent():
+    # B=2 over a bushy trie: some top-B targets get pruned; check each against the exhaustive scores
+    model = tiny_llama(VOCAB, seed=2, logit_scale=3.0)
+    titles = random_titles(60, VOCAB, seed=2, alphabet=4, max_len=5)
+    trie = trie_of(titles, VOCAB)
+    targets = CatalogTargets.build(titles, trie)
+    ids, attn = random_prompts(24, VOCAB, seed=2)
+    num_beams = 2
+    beam = constrained_beam_search(
+        model, ids, attn, trie, num_beams=num_beams, eos_token_id=EOS, mask="before", return_trace=True
+    )
+    records, pruned_seen = [], 0
+    for u in range(ids.shape[0]):
+        scores = exhaustive_scores(model, ids[u][attn[u].bool()].tolist(), targets, trie, mask="before")
+        # the target: the user's exhaustive number 1 or 2 (in the top-B by construction)
+        target = int(torch.argsort(scores.total_logp, descending=True)[u % 2])
+        rec = user_pruning_record(target, scores, beam, u, titles, trie, num_beams)
+        records.append(rec)
+        assert rec["in_top_b"] and rec["global_rank"] == u % 2
+        assert rec["pruned"] == (target not in beam.groups[u].tolist())
+        if not rec["pruned"] or rec["prune_reason"] != "pruned":
+            continue
+        pruned_seen += 1
+        step = rec["pruned_step"]
+        # the target's prefix of step+1 tokens was beaten by every live beam of that step
+        cum = scores.token_logp.cumsum(dim=1)  # [G, T] prefix scores
+        prefix_score = float(cum[target, step])
+        for state in beam.live_states[step][u].tolist():
+            if state < 0:
+                continue
+            g = next(g for g in range(len(titles)) if int(targets.states[g, step + 1]) == state)
+            assert float(cum[g, step]) >= prefix_score - 1e-5
+        fails = scores.token_rank[target, : step + 1] >= num_beams
+        assert rec["violated_at_or_before"] == bool(fails.any())
+    assert pruned_seen > 0, "the setting should prune some top-B targets"
+    agg = aggregate_pruning(records, [1, 2])
+    assert agg["topb_positives"] == 24 and agg["pruned"] == sum(r["pruned"] for r in records)
+    assert agg["exhaustive"]["hr@2"] == 1.0
+    assert agg["beam"]["hr@2"] == 1.0 - agg["pruned_share"]
+
+
+def test_analyze_end_to_end(tmp_path):
+    titles = write_prepared(tmp_path / "data", num_items=20, num_users=7)
+    write_model_folder(tmp_path / "model", titles)
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}/an",
+            f"data.path={tmp_path}/data",
+            "data.source=prepared",
+            f"model.path={tmp_path}/model",
+            "eval.num_beams=3",
+            "eval.top_k=[1,3]",
+            "eval.mask=after",
+            "analyze.batch_items=6",
+        ],
+    )
+    summary = analyze(cfg)
+    saved = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "an" / "analysis.jsonl").read_text().splitlines()]
+    assert saved["users"] == summary["users"] == len(rows) == 7
+    assert saved["targets_not_in_catalog"] == 1  # user U3's target is not in the catalog
+    assert all(len(r["exhaustive_top"]) == 3 for r in rows)
+    assert saved["mask"] == "after"

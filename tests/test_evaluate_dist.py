@@ -1,0 +1,89 @@
+"""Two-process evaluation (torchrun, gloo): sharding without loss or duplicates; replicated vs ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from eval_fixtures import write_model_folder, write_prepared
+
+from bear_ds.config import load_config
+from bear_ds.evaluation.evaluate import evaluate
+
+pytestmark = pytest.mark.slow
+
+# 13 users, 3 per batch: rank 0 decodes 7 users (3 batches), rank 1 six (2 batches)
+OVERRIDES = ["eval.num_beams=5", "eval.top_k=[1,5]", "eval.batch_users=3", "eval.timeout_s=40"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    titles = write_prepared(root / "data", num_items=30, num_users=13)
+    write_model_folder(root / "model", titles)
+    base = [f"data.path={root}/data", "data.source=prepared", f"model.path={root}/model", *OVERRIDES]
+    evaluate(load_config(None, [f"output_dir={root}/single", *base]))
+    return root, base
+
+
+def _torchrun(root: Path, out: str, base: list[str], *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "bear_ds.cli",
+        "evaluate",
+        f"output_dir={root}/{out}",
+        *base,
+        *extra,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _read(root: Path, out: str):
+    rows = [json.loads(line) for line in (root / out / "predictions.jsonl").read_text().splitlines()]
+    return rows, json.loads((root / out / "metrics.json").read_text())
+
+
+def _assert_same_predictions(a, b):
+    assert [r["user_id"] for r in a] == [r["user_id"] for r in b]
+    for x, y in zip(a, b, strict=False):
+        assert x["predictions"] == y["predictions"] and x["target_rank"] == y["target_rank"]
+        assert max((abs(p - q) for p, q in zip(x["scores"], y["scores"], strict=False)), default=0.0) < 1e-5
+
+
+def test_two_ranks_replicated_equal_one(folders):
+    root, base = folders
+    _torchrun(root, "replicated", base)
+    single, m1 = _read(root, "single")
+    two, m2 = _read(root, "replicated")
+    assert len(two) == 13 and len({r["user_id"] for r in two}) == 13  # none lost, none duplicated
+    _assert_same_predictions(single, two)
+    assert m2["decoding"]["world_size"] == 2 and m2["hr@5"] == m1["hr@5"] and m2["ndcg@5"] == m1["ndcg@5"]
+
+
+def test_two_ranks_zero3_equal_replicated(folders):
+    root, base = folders
+    _torchrun(root, "zero3", base, "eval.weights=zero3")
+    single, _ = _read(root, "single")
+    zero3, m3 = _read(root, "zero3")
+    assert m3["decoding"]["zero3_partitioned"] and m3["decoding"]["synced"] and m3["decoding"]["world_size"] == 2
+    _assert_same_predictions(single, zero3)
