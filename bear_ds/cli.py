@@ -15,6 +15,7 @@ Every subcommand takes `--config FILE.yaml` plus dotted overrides:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -94,12 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("run_dir", help="a run folder, a folder of runs, or a sweep folder")
             continue
         p.add_argument("--config", "-c", default=None, help="YAML config (may compose others via `defaults:`)")
+        # the `deepspeed` launcher passes --local_rank; the rank is read from the environment instead
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.lam=0.5")
     return parser
-
-
-def config_from_args(config: str | None, overrides: list[str], default_config: str | None = None) -> Config:
-    return load_config(config or default_config, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,13 +110,19 @@ def main(argv: list[str] | None = None) -> int:
             out = report(Path(args.run_dir))
             print(f"report written to {out}")
             return 0
-        cfg = config_from_args(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
         RUNNERS[args.command](cfg)
     except ConfigError as err:
         print(f"bear-ds {args.command}: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
-        # data and catalog errors name the file/line/key; a traceback would bury that
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        # RuntimeError only for our own SweepError: a torch RuntimeError keeps its traceback
+        if os.environ.get("BEAR_DS_TRACEBACK") or (
+            isinstance(err, RuntimeError) and type(err).__name__ != "SweepError"
+        ):
+            raise
+        # data, catalog and sweep errors name the file/line/key; a traceback would bury that
+        # (BEAR_DS_TRACEBACK=1 shows it)
         print(f"bear-ds {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

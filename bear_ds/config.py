@@ -166,6 +166,7 @@ class EvalConfig(_Section):
     max_users: int | None = Field(None, ge=1, description="evaluate only the first N examples of the split")
     batch_users: int = Field(16, ge=1, description="users decoded together per forward")
     weights: Literal["replicated", "zero3"] = Field("replicated", description="full copy per rank, or stay ZeRO-3 partitioned")
+    timeout_s: int = Field(1800, ge=1, description="process-group timeout (seconds) of multi-process evaluation")
 
 
 class AnalyzeConfig(_Section):
@@ -178,6 +179,12 @@ class SweepConfig(_Section):
     base: str | None = Field(None, description="config file each point starts from")
     mode: Literal["run", "scripts"] = Field("run", description="run points here one by one, or write a job script per point")
     launcher: str | None = Field(None, description="scripts mode: accelerate config used by the job scripts")
+    only_when: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict,
+        description="grid key -> {other grid key: values}: sweep the key only on points where the other key "
+        "takes one of these values; elsewhere it keeps the base value and is left out of the point name "
+        "(e.g. loss.lam: {loss.name: [bear]} runs LML/MSL once per seed, not once per lam)",
+    )
 
 
 class Config(_Section):

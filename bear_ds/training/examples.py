@@ -1,0 +1,90 @@
+"""Training examples: prompt ids + the target's catalog response ids, labels -100 on the prompt.
+
+Prompts that do not fit the model's context lose their oldest history items one at a time
+(train.truncate_history=true, counted and logged) or stop the run naming the row (false). The
+response is never truncated: it is the decoding target, a full path of the trie.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from bear_ds.catalog import Catalog, encode_example, encode_prompts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedExamples:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    lengths: np.ndarray  # int64 [N], tokens per example
+    truncated_examples: int  # examples that lost history items
+    truncated_items: int  # history items dropped in total
+
+
+def encode_training_examples(
+    histories: Sequence[Sequence[str]],
+    targets: Sequence[str],
+    titles: dict[str, str],
+    catalog: Catalog,
+    tokenizer,
+    prompt_builder,
+    *,
+    max_length: int,
+    truncate_history: bool,
+    split_name: str = "train",
+) -> EncodedExamples:
+    """Encode rows (history item ids oldest first, target item id) into (input_ids, labels)."""
+    responses: list[list[int]] = []
+    for row, target in enumerate(targets):
+        group = catalog.group_of_item(target)
+        if group is None:
+            raise ValueError(f"{split_name} row {row}: target item {target!r} is not in the catalog")
+        responses.append(catalog.group_token_ids[group])
+    history_titles = []
+    for row, history in enumerate(histories):
+        missing = [i for i in history if i not in titles]
+        if missing:
+            raise ValueError(f"{split_name} row {row}: history items {missing[:5]} are not in the catalog")
+        history_titles.append([titles[i] for i in history])
+    prompts = encode_prompts(tokenizer, [prompt_builder.prompt(h) for h in history_titles])
+
+    truncated_examples = truncated_items = 0
+    input_ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    for row, (prompt_ids, response_ids) in enumerate(zip(prompts, responses, strict=True)):
+        kept = history_titles[row]
+        while len(prompt_ids) + len(response_ids) > max_length:
+            if not truncate_history:
+                raise ValueError(
+                    f"{split_name} row {row}: prompt ({len(prompt_ids)} tokens) + response ({len(response_ids)}) exceed "
+                    f"the model context {max_length}; set train.truncate_history=true or shorten data.max_history"
+                )
+            if len(kept) <= 1:
+                raise ValueError(
+                    f"{split_name} row {row}: even with one history item the example needs "
+                    f"{len(prompt_ids) + len(response_ids)} tokens > model context {max_length}"
+                )
+            kept = kept[1:]  # drop the oldest item
+            truncated_items += 1
+            prompt_ids = encode_prompts(tokenizer, [prompt_builder.prompt(kept)])[0]
+        if len(kept) < len(history_titles[row]):
+            truncated_examples += 1
+        ids, lab = encode_example(prompt_ids, response_ids)
+        input_ids.append(ids)
+        labels.append(lab)
+    if truncated_examples:
+        logger.warning(
+            "%s: %d examples exceeded the context of %d tokens and lost %d oldest history items in total",
+            split_name,
+            truncated_examples,
+            max_length,
+            truncated_items,
+        )
+    lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
+    return EncodedExamples(input_ids, labels, lengths, truncated_examples, truncated_items)

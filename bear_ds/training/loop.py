@@ -1,0 +1,430 @@
+"""The training recipe: setup, train (with checkpoints and per-epoch evaluation), export.
+
+    accelerate launch --config_file launchers/accelerate/cpu_zero3.yaml -m bear_ds.train \
+        data.path=PREPARED model.name=tiny loss.name=bear train.max_steps=12 train.save_every=6 output_dir=OUT
+
+One optimiser step consumes `train.global_batch` examples cut into micro-batches of
+`train.micro_batch`, spread over ranks and accumulation rounds (see `batching.py`). Each
+micro-batch: backbone hidden states (the model never builds full logits), the response positions
+selected (hidden at i predicts token i + 1), the trie states along the gold responses, then
+`losses.response_loss` inside `lm_head_context` (which gathers the partitioned lm_head once under
+ZeRO-3), backward inside that context. Every micro-batch loss is normalised within the
+micro-batch (as the released BEAR does); the step's gradient is their mean, so it does not
+depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bear_ds.config import Config, save_config
+from bear_ds.training.batching import collate, epoch_schedule, padded_fraction, rank_micro_batches
+from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from bear_ds.training.distributed import build_accelerator
+from bear_ds.training.examples import encode_training_examples
+from bear_ds.training.export import export_model
+from bear_ds.training.train_log import JsonlLog, ProgressBar
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A micro-batch produced a NaN/inf loss and train.on_nonfinite=stop."""
+
+
+# ---------------------------------------------------------------------------------------- setup
+def prepare_tokenizer(
+    cfg: Config, output_dir: Path, model_folder: Path | None, titles: dict[str, str], prompts: list[str]
+):
+    """The run's tokenizer: tokenizer.path, else the model folder's, else a BPE trained once into OUT/tokenizer.
+
+    Not collective: call on one process first (`main_process_first`), then the others load it.
+    """
+    from bear_ds.tokenization import ensure_pad_token, load_tokenizer, train_bpe_tokenizer
+
+    if cfg.tokenizer.path:
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+    elif model_folder is not None:
+        tokenizer = load_tokenizer(model_folder)
+    else:
+        folder = output_dir / "tokenizer"
+        if (folder / "tokenizer_config.json").is_file():  # resume / second rank: reuse, never retrain
+            tokenizer = load_tokenizer(folder)
+        else:
+            tokenizer = train_bpe_tokenizer([*titles.values(), *prompts], cfg.tokenizer.vocab_size)
+            tmp = output_dir / "tokenizer.tmp"
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, folder)  # atomic: a killed run never leaves a half tokenizer to reuse
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def _schedule(name: str, optimizer, warmup: int, total: int):
+    from transformers import get_scheduler
+
+    kind = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[name]
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def _optimizer(cfg: Config, model):
+    """Client AdamW over the trainable parameters (no DeepSpeed optimizer block: no fused_adam JIT).
+
+    With a ZeRO-Offload config, Accelerate swaps it for DeepSpeed's CPU Adam at `prepare`.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (model.lora.target_modules matched nothing?)")
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def _evaluator():
+    """`run_beam_evaluation` when the evaluation module is installed, else None (no per-epoch evaluation)."""
+    try:
+        from bear_ds.evaluation.evaluate import run_beam_evaluation
+    except ImportError:
+        return None
+    return run_beam_evaluation
+
+
+class EpochEvaluator:
+    """Valid (first train.eval_max_users users) and test beam-search metrics after an epoch."""
+
+    def __init__(self, run, cfg: Config, prepared: Path, titles: dict[str, str], builder, catalog) -> None:
+        from bear_ds.data import load_split
+
+        self.run, self.cfg = run, cfg
+        self.splits: dict[str, tuple[list[str], list[int | None]]] = {}
+        for split, cap in (("valid", cfg.train.eval_max_users), ("test", None)):
+            rows = load_split(prepared, split)
+            if cap is not None:
+                rows = rows.select(range(min(cap, len(rows))))
+            prompts = [builder.prompt([titles[i] for i in h]) for h in rows["history"]]
+            self.splits[split] = (prompts, [catalog.group_of_item(t) for t in rows["target"]])
+
+    def __call__(self, accelerator, model, tokenizer, catalog) -> dict[str, dict[str, Any]]:
+        results = {}
+        for split, (prompts, groups) in self.splits.items():
+            if not prompts:  # an empty test split: nothing to report
+                results[split] = {}
+                continue
+            _, metrics = self.run(
+                model, tokenizer, catalog, prompts, groups, self.cfg.eval, accelerator,
+                loss_name=self.cfg.loss.name, progress=accelerator.is_main_process,
+            )  # fmt: skip
+            results[split] = metrics
+        return results
+
+
+def forward_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [B, L, H] (after the final norm) through the prepared model's own forward.
+
+    The call must go through the DeepSpeed engine / DDP wrapper: the engine's forward registers the
+    backward prologue that ZeRO uses to accumulate gradients across micro-steps (calling the
+    unwrapped backbone loses every micro-step's gradient but the last when accumulation > 1), and
+    DDP's forward arms its reducer. `logits_to_keep=1` keeps the output projection to one position
+    ([B, 1, V]); the loss head projects only the response positions itself.
+    """
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1, use_cache=False
+    )
+    return out.hidden_states[-1]  # [B, L, H]: transformers records the normed final output last
+
+
+# ---------------------------------------------------------------------------------------- train
+def train(cfg: Config) -> dict[str, Any]:
+    """Train per `cfg` (single process or under accelerate / torchrun / deepspeed); return the summary."""
+    from accelerate.utils import set_seed
+
+    from bear_ds.catalog import Catalog
+    from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
+    from bear_ds.losses import lm_head_context, response_loss, select_response
+    from bear_ds.models import build_model, pretrained_folder
+
+    t_start = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator, plan, zero_stage = build_accelerator(cfg.train, out)
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    if main:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        save_config(cfg, out)
+    else:  # rank 0 reports; the others would repeat every line
+        logging.getLogger("bear_ds").setLevel(logging.ERROR)
+
+    # ---- data, tokenizer, catalog (rank 0 writes what is shared; the others then read it)
+    with accelerator.main_process_first():
+        prepared = resolve_prepared(cfg, out / "data")
+        model_folder = pretrained_folder(cfg.model)
+    stats = load_stats(prepared)
+    builder = PromptBuilder(cfg.prompt, cfg.data.domain or stats.get("domain"))
+    titles = load_catalog(prepared)
+    rows = load_split(prepared, "train")
+    histories, targets = rows["history"], rows["target"]
+    with accelerator.main_process_first():
+        prompts = [builder.prompt([titles[i] for i in h]) for h in histories] if model_folder is None else []
+        tokenizer = prepare_tokenizer(cfg, out, model_folder, titles, prompts)
+    catalog = Catalog.build(titles, tokenizer, builder)
+    trie = catalog.trie.to(device)
+
+    # ---- model: created partitioned under ZeRO-3 (the accelerator registered the DS config)
+    set_seed(cfg.train.seed)
+    use_deepspeed = accelerator.state.deepspeed_plugin is not None
+    # DeepSpeed bf16 keeps fp32 master weights itself; without it, fp32 weights + Accelerate's bf16 autocast
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" and use_deepspeed else torch.float32
+    model = build_model(cfg.model, tokenizer, dtype=dtype, folder=model_folder)
+    max_length = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
+    examples = encode_training_examples(
+        histories, targets, titles, catalog, tokenizer, builder,
+        max_length=max_length, truncate_history=cfg.train.truncate_history,
+    )  # fmt: skip
+    steps_per_epoch = len(examples.lengths) // plan.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples.lengths)} training examples < train.global_batch={plan.global_batch}")
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+
+    optimizer = _optimizer(cfg, model)
+    scheduler = _schedule(cfg.train.schedule, optimizer, cfg.train.warmup_steps, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    train_log = JsonlLog(out / "train_log.jsonl", main)
+    epochs_log = JsonlLog(out / "epochs.jsonl", main)
+    step, epoch, step_in_epoch = 0, 0, 0
+    counters = {"skipped_micro_batches": 0, "left_out_per_epoch": 0}
+    if cfg.train.resume == "auto" and (ckpt := latest_checkpoint(out)) is not None:
+        state = load_checkpoint(accelerator, ckpt)
+        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        counters.update(state.get("counters", {}))
+        train_log.truncate_after(step)
+        epochs_log.truncate_after(step)
+        if main:
+            logger.info("resumed from %s: step %d, epoch %d, step %d of the epoch", ckpt, step, epoch, step_in_epoch)
+    else:
+        if latest_checkpoint(out) is not None:  # all ranks raise: never mix two runs' checkpoints
+            raise FileExistsError(
+                f"{out / 'checkpoints'} holds checkpoints of an earlier run: add train.resume=auto to continue it, "
+                "or choose another output_dir"
+            )
+        if main:  # a fresh run starts fresh logs
+            for path in (train_log.path, epochs_log.path):
+                path.unlink(missing_ok=True)
+    if main:
+        logger.info(
+            "world size %d, ZeRO stage %d, global batch %d = micro %d x accumulation %d x %d ranks; "
+            "%d examples, %d steps per epoch, %d steps; prompts truncated: %d (%d history items)",
+            world, zero_stage, plan.global_batch, plan.micro_batch, plan.accumulation, world,
+            len(examples.lengths), steps_per_epoch, total_steps, examples.truncated_examples, examples.truncated_items,
+        )  # fmt: skip
+
+    pad_id = tokenizer.pad_token_id
+    bar = ProgressBar(total_steps, step, main)
+    run_eval = _evaluator() if cfg.train.eval_every_epoch else None
+    evaluate = EpochEvaluator(run_eval, cfg, prepared, titles, builder, catalog) if run_eval is not None else None
+    if evaluate is not None and not evaluate.splits["valid"][0]:
+        if main:
+            logger.warning("%s/valid.parquet has no rows: no per-epoch evaluation or epoch selection", prepared)
+        evaluate = None
+    if main and cfg.train.eval_every_epoch and run_eval is None:
+        logger.warning(
+            "train.eval_every_epoch=true but bear_ds.evaluation has no run_beam_evaluation: no per-epoch evaluation"
+        )
+    elapsed_before = float(counters.get("elapsed_s", 0.0))
+    t_run = time.time()
+    grad_norm = None
+
+    def trainer_state() -> dict[str, Any]:
+        return {
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "world_size": world, "zero_stage": zero_stage,
+            "counters": {**counters, "elapsed_s": elapsed_before + time.time() - t_run},
+        }  # fmt: skip
+
+    while step < total_steps:
+        schedule = epoch_schedule(
+            examples.lengths, global_batch=plan.global_batch, micro_batch=plan.micro_batch,
+            seed=cfg.train.seed, epoch=epoch, length_bucket=cfg.train.length_bucket,
+        )  # fmt: skip
+        counters["left_out_per_epoch"] = schedule.left_out
+        model.train()
+        while step_in_epoch < len(schedule.steps) and step < total_steps:
+            t_step = time.time()
+            micro = schedule.steps[step_in_epoch]
+            sums: dict[str, float] = {}
+            finite_micro = 0
+            for round_index, indices in enumerate(rank_micro_batches(micro, rank, world)):
+                batch = {
+                    k: v.to(device) for k, v in collate(examples.input_ids, examples.labels, indices, pad_id).items()
+                }
+                with accelerator.accumulate(model):
+                    hidden = forward_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
+                    h, y, s = select_response(hidden, batch["labels"], trie)  # [N, H], [N], [N]
+                    with lm_head_context(model) as head:
+                        result = response_loss(h, head, y, s, trie, cfg.loss)
+                        loss = result.loss
+                        metric_keys = ["loss", *sorted(result.metrics)]  # same on every rank (same loss config)
+                        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=device)
+                        bad_any = accelerator.reduce(bad, reduction="sum")  # every rank takes the same branch
+                        if bad_any.item() > 0:
+                            where = (
+                                f"step {step + 1} (epoch {epoch}, step {step_in_epoch} of the epoch), accumulation round "
+                                f"{round_index}, examples {[int(i) for i in indices[:8]]} on rank {rank}"
+                            )
+                            if cfg.train.on_nonfinite == "stop":
+                                value = f"{loss.item()}" if bad.item() else "(on another rank)"
+                                raise NonFiniteLossError(
+                                    f"non-finite loss {value} at {where}; "
+                                    "set train.on_nonfinite=skip to drop such micro-batches"
+                                )
+                            counters["skipped_micro_batches"] += 1
+                            logger.warning("skipping a micro-batch with a non-finite loss at %s", where)
+                            # a zero that reaches every parameter, so ZeRO's gradient hooks still fire
+                            loss = h.float().sum() * 0.0 + head.weight.float().sum() * 0.0
+                        else:
+                            finite_micro += 1
+                            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                            for key, value in result.metrics.items():
+                                sums[key] = sums.get(key, 0.0) + float(value)
+                        accelerator.backward(loss)
+                    if not use_deepspeed:
+                        if accelerator.sync_gradients:
+                            grad_norm = (
+                                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                                if cfg.train.grad_clip > 0
+                                else None
+                            )
+                        optimizer.step()
+                        optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                raise RuntimeError(
+                    f"step {step + 1}: accumulation out of sync ({plan.accumulation} rounds expected per step)"
+                )
+            if use_deepspeed:  # the engine clipped and stepped inside the last backward
+                grad_norm = model.get_global_grad_norm()
+            lr_used = float(scheduler.get_last_lr()[0])
+            scheduler.step()  # a client schedule: Accelerate steps it only here (step_scheduler_with_optimizer=False)
+            step += 1
+            step_in_epoch += 1
+
+            # ---- log: means over the step's micro-batches, all ranks
+            keys = metric_keys
+            local = torch.tensor(
+                [sums.get(k, 0.0) for k in keys] + [float(finite_micro)], dtype=torch.float64, device=device
+            )
+            total = accelerator.reduce(local, reduction="sum")
+            n_finite = max(float(total[-1]), 1.0)
+            means = {k: float(total[i]) / n_finite for i, k in enumerate(keys)}
+            step_time = time.time() - t_step
+            real_tokens = int(sum(int(examples.lengths[m].sum()) for m in micro))
+            record = {
+                "step": step,
+                "epoch": epoch + step_in_epoch / len(schedule.steps),
+                "loss": means.get("loss", float("nan")),
+                **{k: v for k, v in means.items() if k != "loss"},
+                "lr": lr_used,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": real_tokens / max(step_time, 1e-9),
+                "padded_frac": padded_fraction(examples.lengths, micro),
+                "world_size": world,
+                "zero_stage": zero_stage,
+                "skipped_micro_batches": counters["skipped_micro_batches"],
+                "elapsed_s": elapsed_before + time.time() - t_run,
+            }
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                train_log.write(record)
+                if accelerator.trackers:
+                    accelerator.log(
+                        {f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step
+                    )
+            bar.update(record["loss"], record["tokens_per_s"])
+
+            epoch_done = step_in_epoch == len(schedule.steps)
+            if epoch_done:  # evaluate before the checkpoint, so a resume never skips it; a partial last epoch
+                # (train.max_steps) is not evaluated
+                _epoch_end(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, out, epoch, step)
+            if epoch_done:
+                epoch, step_in_epoch = epoch + 1, 0
+            if epoch_done or step == total_steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+                save_checkpoint(accelerator, out, step, trainer_state(), cfg.train.keep_last)
+        if step_in_epoch >= len(schedule.steps):  # resumed exactly at an epoch's end
+            epoch, step_in_epoch = epoch + 1, 0
+    bar.close()
+
+    summary = _finish(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, out, step, world, zero_stage)
+    summary["train_time_s"] = elapsed_before + time.time() - t_run
+    summary["wall_time_s"] = time.time() - t_start
+    summary["counters"] = counters
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- epochs
+def _main_decides(accelerator, flag: bool) -> bool:
+    """Rank 0's boolean, on every rank (only rank 0 reads the run's logs)."""
+    vote = torch.tensor([1.0 if (flag and accelerator.is_main_process) else 0.0], device=accelerator.device)
+    return accelerator.reduce(vote, reduction="sum").item() > 0
+
+
+def _epoch_end(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, out, epoch, step) -> None:
+    """Evaluate valid + test after an epoch; export OUT/model when the epoch is the best so far."""
+    if evaluate is None:
+        return
+    results = evaluate(accelerator, model, tokenizer, catalog)
+    valid, test = results["valid"], results["test"]
+    if accelerator.is_main_process:
+        logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
+    record = {"epoch": epoch, "step": step, "valid": valid, "test": test}
+    previous = epochs_log.read() if accelerator.is_main_process else []
+    epochs_log.write(record)
+    metric = cfg.train.select_metric
+    if metric not in valid:
+        raise KeyError(f"train.select_metric={metric!r} is not among the validation metrics {sorted(valid)}")
+    best = max((r["valid"][metric] for r in previous), default=-math.inf)
+    if _main_decides(accelerator, valid[metric] > best):
+        export_model(accelerator, model, out / "model", tokenizer=tokenizer, catalog=catalog, cfg=cfg,
+                     extra={"epoch": epoch, "step": step, "selected_by": metric})  # fmt: skip
+
+
+def _metric_text(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("hr@", "ndcg@")))
+
+
+def _finish(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, out, step, world, zero_stage) -> dict:
+    """Final export and the summary; OUT/model is the selected epoch when epochs were evaluated."""
+    summary: dict[str, Any] = {"steps": step, "world_size": world, "zero_stage": zero_stage}
+    records = epochs_log.read() if accelerator.is_main_process else []
+    if evaluate is None or not _main_decides(accelerator, (out / "model").exists()):
+        export_model(accelerator, model, out / "model", tokenizer=tokenizer, catalog=catalog, cfg=cfg,
+                     extra={"step": step, "selected_by": None})  # fmt: skip
+        summary["model"] = {"path": "model", "is": "final model (no per-epoch evaluation)"}
+    else:
+        export_model(accelerator, model, out / "model_final", tokenizer=tokenizer, catalog=catalog, cfg=cfg,
+                     extra={"step": step})  # fmt: skip
+        summary["model"] = {"path": "model", "is": "the selected epoch's model", "final": "model_final"}
+    if records:
+        metric = cfg.train.select_metric
+        best = max(records, key=lambda r: r["valid"][metric])
+        summary.update(
+            selected_epoch=best["epoch"], select_metric=metric, valid=best["valid"], test=best["test"],
+            test_max_over_epochs={
+                "protocol": "released (max over epochs of TEST metrics; for comparison only, not model selection)",
+                **{k: max(r["test"].get(k, -math.inf) for r in records) for k in best["test"]
+                   if k.startswith(("hr@", "ndcg@"))},  # fmt: skip
+            },
+        )  # fmt: skip
+    logs = JsonlLog(out / "train_log.jsonl", accelerator.is_main_process).read()
+    summary["loss"] = logs[-1]["loss"] if logs else None
+    return summary
+
+
+__all__ = ["NonFiniteLossError", "prepare_tokenizer", "train"]
