@@ -53,6 +53,11 @@ class DataConfig(_Section):
         "leave_last_out", description="ml100k: leave-last-out per user, or a global chronological 8:1:1 split"
     )
     min_rating: float = Field(0.0, ge=0.0, description="ml100k: keep interactions with rating >= this")
+    train_sample: int | None = Field(
+        None, ge=1, description="keep a seeded random sample of this many training windows (as the paper's "
+        "train_10000.csv); valid and test are untouched"
+    )
+    sample_seed: int = Field(42, description="seed of data.train_sample")
     drop_malformed: bool = Field(
         False, description="drop malformed rows (counted by reason in stats.json) instead of stopping with an error"
     )
@@ -308,9 +313,14 @@ def build_config(raw: dict[str, Any], origin: str = "overrides") -> Config:
         raise ConfigError(_format_errors(err, origin)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file (with its `defaults:` chain) <- dotted overrides, then validate."""
-    raw: dict[str, Any] = read_yaml(path) if path else {}
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, preset: list[str] | None = None
+) -> Config:
+    """Defaults <- `preset` (a command's own defaults) <- YAML file (with its `defaults:` chain)
+    <- dotted overrides, then validate."""
+    raw: dict[str, Any] = parse_overrides(preset or [])
+    if path:
+        raw = _deep_merge(raw, read_yaml(path))
     raw = _deep_merge(raw, parse_overrides(overrides or []))
     origin = f"{path} + overrides" if path else "defaults + overrides"
     return build_config(raw, origin)

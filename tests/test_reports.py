@@ -47,7 +47,7 @@ def test_report_folder_of_runs_writes_and_links_plots(tmp_path: Path) -> None:
     assert "Skipped: not a sweep folder" in text  # NDCG vs lam/xi need a sweep
     # the results table sits above the plots, one row per run, the data folder is not a run
     assert text.index("| run | HR@5") < text.index("## Plots")
-    assert "| bear | 0.1200 | 0.2400 | 0.0600 | 0.1200 | 3 | 12.5 | 60.0% |" in text
+    assert "| bear | 0.1200 | 0.2400 | 0.0600 | 0.1200 | 3 | 12.5 | 10.0 | 60.0% |" in text
     assert "| data |" not in text
 
 
@@ -114,9 +114,9 @@ def test_results_table_values_and_missing_notes(tmp_path: Path) -> None:
     write_summary(b, 0.2)  # no analysis, no config
     table = results_table({"BEAR": a, "other": b})
     lines = table.splitlines()
-    assert lines[0] == "| run | HR@5 | HR@10 | NDCG@5 | NDCG@10 | selected epoch | train time (s) | pruned share |"
-    assert lines[2] == "| BEAR | 0.1000 | 0.2000 | 0.0500 | 0.1000 | 3 | 12.5 | 83.0% |"
-    assert lines[3] == "| other | 0.2000 | 0.4000 | 0.1000 | 0.2000 | 2 | 12.5 | – |"
+    assert lines[0] == "| run | HR@5 | HR@10 | NDCG@5 | NDCG@10 | selected epoch | train time (s) | optimiser steps (s) | pruned share |"
+    assert lines[2] == "| BEAR | 0.1000 | 0.2000 | 0.0500 | 0.1000 | 3 | 12.5 | 10.0 | 83.0% |"
+    assert lines[3] == "| other | 0.2000 | 0.4000 | 0.1000 | 0.2000 | 2 | 12.5 | 10.0 | – |"
     assert any(line.startswith("- other: pruned share unknown (no analysis.json in") for line in lines)
 
 

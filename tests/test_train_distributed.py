@@ -246,6 +246,8 @@ report = {
 }
 with open(sys.argv[1] + f"/rank{accelerator.process_index}.json", "w") as f:
     json.dump(report, f)
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()  # a rank leaving while gloo still talks aborts the other
 """
 
 

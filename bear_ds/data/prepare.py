@@ -111,6 +111,7 @@ def prepare(cfg: Config) -> Path:
         return _copy_prepared(cfg, out)
     data = load_source(cfg)
     _check_ids(data)
+    _sample_train(data, cfg.data.train_sample, cfg.data.sample_seed)
     domain = cfg.data.domain or data.domain
     out.mkdir(parents=True, exist_ok=True)
     (out / "stats.json").unlink(missing_ok=True)  # the folder is incomplete until stats.json is back
@@ -124,6 +125,20 @@ def prepare(cfg: Config) -> Path:
     tmp.write_text(json.dumps(stats, indent=2) + "\n")
     os.replace(tmp, out / "stats.json")
     return out
+
+
+def _sample_train(data: SourceData, size: int | None, seed: int) -> None:
+    """Keep a seeded random sample of `size` training windows, in their original order."""
+    train = data.splits["train"]
+    if size is None or size >= train.num_rows:
+        return
+    keep = np.sort(np.random.default_rng(seed).choice(train.num_rows, size=size, replace=False))
+    data.splits["train"] = train.take(pa.array(keep))
+    data.notes.append(
+        f"train is a random sample of {size} of {train.num_rows} windows (data.train_sample, seed {seed}), "
+        "kept in their original order"
+    )
+    data.extra["train_windows_before_sample"] = train.num_rows
 
 
 def _copy_prepared(cfg: Config, out: Path) -> Path:

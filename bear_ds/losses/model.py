@@ -42,32 +42,26 @@ def unwrap_model(model: Any) -> torch.nn.Module:
     raise TypeError(f"could not unwrap {type(model).__name__}: too many nested wrappers")
 
 
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    base = getattr(model, "base_model", None)
-    if isinstance(base, torch.nn.Module) and base is not model:
-        return base  # LlamaModel / Qwen2Model / MistralModel / GPT2Model
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    if isinstance(decoder, torch.nn.Module) and decoder is not model:
-        return decoder
-    raise TypeError(
-        f"{type(model).__name__} has no base_model or decoder separate from its lm_head: "
-        "backbone_hidden_states needs a *ForCausalLM model"
-    )
-
-
 def backbone_hidden_states(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Last hidden states [B, L, H] (after the final norm), without calling the lm_head.
+    """Last hidden states [B, L, H] (after the final norm) through the model's own forward.
 
-    Works for *ForCausalLM models whose backbone is `base_model` (Llama, Qwen2, Mistral, GPT-2,
-    ...), inside PeftModels (the LoRA layers live in the backbone) and DeepSpeed engines.
+    `model` may be a plain *ForCausalLM, a PeftModel, a DDP wrapper or a DeepSpeed engine: the
+    call goes through the wrapper on purpose. The engine's forward arms the backward prologue that
+    ZeRO uses to accumulate gradients across micro-steps (calling the unwrapped backbone keeps only
+    the last micro-step's gradient when accumulation > 1), and DDP's forward arms its reducer.
+    `logits_to_keep=1` limits the output projection to one position ([B, 1, V]); the loss head
+    projects only the response positions itself.
     """
-    backbone = _backbone(unwrap_model(model))
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return out.hidden_states[-1]  # transformers records the normed final output last
 
 
 def _output_projection(model: torch.nn.Module) -> torch.nn.Module:

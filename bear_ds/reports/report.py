@@ -64,7 +64,7 @@ def _test_metrics(run: RunData, notes: list[str]) -> dict[str, Any]:
 
 def _results_table(runs: dict[str, RunData]) -> str:
     headers = ["run", *(m.upper() for m in TABLE_METRICS)]
-    headers += ["selected epoch", "train time (s)", "pruned share"]
+    headers += ["selected epoch", "train time (s)", "optimiser steps (s)", "pruned share"]
     rows: list[list[str]] = []
     notes: list[str] = []
     for name, run in runs.items():
@@ -85,7 +85,10 @@ def _results_table(runs: dict[str, RunData]) -> str:
                 name,
                 *(format_number(metrics.get(m)) if _is_number(metrics.get(m)) else "–" for m in TABLE_METRICS),
                 str(summary.get("selected_epoch", "–")),
-                format_number(summary.get("train_time_s"), 1) if _is_number(summary.get("train_time_s")) else "–",
+                *(
+                    format_number(summary.get(key), 1) if _is_number(summary.get(key)) else "–"
+                    for key in ("train_time_s", "optim_time_s")
+                ),
                 _percent(pruned),
             ]
         )

@@ -385,6 +385,7 @@ def collect_points(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]
                 for metric, value in _metrics_of(summary.get(split)).items():
                     row[f"{split}.{metric}"] = value
             row["train_time_s"] = summary.get("train_time_s")
+            row["optim_time_s"] = summary.get("optim_time_s")
             row["steps"] = summary.get("steps")
             missing = [k for k in ("selected_epoch", "test", "train_time_s") if k not in summary]
             if missing:
@@ -400,7 +401,7 @@ def collect_points(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]
         key=lambda c: (c.split(".")[0] != "valid", _metric_sort_key(c.split(".", 1)[1])),
     )
     head = ["point", "status", *param_keys]
-    tail = [c for c in ("selected_epoch", "select_metric", "train_time_s", "steps") if c in df.columns]
+    tail = [c for c in ("selected_epoch", "select_metric", "train_time_s", "optim_time_s", "steps") if c in df.columns]
     return df[head + tail + metric_cols], grid_keys, notes
 
 
@@ -414,7 +415,7 @@ def group_over_seeds(points: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame
     keys = group_keys_of(grid_keys)
     done = points[points["status"] == "done"]
     value_cols = [
-        c for c in points.columns if c.startswith(("valid.", "test.")) or c in ("train_time_s", "selected_epoch")
+        c for c in points.columns if c.startswith(("valid.", "test.")) or c in ("train_time_s", "optim_time_s", "selected_epoch")
     ]
     if done.empty:
         return pd.DataFrame(columns=[*keys, "n"])
@@ -462,14 +463,14 @@ def grouped_markdown(grouped: pd.DataFrame, grid_keys: list[str], select_metric:
     keys = group_keys_of(grid_keys)
     metrics = [c[: -len(" mean")] for c in grouped.columns if c.endswith(" mean")]
     shown = [m for m in metrics if m.startswith("test.")] + [m for m in metrics if m == f"valid.{select_metric}"]
-    shown += [m for m in ("selected_epoch", "train_time_s") if m in metrics]
-    headers = [*keys, "n", *(f"{m} (s)" if m == "train_time_s" else m for m in shown)]
+    shown += [m for m in ("selected_epoch", "train_time_s", "optim_time_s") if m in metrics]
+    headers = [*keys, "n", *(f"{m} (s)" if m.endswith("_time_s") else m for m in shown)]
     rows = []
     for _, r in grouped.iterrows():
         row = [format_param(r[k]) for k in keys]
         row.append(str(int(r["n"])))
         for m in shown:
-            digits = 1 if m in ("train_time_s", "selected_epoch") else 4
+            digits = 1 if m in ("train_time_s", "optim_time_s", "selected_epoch") else 4
             row.append(format_mean_std(r[f"{m} mean"], r[f"{m} std"], digits))
         rows.append(row)
     return markdown_table(headers, rows)

@@ -102,7 +102,7 @@ class EpochEvaluator:
 
         self.run, self.cfg = run, cfg
         self.splits: dict[str, tuple[list[str], list[int | None]]] = {}
-        for split, cap in (("valid", cfg.train.eval_max_users), ("test", None)):
+        for split, cap in (("valid", cfg.train.eval_max_users), ("test", cfg.eval.max_users)):
             rows = load_split(prepared, split)
             if cap is not None:
                 rows = rows.select(range(min(cap, len(rows))))
@@ -123,21 +123,6 @@ class EpochEvaluator:
         return results
 
 
-def forward_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [B, L, H] (after the final norm) through the prepared model's own forward.
-
-    The call must go through the DeepSpeed engine / DDP wrapper: the engine's forward registers the
-    backward prologue that ZeRO uses to accumulate gradients across micro-steps (calling the
-    unwrapped backbone loses every micro-step's gradient but the last when accumulation > 1), and
-    DDP's forward arms its reducer. `logits_to_keep=1` keeps the output projection to one position
-    ([B, 1, V]); the loss head projects only the response positions itself.
-    """
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1, use_cache=False
-    )
-    return out.hidden_states[-1]  # [B, L, H]: transformers records the normed final output last
-
-
 # ---------------------------------------------------------------------------------------- train
 def train(cfg: Config) -> dict[str, Any]:
     """Train per `cfg` (single process or under accelerate / torchrun / deepspeed); return the summary."""
@@ -145,7 +130,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     from bear_ds.catalog import Catalog
     from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
-    from bear_ds.losses import lm_head_context, response_loss, select_response
+    from bear_ds.losses import backbone_hidden_states, lm_head_context, response_loss, select_response
     from bear_ds.models import build_model, pretrained_folder
 
     t_start = time.time()
@@ -264,7 +249,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     k: v.to(device) for k, v in collate(examples.input_ids, examples.labels, indices, pad_id).items()
                 }
                 with accelerator.accumulate(model):
-                    hidden = forward_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
+                    hidden = backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
                     h, y, s = select_response(hidden, batch["labels"], trie)  # [N, H], [N], [N]
                     with lm_head_context(model) as head:
                         result = response_loss(h, head, y, s, trie, cfg.loss)
@@ -322,6 +307,8 @@ def train(cfg: Config) -> dict[str, Any]:
             n_finite = max(float(total[-1]), 1.0)
             means = {k: float(total[i]) / n_finite for i, k in enumerate(keys)}
             step_time = time.time() - t_step
+            # optimisation time alone (no evaluation, checkpoint or export): what BEAR/MSL cost ratios use
+            counters["optim_time_s"] = counters.get("optim_time_s", 0.0) + step_time
             real_tokens = int(sum(int(examples.lengths[m].sum()) for m in micro))
             record = {
                 "step": step,
@@ -330,6 +317,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 **{k: v for k, v in means.items() if k != "loss"},
                 "lr": lr_used,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "step_time_s": step_time,
                 "tokens_per_s": real_tokens / max(step_time, 1e-9),
                 "padded_frac": padded_fraction(examples.lengths, micro),
                 "world_size": world,
@@ -358,13 +346,17 @@ def train(cfg: Config) -> dict[str, Any]:
     bar.close()
 
     summary = _finish(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, out, step, world, zero_stage)
-    summary["train_time_s"] = elapsed_before + time.time() - t_run
+    summary["train_time_s"] = elapsed_before + time.time() - t_run  # including per-epoch evaluation
+    summary["optim_time_s"] = counters.get("optim_time_s", 0.0)  # optimiser steps only
     summary["wall_time_s"] = time.time() - t_start
     summary["counters"] = counters
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # leave together: a rank exiting while gloo still talks to it aborts the other ("terminate called")
+        torch.distributed.destroy_process_group()
     return summary
 
 
