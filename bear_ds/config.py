@@ -147,6 +147,12 @@ class TrainConfig(_Section):
     eval_every_epoch: bool = Field(True, description="evaluate on valid after each epoch, select the best epoch")
     eval_max_users: int | None = Field(None, ge=1, description="cap of valid users evaluated per epoch")
     select_metric: str = Field("ndcg@10", description="validation metric that selects the epoch")
+    eval_test: Literal["every_epoch", "on_improvement"] = Field(
+        "every_epoch",
+        description="every_epoch: decode test after each epoch (also gives the release's max-over-epochs "
+        "figure); on_improvement: only after epochs that improve the validation metric, which still yields "
+        "test at the selected epoch at a fraction of the cost",
+    )
     pg_timeout_s: int = Field(600, ge=5, description="process-group timeout in seconds")
     ds_config: str | None = Field(
         None,
@@ -271,6 +277,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
         node = tree
         parts = key.split(".")
+        if parts[:2] in (["sweep", "grid"], ["sweep", "only_when"]) and len(parts) > 3:
+            parts = [*parts[:2], ".".join(parts[2:])]  # grid keys are dotted config keys themselves
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
@@ -282,7 +290,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "grid":
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v

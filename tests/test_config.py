@@ -107,3 +107,8 @@ def test_cli_lists_subcommands(capsys):
 def test_cli_config_error_exit_code(capsys):
     assert main(["prepare", "data.sorce=bear_csv"]) == 2
     assert "data.sorce" in capsys.readouterr().err
+
+
+def test_sweep_grid_keys_are_dotted_keys_themselves():
+    cfg = load_config(None, ["sweep.grid.train.seed=[1,2,3]", "sweep.grid.loss.name=[lml,bear]"])
+    assert cfg.sweep.grid == {"train.seed": [1, 2, 3], "loss.name": ["lml", "bear"]}

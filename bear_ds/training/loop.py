@@ -109,9 +109,12 @@ class EpochEvaluator:
             prompts = [builder.prompt([titles[i] for i in h]) for h in rows["history"]]
             self.splits[split] = (prompts, [catalog.group_of_item(t) for t in rows["target"]])
 
-    def __call__(self, accelerator, model, tokenizer, catalog) -> dict[str, dict[str, Any]]:
+    def __call__(
+        self, accelerator, model, tokenizer, catalog, splits: tuple[str, ...] = ("valid", "test")
+    ) -> dict[str, dict[str, Any]]:
         results = {}
-        for split, (prompts, groups) in self.splits.items():
+        for split in splits:
+            prompts, groups = self.splits[split]
             if not prompts:  # an empty test split: nothing to report
                 results[split] = {}
                 continue
@@ -371,18 +374,23 @@ def _epoch_end(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log
     """Evaluate valid + test after an epoch; export OUT/model when the epoch is the best so far."""
     if evaluate is None:
         return
-    results = evaluate(accelerator, model, tokenizer, catalog)
-    valid, test = results["valid"], results["test"]
-    if accelerator.is_main_process:
-        logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
-    record = {"epoch": epoch, "step": step, "valid": valid, "test": test}
-    previous = epochs_log.read() if accelerator.is_main_process else []
-    epochs_log.write(record)
+    every_epoch = cfg.train.eval_test == "every_epoch"
+    results = evaluate(accelerator, model, tokenizer, catalog, splits=("valid", "test") if every_epoch else ("valid",))
+    valid = results["valid"]
     metric = cfg.train.select_metric
     if metric not in valid:
         raise KeyError(f"train.select_metric={metric!r} is not among the validation metrics {sorted(valid)}")
+    previous = epochs_log.read() if accelerator.is_main_process else []
     best = max((r["valid"][metric] for r in previous), default=-math.inf)
-    if _main_decides(accelerator, valid[metric] > best):
+    improved = _main_decides(accelerator, valid[metric] > best)
+    if not every_epoch and improved:  # the model in memory is the best so far: its test is the one reported
+        results.update(evaluate(accelerator, model, tokenizer, catalog, splits=("test",)))
+    test = results.get("test", {})
+    if accelerator.is_main_process:
+        logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
+    record = {"epoch": epoch, "step": step, "valid": valid, "test": test}
+    epochs_log.write(record)
+    if improved:
         export_model(accelerator, model, out / "model", tokenizer=tokenizer, catalog=catalog, cfg=cfg,
                      extra={"epoch": epoch, "step": step, "selected_by": metric})  # fmt: skip
 
@@ -408,12 +416,13 @@ def _finish(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, o
         best = max(records, key=lambda r: r["valid"][metric])
         summary.update(
             selected_epoch=best["epoch"], select_metric=metric, valid=best["valid"], test=best["test"],
-            test_max_over_epochs={
+        )  # fmt: skip
+        if cfg.train.eval_test == "every_epoch":
+            summary["test_max_over_epochs"] = {
                 "protocol": "released (max over epochs of TEST metrics; for comparison only, not model selection)",
                 **{k: max(r["test"].get(k, -math.inf) for r in records) for k in best["test"]
                    if k.startswith(("hr@", "ndcg@"))},  # fmt: skip
-            },
-        )  # fmt: skip
+            }
     logs = JsonlLog(out / "train_log.jsonl", accelerator.is_main_process).read()
     summary["loss"] = logs[-1]["loss"] if logs else None
     return summary
