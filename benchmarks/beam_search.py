@@ -108,10 +108,19 @@ def _ours(model, catalog, ids, attn, args):
     res = constrained_beam_search(
         model, ids, attn, catalog.trie, num_beams=args.num_beams, eos_token_id=catalog.eos_token_id, mask="after"
     )
+    args.decode_steps += int(res.steps.max())
     return [
         [(a, b) for a, b in zip(g, sc, strict=False) if a >= 0]
         for g, sc in zip(res.groups.tolist(), res.scores.tolist(), strict=False)
     ]
+
+
+def _prefill(model, ids, attn):
+    """The prefill of `constrained_beam_search` alone (to report its share of the time)."""
+    from bear_ds.generation.beam import _prefill
+
+    with torch.no_grad():
+        _prefill(model, ids, attn, share_prefix=True)
 
 
 def _dict_trie(catalog):
@@ -228,6 +237,9 @@ def main() -> None:
     p.add_argument("--users", type=int, default=64)
     p.add_argument("--num-beams", type=int, default=10)
     p.add_argument("--batch-users", type=int, default=16)
+    p.add_argument(
+        "--curve", type=int, nargs="*", default=[], help="also time ours alone at these batch sizes (users/CPU-s)"
+    )
     p.add_argument("--vocab-size", type=int, default=2000)
     p.add_argument("--train-steps", type=int, default=60, help="LML steps before decoding (0: random model)")
     p.add_argument("--world-size", type=int, default=1, help="2: also compare `bear-ds evaluate` on 1 vs 2 processes")
@@ -243,11 +255,14 @@ def main() -> None:
     )
     trie = _dict_trie(catalog)
     batches = list(_batches(prompt_ids, pad, args.batch_users))
+    args.decode_steps = 0
     _ours(model, catalog, *batches[0], args)  # warm-up
-    ours, ref, clock_ours, clock_hf = [], [], [0.0, 0.0], [0.0, 0.0]
+    args.decode_steps = 0
+    ours, ref, clock_ours, clock_hf, clock_prefill = [], [], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
     for ids, attn in batches:  # interleaved, so that load from other processes hits both alike
         ours += _timed(lambda ids=ids, attn=attn: _ours(model, catalog, ids, attn, args), clock_ours)
         ref += _timed(lambda ids=ids, attn=attn: _hf(model, catalog, trie, ids, attn, pad, args), clock_hf)
+        _timed(lambda ids=ids, attn=attn: _prefill(model, ids, attn), clock_prefill)
     same, same_set, overlap, max_diff = _agreement(ours, ref)
     n = len(prompt_ids)
     print()
@@ -259,10 +274,25 @@ def main() -> None:
     ):
         print(f"| {name} | {wall:.2f} | {n / wall:.2f} | {cpu:.2f} | {n / cpu:.2f} | {clock_hf[1] / cpu:.2f}x |")
     print()
+    prefill_share = clock_prefill[1] / clock_ours[1]
+    per_step_ms = 1000 * (clock_ours[1] - clock_prefill[1]) / max(args.decode_steps, 1)
+    print(
+        f"ours: prefill {100 * prefill_share:.0f}% of CPU time; decoding {args.decode_steps} steps over "
+        f"{len(batches)} batches, {per_step_ms:.1f} ms CPU per step ({args.batch_users} users x {args.num_beams} beams)"
+    )
     print(
         f"agreement of top-{args.num_beams} lists: identical order {same}/{n}, same set {same_set}/{n}, "
         f"mean overlap {overlap:.4f}, max |score diff| on matching items {max_diff:.2e}"
     )
+    if args.curve:
+        print()
+        print("| users per batch | users per CPU-s (ours) |")
+        print("|---|---|")
+        for size in args.curve:
+            clock = [0.0, 0.0]
+            for ids, attn in _batches(prompt_ids, pad, size):
+                _timed(lambda ids=ids, attn=attn: _ours(model, catalog, ids, attn, args), clock)
+            print(f"| {size} | {n / clock[1]:.2f} |")
     if args.world_size > 1:
         m1, p1 = _evaluate_cli(args, folder, 1)
         m2, p2 = _evaluate_cli(args, folder, args.world_size)

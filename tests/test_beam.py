@@ -172,3 +172,65 @@ def test_generic_cache_path_gives_the_same_result(monkeypatch):
     generic = constrained_beam_search(model, ids, attn, trie, num_beams=4, eos_token_id=EOS)
     assert fast.groups.tolist() == generic.groups.tolist()
     assert torch.allclose(fast.scores, generic.scores, atol=1e-5)
+
+
+def test_shared_prefix_attention_is_used_and_unsupported_models_fall_back(monkeypatch):
+    # the prompt is stored once per user and attended by all its beams through the registered
+    # attention function; a model that does not use the attention interface gets the generic path
+    from transformers import AttentionInterface
+
+    import bear_ds.generation.beam as beam_module
+
+    model = tiny_llama(VOCAB, seed=9)
+    titles = random_titles(50, VOCAB, seed=9, alphabet=7)
+    trie = trie_of(titles, VOCAB)
+    ids, attn = random_prompts(4, VOCAB, seed=9)
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return beam_module.shared_prefix_attention(module, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, beam_module.SHARED_PREFIX_ATTENTION, counting)
+    shared = constrained_beam_search(model, ids, attn, trie, num_beams=4, eos_token_id=EOS)
+    assert len(calls) == 2 * (int(shared.steps.max()) - 1)  # two layers, every decoding forward after prefill
+    assert model.config._attn_implementation != beam_module.SHARED_PREFIX_ATTENTION  # restored
+    monkeypatch.setattr(type(model), "_supports_attention_backend", False)
+    generic = constrained_beam_search(model, ids, attn, trie, num_beams=4, eos_token_id=EOS)
+    assert len(calls) == 2 * (int(shared.steps.max()) - 1)
+    assert shared.groups.tolist() == generic.groups.tolist()
+    assert torch.allclose(shared.scores, generic.scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["after", "before"])
+def test_prompts_with_a_common_prefix_match_transformers(mask):
+    # prompts from one template share their first tokens: encoded once, then each prompt's rest
+    from bear_ds.generation.beam import MIN_SHARED_PROMPT_PREFIX, common_prefix_length
+
+    model = tiny_llama(VOCAB, seed=10)
+    titles = random_titles(60, VOCAB, seed=10, alphabet=9)
+    trie = trie_of(titles, VOCAB)
+    g = torch.Generator().manual_seed(10)
+    template = torch.randint(4, VOCAB, (MIN_SHARED_PROMPT_PREFIX + 4,), generator=g).tolist()
+    rests = [[100 + u] + torch.randint(4, VOCAB, (n,), generator=g).tolist() for u, n in enumerate([0, 6, 2, 9, 4])]
+    prompts = [template + rest for rest in rests]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    assert common_prefix_length(ids, attn) == len(template)
+    assert common_prefix_length(ids[:1], attn[:1]) == len(prompts[0]) - 1  # kept below the shortest prompt
+    ours = constrained_beam_search(model, ids, attn, trie, num_beams=5, eos_token_id=EOS, mask=mask)
+    ref = hf_constrained_beam(model, ids, attn, titles, num_beams=5, mask=mask)
+    for u in range(len(prompts)):
+        _assert_same_lists(_ours(ours, u), ref[u])
+        alone = constrained_beam_search(
+            model,
+            torch.tensor([prompts[u]]),
+            torch.ones(1, len(prompts[u]), dtype=torch.long),
+            trie,
+            num_beams=5,
+            eos_token_id=EOS,
+            mask=mask,
+        )
+        assert alone.groups[0].tolist() == ours.groups[u].tolist()
+        assert torch.allclose(alone.scores[0], ours.scores[u], atol=1e-5)

@@ -99,3 +99,51 @@ def test_analyze_end_to_end(tmp_path):
     assert saved["targets_not_in_catalog"] == 1  # user U3's target is not in the catalog
     assert all(len(r["exhaustive_top"]) == 3 for r in rows)
     assert saved["mask"] == "after"
+
+
+@torch.no_grad()
+def test_trie_scoring_matches_full_forward_in_both_masks():
+    # every title's per-token log p and sibling rank, from the trie walk with the shared prompt
+    # cache, equal those of one plain forward over prompt + title
+    from bear_ds.generation.beam import next_token_log_probs
+
+    model = tiny_llama(VOCAB, seed=3, logit_scale=4.0)
+    titles = random_titles(30, VOCAB, seed=3, alphabet=4, max_len=6)
+    trie = trie_of(titles, VOCAB)
+    targets = CatalogTargets.build(titles, trie)
+    prompt = [7, 70, 700, 1700, 17]
+    for mask in ("after", "before"):
+        scores = exhaustive_scores(model, prompt, targets, trie, mask=mask, batch_items=4)
+        for g in (0, 7, 15, 29):
+            t = titles[g]
+            logits = model(input_ids=torch.tensor([prompt + t[:-1]])).logits[0, len(prompt) - 1 :]  # [T, V]
+            states = targets.states[g, : len(t)]
+            logp = next_token_log_probs(logits, states, trie, mask).gather(1, torch.tensor(t)[:, None])[:, 0]
+            assert torch.allclose(scores.token_logp[g, : len(t)], logp, atol=1e-4)
+            assert abs(float(scores.total_logp[g]) - float(logp.sum())) < 1e-4
+            for k, tok in enumerate(t):
+                rows, toks = trie.allowed_pairs(states[k : k + 1])
+                expected_rank = int((logits[k, toks] > logits[k, tok]).sum())
+                assert int(scores.token_rank[g, k]) == expected_rank
+            assert bool((scores.token_rank[g, len(t) :] == -1).all())
+
+
+@torch.no_grad()
+def test_trie_scoring_equals_teacher_forcing_fallback(monkeypatch):
+    # models without the shared-prefix cache teacher-force every title on prompt-cache copies
+    import bear_ds.evaluation.analysis as analysis_module
+
+    model = tiny_llama(VOCAB, seed=4, logit_scale=6.0)
+    titles = random_titles(40, VOCAB, seed=4, alphabet=5, max_len=7)
+    trie = trie_of(titles, VOCAB)
+    targets = CatalogTargets.build(titles, trie)
+    prompt = [11, 12, 1300, 14]
+    for mask in ("after", "before"):
+        walked = [exhaustive_scores(model, prompt, targets, trie, mask=mask, batch_items=b) for b in (1, 3, 256)]
+        with monkeypatch.context() as patch:
+            patch.setattr(analysis_module, "shared_prefix_cache", lambda *args: None)
+            forced = exhaustive_scores(model, prompt, targets, trie, mask=mask, batch_items=5)
+        for scores in walked:
+            assert torch.allclose(scores.token_logp, forced.token_logp, atol=1e-4)
+            assert torch.equal(scores.token_rank, forced.token_rank)
+            assert torch.equal(scores.lengths, forced.lengths)

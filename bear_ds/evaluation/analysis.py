@@ -1,8 +1,10 @@
 """Exhaustive ranking of the whole catalog and the beam-search pruning analysis (`bear-ds analyze`).
 
 For each user the exact log-probability of every catalog group is computed: the prompt is encoded
-once, then all titles are teacher-forced in batches that reuse the prompt's KV cache. This gives the
-true top-K by total probability, against which beam search (width B) is compared:
+once, then the trie is walked level by level, each trie node getting one forward row (its next-token
+distribution is shared by every title through it) that attends to the prompt's cache, stored once,
+and to its own ancestors. This gives the true top-K by total probability, against which beam search
+(width B) is compared:
 
 - the target's global rank (by total log-probability, ties counted in the target's favour);
 - whether beam search returns it;
@@ -30,7 +32,14 @@ import torch
 
 from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.evaluation.metrics import rank_metrics
-from bear_ds.generation.beam import BeamResult, constrained_beam_search
+from bear_ds.generation.beam import (
+    BeamResult,
+    check_shared_prefix_used,
+    constrained_beam_search,
+    decoding_with_shared_prefix,
+    last_logits_only,
+    shared_prefix_cache,
+)
 from bear_ds.trie import TokenTrie
 
 logger = logging.getLogger(__name__)
@@ -106,19 +115,147 @@ def exhaustive_scores(
     mask: str = "after",
     batch_items: int = 256,
 ) -> ExhaustiveScores:
-    """Exact log p of every group's response given one prompt (teacher forcing, prompt cache reused)."""
+    """Exact log p of every group's response given one prompt.
+
+    The prompt is encoded once; then each trie node with children is one forward row (at most
+    `batch_items` rows per forward), level by level, attending to the shared prompt cache and to its
+    ancestors' keys; the per-edge log p and sibling rank are read from its logits.
+    """
     if len(prompt_ids) == 0:
         raise ValueError("empty prompt")
+    if mask not in ("after", "before"):
+        raise ValueError(f"mask must be 'after' or 'before', got {mask!r}")
     device = next(model.parameters()).device
     targets = targets.to(device)
     trie = trie.to(device) if trie.device != device else trie
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device)  # [1, Lp]
-    out = model(input_ids=prompt, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True, **last_logits_only(model))
     prompt_cache = out.past_key_values
     first_logits = out.logits[:, -1, :]  # [1, V] predicts the first response token
     del out
-    num_groups, width = targets.tokens.shape
     plen = prompt.shape[1]
+    cache = shared_prefix_cache(prompt_cache, torch.ones_like(prompt), model)
+    if cache is None:
+        return _teacher_forced_scores(
+            model, prompt_cache, first_logits, plen, targets, trie, mask=mask, batch_items=batch_items
+        )
+    num_edges = trie.edge_key.numel()
+    edge_logp = torch.zeros(num_edges, device=device)
+    edge_rank = torch.zeros(num_edges, dtype=torch.int64, device=device)
+    _edge_stats(first_logits, torch.zeros(1, dtype=torch.int64, device=device), trie, mask, edge_logp, edge_rank)
+    # one level: the nodes with children at depth d ([n]), their parents' rows and generated keys
+    level_nodes = torch.zeros(1, dtype=torch.int64, device=device)
+    level_keys = [(layer.keys, layer.values) for layer in cache.layers]  # per layer [n, Hkv, d, D]
+    for depth in range(trie.max_depth - 1):
+        edges = _edges_of(level_nodes, trie)  # [E_d] the edges leaving this level, parents in order
+        parent_row = torch.repeat_interleave(
+            torch.arange(level_nodes.numel(), device=device), trie.num_children(level_nodes)
+        )
+        child = trie.edge_child[edges]
+        has_children = trie.num_children(child) > 0
+        edges, parent_row, child = edges[has_children], parent_row[has_children], child[has_children]
+        if child.numel() == 0:
+            break
+        next_keys: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for start in range(0, child.numel(), batch_items):
+            rows = slice(start, start + batch_items)
+            for i, layer in enumerate(cache.layers):
+                layer.keys, layer.values = level_keys[i]
+                layer.pending_rows = parent_row[rows]
+            n = parent_row[rows].numel()
+            with decoding_with_shared_prefix(model):
+                logits = model(
+                    input_ids=trie.edge_token[edges[rows]][:, None],  # [n, 1]
+                    position_ids=torch.full((n, 1), plen + depth, dtype=torch.int64, device=device),
+                    past_key_values=cache,
+                    shared_prefix_cache=cache,
+                    use_cache=True,
+                ).logits[:, -1, :]  # [n, V]
+            check_shared_prefix_used(cache, model)
+            next_keys.append([(layer.keys, layer.values) for layer in cache.layers])
+            _edge_stats(logits, child[rows], trie, mask, edge_logp, edge_rank)
+        level_keys = (
+            next_keys[0]
+            if len(next_keys) == 1
+            else [
+                (torch.cat([part[i][0] for part in next_keys]), torch.cat([part[i][1] for part in next_keys]))
+                for i in range(len(cache.layers))
+            ]
+        )
+        level_nodes = child
+    valid = targets.tokens != IGNORE_INDEX  # [G, T]
+    key = targets.states.clamp(min=0) * trie.vocab_size + targets.tokens.clamp(min=0)
+    edge = torch.searchsorted(trie.edge_key, key).clamp(max=num_edges - 1)  # [G, T] the edge of each token
+    token_logp = torch.where(valid, edge_logp[edge], torch.zeros_like(edge_logp[edge]))
+    token_rank = torch.where(valid, edge_rank[edge], torch.full_like(edge, -1))
+    return ExhaustiveScores(
+        token_logp=token_logp.cpu(),
+        token_rank=token_rank.cpu(),
+        total_logp=token_logp.sum(dim=1).cpu(),
+        lengths=targets.lengths.cpu(),
+    )
+
+
+def _edges_of(nodes: torch.Tensor, trie: TokenTrie) -> torch.Tensor:
+    """Edge ids leaving `nodes` [n], grouped by node in order (CSR ranges concatenated) -> [E]."""
+    counts = trie.num_children(nodes)
+    first = trie.child_start[nodes.clamp(min=0)]
+    offsets = torch.cumsum(counts, 0) - counts
+    row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)
+    return first[row] + torch.arange(row.numel(), device=nodes.device) - offsets[row]
+
+
+def _edge_stats(
+    logits: torch.Tensor,
+    nodes: torch.Tensor,
+    trie: TokenTrie,
+    mask: str,
+    edge_logp: torch.Tensor,
+    edge_rank: torch.Tensor,
+) -> None:
+    """Fill `edge_logp` / `edge_rank` [E] for the edges leaving `nodes` [n], given their logits [n, V]:
+    log p of the edge token (per mask mode) and its rank among the node's children (strictly greater)."""
+    logits = logits.float()
+    counts = trie.num_children(nodes)
+    row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)  # [P]
+    edges = _edges_of(nodes, trie)  # [P]
+    vals = logits[row, trie.edge_token[edges]]  # [P]
+    if mask == "after":
+        lse = torch.logsumexp(logits, dim=-1)  # [n]
+    else:
+        row_max = torch.full_like(logits[:, 0], float("-inf")).scatter_reduce(0, row, vals, reduce="amax")
+        sum_exp = torch.zeros_like(row_max).index_add_(0, row, torch.exp(vals - row_max[row]))
+        lse = row_max + torch.log(sum_exp)
+    edge_logp[edges] = vals - lse[row]
+    # rank: sort each node's children by value (descending); a child's rank is where its run of
+    # equal values starts, relative to the node's first position
+    order = torch.argsort(vals, descending=True, stable=True)
+    order = order[torch.argsort(row[order], stable=True)]  # grouped by node, descending within
+    sorted_vals, sorted_row = vals[order], row[order]
+    pos = torch.arange(order.numel(), device=vals.device)
+    new_run = torch.ones_like(pos, dtype=torch.bool)
+    new_run[1:] = (sorted_vals[1:] != sorted_vals[:-1]) | (sorted_row[1:] != sorted_row[:-1])
+    run_start = torch.cummax(torch.where(new_run, pos, torch.zeros_like(pos)), 0).values
+    node_start = torch.cumsum(counts, 0) - counts
+    edge_rank[edges[order]] = run_start - node_start[sorted_row]
+
+
+@torch.no_grad()
+def _teacher_forced_scores(
+    model: torch.nn.Module,
+    prompt_cache,
+    first_logits: torch.Tensor,
+    plen: int,
+    targets: CatalogTargets,
+    trie: TokenTrie,
+    *,
+    mask: str = "after",
+    batch_items: int = 256,
+) -> ExhaustiveScores:
+    """`exhaustive_scores` for models without the shared-prefix cache: every title teacher-forced
+    on a copy of the prompt cache, `batch_items` titles per forward."""
+    device = first_logits.device
+    num_groups, width = targets.tokens.shape
     token_logp = torch.zeros(num_groups, width, device=device)
     token_rank = torch.full((num_groups, width), -1, dtype=torch.int64, device=device)
     for start in range(0, num_groups, batch_items):

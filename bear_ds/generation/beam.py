@@ -18,6 +18,11 @@ here they are dead beams scored -inf, so results differ only in those padding en
 reported as group -1.
 
 Only the decoding-step loop is Python; users done early are dropped from the batch (and the cache).
+Where the model uses the Hugging Face attention interface and a plain DynamicCache, a user's prompt
+keys/values are stored once, not per beam, and all its beams attend to them in one matrix product
+(`SharedPrefixLayer`, `shared_prefix_attention`); the prefix common to all prompts of a batch (the
+template's instruction) is encoded once (`_prefill`); the prefill applies the output layer to the
+last position only. Otherwise the cache's own `reorder_cache` copies the prompt per beam.
 With `synced=True` (ZeRO-3 partitioned weights) every rank runs the same number of forwards: a
 "still working" flag is all-reduced each step and finished ranks run dummy forwards.
 """
@@ -224,6 +229,59 @@ def last_logits_only(model: torch.nn.Module) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
 
+MIN_SHARED_PROMPT_PREFIX = 16  # tokens; below this, encoding the common prefix once is not worth a forward
+
+
+def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Length of the longest token prefix shared by all left-padded prompts, kept shorter than the
+    shortest prompt (so every prompt has a token after it)."""
+    lengths = attention_mask.long().sum(-1)  # [U]
+    width, shortest = input_ids.shape[1], int(lengths.min())
+    starts = width - lengths  # [U] first real column
+    cols = torch.arange(shortest - 1, device=input_ids.device)
+    aligned = input_ids.gather(1, starts[:, None] + cols[None, :])  # [U, shortest-1] prompts left-aligned
+    differs = (aligned != aligned[:1]).any(dim=0)  # [shortest-1]
+    return int(differs.nonzero()[0, 0]) if bool(differs.any()) else shortest - 1
+
+
+def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, share_prefix: bool):
+    """Encode U left-padded prompts: -> (last-position logits [U, V], cache, cache attention mask).
+
+    Prompts built from one template share a prefix (the instruction); it is encoded once and its
+    keys/values copied to every user, then the rest of each prompt is encoded on top of it. Exact:
+    prefix tokens attend only to the prefix and have the same positions in every prompt. The
+    returned mask [U, L] marks real cache positions (padding then sits between prefix and rest).
+    `share_prefix=False` (synced ranks, which must run equally many forwards): one forward.
+    """
+    shared = common_prefix_length(input_ids, attention_mask) if share_prefix and input_ids.shape[0] > 1 else 0
+    if shared < MIN_SHARED_PROMPT_PREFIX:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=_left_pad_positions(attention_mask),
+            use_cache=True,
+            **last_logits_only(model),
+        )
+        return out.logits[:, -1, :], out.past_key_values, attention_mask
+    num_users, width = input_ids.shape
+    first = int((attention_mask[0] == 0).sum())  # row 0's first real column
+    prefix = input_ids[:1, first : first + shared]  # [1, c]
+    cache = model(input_ids=prefix, use_cache=True, **last_logits_only(model)).past_key_values
+    cache.reorder_cache(torch.zeros(num_users, dtype=torch.int64, device=input_ids.device))  # [U] copies
+    rest_mask = attention_mask[:, : width - shared]  # [U, L-c]: row u's pads, then its tokens after the prefix
+    rest_ids = input_ids[:, shared:].masked_fill(rest_mask == 0, 0)  # row u's tokens after the prefix
+    cache_mask = torch.cat([attention_mask.new_ones(num_users, shared), rest_mask], dim=1)  # [U, L]
+    out = model(
+        input_ids=rest_ids,
+        attention_mask=cache_mask,
+        position_ids=shared + _left_pad_positions(rest_mask),
+        past_key_values=cache,
+        use_cache=True,
+        **last_logits_only(model),
+    )
+    return out.logits[:, -1, :], out.past_key_values, cache_mask
+
+
 def _left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     # position ids as HF computes them for left padding: real tokens count 0.., pads get 1 (masked anyway)
     pos = attention_mask.long().cumsum(-1) - 1
@@ -307,17 +365,8 @@ def constrained_beam_search(
                 _dummy_forward(model, device)
         return BeamResult(fin_groups, fin_scores, steps_run, trace)
 
-    # prefill: each prompt encoded once; beams are created from its cache after the first step
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=_left_pad_positions(attention_mask),
-        use_cache=True,
-        **last_logits_only(model),
-    )
-    logits = out.logits[:, -1, :]  # [U, V]
-    cache = out.past_key_values
-    del out
+    # prefill: each prompt encoded once (beams are created from its cache after the first step)
+    logits, cache, attention_mask = _prefill(model, input_ids, attention_mask, share_prefix=not synced)
     vocab = logits.shape[-1]
     if vocab < trie.vocab_size:
         raise ValueError(f"model vocabulary {vocab} is smaller than the trie vocabulary {trie.vocab_size}")
