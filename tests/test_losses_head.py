@@ -227,3 +227,17 @@ def test_peft_lora_model_and_logit_softcap_from_config():
     out.loss.backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_grads and all(g is not None and float(g.abs().sum()) > 0 for g in lora_grads)
+
+
+def test_pruning_risk_is_measured_alike_for_every_loss():
+    # LML's loss is unmasked, but its diagnostic ranks the gold token among the trie-valid tokens,
+    # over positions with a choice, exactly as for MSL and BEAR: the three curves are comparable.
+    trie, targets, states = response_batch(12)
+    hidden, weight = torch.randn(len(targets), H), torch.randn(V, H)
+    logits = hidden @ weight.T
+    _, d = bear_loss(logits, targets, trie.allowed_mask(states, V), beam_width=2, return_details=True)
+    expected = float(d.outside_topb[d.counted].float().mean())
+    assert 0.0 < expected < 1.0
+    for name in ("lml", "msl", "bear"):
+        out = response_loss(hidden, weight, targets, states, trie, LossConfig(name=name, beam_width=2, chunk_size=5))
+        assert out.metrics["frac_outside_topb"] == pytest.approx(expected, rel=1e-6), name

@@ -253,7 +253,11 @@ class LossSums:
     weight: torch.Tensor  # sum over counted of w_t
     positions: torch.Tensor  # number of positions
     counted: torch.Tensor  # number of counted positions
-    outside_topb: torch.Tensor  # counted positions whose gold token is outside the top-B
+    # The pruning-risk diagnostic, the same for every loss: positions with more than one trie-valid
+    # next token, and those whose gold token ranks outside the top-B among the valid tokens (the
+    # ranking beam search applies, whatever the loss; with no mask: among all tokens).
+    risk_positions: torch.Tensor
+    outside_topb: torch.Tensor
 
     def __add__(self, other: LossSums) -> LossSums:
         return LossSums(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -264,7 +268,7 @@ class LossSums:
         return cls(**{f.name: zero for f in fields(cls)})
 
     def as_tensor(self) -> torch.Tensor:
-        """[8] float32 vector (detached) in field order, e.g. for an all-reduce of the metrics."""
+        """[9] float32 vector (detached) in field order, e.g. for an all-reduce of the metrics."""
         return torch.stack([getattr(self, f.name).detach().float() for f in fields(self)])
 
 
@@ -280,11 +284,13 @@ def loss_sums(
     lam: float = 0.25,
     check: bool = True,
 ) -> LossSums:
-    """Raw sums of one chunk of positions for loss `name` (LML ignores valid, tau).
+    """Raw sums of one chunk of positions for loss `name` (LML's loss ignores valid and tau).
 
     The BEAR weights w_t are detached, so the normalised reweight loss of a micro-batch is
     sum_chunks(weighted_ce) / (sum_chunks(weight) + 1e-8), exactly, without a second pass.
+    `valid`, when given, also defines the pruning-risk diagnostic for every loss, LML included.
     """
+    risk_valid = valid
     if name == "lml":
         valid, tau = None, 1.0
     elif name == "msl" and valid is None:
@@ -292,6 +298,15 @@ def loss_sums(
     terms = position_terms(logits, targets, valid, beam_width=beam_width, tau=tau, check=check)
     counted = terms.counted
     w = _bear_weights(terms, xi, lam)  # [N], detached
+    if risk_valid is not None and valid is None:  # LML: rank the gold token among the trie-valid tokens
+        with torch.no_grad():
+            z = logits.float()  # [N, V]
+            gold = z.gather(1, targets[:, None])  # [N, 1]
+            better = ((z > gold) & risk_valid).sum(-1)  # [N] valid tokens strictly above gold (ties: inside)
+            risk_counted = risk_valid.sum(-1) > 1
+            risk_outside = (better >= beam_width) & risk_counted
+    else:  # same ranking as the loss's own softmax (order is unchanged by tau)
+        risk_counted, risk_outside = counted, terms.outside_topb & counted
     return LossSums(
         ce_all=terms.ce.sum(),
         ce_counted=torch.where(counted, terms.ce, 0.0).sum(),
@@ -300,7 +315,8 @@ def loss_sums(
         weight=torch.where(counted, w, 0.0).sum().detach(),
         positions=counted.new_tensor(counted.numel(), dtype=torch.float32),
         counted=counted.sum().float(),
-        outside_topb=(terms.outside_topb & counted).sum().float(),
+        risk_positions=risk_counted.sum().float(),
+        outside_topb=risk_outside.sum().float(),
     )
 
 
@@ -320,7 +336,7 @@ def metrics_from_sums(sums: LossSums, *, name: LossName, form: BearForm = "rewei
     counted = max(float(sums.counted), 1.0)
     out = {
         "ce": float(sums.ce_counted.detach()) / counted,
-        "frac_outside_topb": float(sums.outside_topb) / counted,
+        "frac_outside_topb": float(sums.outside_topb) / max(float(sums.risk_positions), 1.0),
         "counted": float(sums.counted),
         "positions": float(sums.positions),
     }

@@ -80,7 +80,8 @@ def _chunk_sums(
     logits = head.logits(hidden)  # [C, V]
     vocab = logits.shape[-1]
     use_mask = loss_cfg.name == "msl" or (loss_cfg.name == "bear" and loss_cfg.masked)
-    valid = trie.allowed_mask(states, vocab) if use_mask else None  # [C, V] bool, built on the device
+    # [C, V] bool, built on the device; LML uses it only for the pruning-risk diagnostic
+    valid = trie.allowed_mask(states, vocab) if use_mask or loss_cfg.name == "lml" else None
     sums = loss_sums(
         logits,
         targets,
