@@ -291,6 +291,56 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> li
     return [list(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
 
 
+@dataclass
+class FittedPrompts:
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    truncated_examples: int  # rows that lost history items
+    truncated_items: int  # history items dropped in total
+
+
+def fit_prompts(
+    history_titles: Sequence[Sequence[str]],
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_builder: Any,
+    budgets: int | Sequence[int],
+    *,
+    truncate: bool,
+    what: str = "row",
+    option: str = "train.truncate_history",
+) -> FittedPrompts:
+    """Each row's prompt ids, within its token budget (one int for all rows, or one per row).
+
+    A prompt over budget loses its oldest history items one at a time when `truncate` (counted),
+    else it is an error naming the row and `option`. Training budgets leave room for the row's
+    response; evaluation budgets for the longest title, since any title may be decoded.
+    """
+    rows = len(history_titles)
+    limits = [budgets] * rows if isinstance(budgets, int) else list(budgets)
+    prompts = [prompt_builder.prompt(list(h)) for h in history_titles]
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    truncated_examples = truncated_items = 0
+    for row in range(rows):
+        kept = list(history_titles[row])
+        while len(prompt_ids[row]) > limits[row]:
+            if not truncate:
+                raise ValueError(
+                    f"{what} {row}: its prompt ({len(prompt_ids[row])} tokens) leaves too little of the model context "
+                    f"(budget {limits[row]} tokens); set {option}=true or lower data.max_history"
+                )
+            if len(kept) <= 1:
+                raise ValueError(
+                    f"{what} {row}: even with one history item the prompt needs {len(prompt_ids[row])} tokens "
+                    f"> its budget of {limits[row]} in the model context"
+                )
+            kept = kept[1:]  # drop the oldest item
+            truncated_items += 1
+            prompts[row] = prompt_builder.prompt(kept)
+            prompt_ids[row] = encode_prompts(tokenizer, [prompts[row]])[0]
+        truncated_examples += len(kept) < len(history_titles[row])
+    return FittedPrompts(prompts, prompt_ids, truncated_examples, truncated_items)
+
+
 def encode_example(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one training example: the loss is on the response tokens only."""
     if len(response_ids) == 0:

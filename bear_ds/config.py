@@ -176,6 +176,10 @@ class EvalConfig(_Section):
     length_penalty: float = 1.0
     max_users: int | None = Field(None, ge=1, description="evaluate only the first N examples of the split")
     batch_users: int = Field(16, ge=1, description="users decoded together per forward")
+    truncate_history: bool = Field(
+        True, description="prompts that leave no room for the longest title lose their oldest history items "
+        "(counted in metrics.json), as in training; false = error"
+    )
     weights: Literal["replicated", "zero3"] = Field("replicated", description="full copy per rank, or stay ZeRO-3 partitioned")
     timeout_s: int = Field(1800, ge=1, description="process-group timeout (seconds) of multi-process evaluation")
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bear_ds.distributed import free_port
 
 
 def _build(args):
@@ -193,10 +194,6 @@ def _agreement(ours, ref):
     return same, same_set, overlap, max(diffs, default=0.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _evaluate_cli(args, folder, nproc):
@@ -208,7 +205,7 @@ def _evaluate_cli(args, folder, nproc):
         "--nproc_per_node",
         str(nproc),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "bear_ds.cli",
         "evaluate",

@@ -20,6 +20,7 @@ from bear_ds.catalog import (
     count_context_dependent,
     encode_example,
     encode_prompts,
+    fit_prompts,
 )
 from bear_ds.tokenization import train_bpe_tokenizer
 from bear_ds.trie import INVALID
@@ -236,3 +237,24 @@ def test_office_catalog(shared_data: Path, tmp_path: Path) -> None:
     assert count_context_dependent(tok, responses) == 0
     cat.save(tmp_path)
     assert torch.equal(Catalog.load(tmp_path).trie.edge_key, cat.trie.edge_key)
+
+
+class ListPrompt:
+    def prompt(self, history: list[str]) -> str:
+        return "History: " + ", ".join(f'"{t}"' for t in history) + f"\n{PROMPT_TAIL}"
+
+
+def test_fit_prompts_drops_oldest_history_items_and_counts(tok: PreTrainedTokenizerFast) -> None:
+    histories = [["Stapler", "Gel Pens 12-Pack", "Stapler, Black"], ["Stapler"]]
+    full = fit_prompts(histories, tok, ListPrompt(), 10**6, truncate=True)
+    assert (full.truncated_examples, full.truncated_items) == (0, 0)
+    assert full.prompt_ids == encode_prompts(tok, [ListPrompt().prompt(h) for h in histories])
+    budget = len(full.prompt_ids[0]) - 1  # row 0 is one token over, row 1 fits
+    cut = fit_prompts(histories, tok, ListPrompt(), budget, truncate=True)
+    assert cut.truncated_examples == 1 and cut.truncated_items >= 1
+    assert len(cut.prompt_ids[0]) <= budget and cut.prompt_ids[1] == full.prompt_ids[1]
+    assert cut.prompts[0] == ListPrompt().prompt(histories[0][cut.truncated_items :])  # the oldest went first
+    with pytest.raises(ValueError, match=r"user 0: .*eval.truncate_history"):
+        fit_prompts(histories, tok, ListPrompt(), budget, truncate=False, what="user", option="eval.truncate_history")
+    with pytest.raises(ValueError, match="row 1: even with one history item"):
+        fit_prompts(histories, tok, ListPrompt(), [10**6, 3], truncate=True)

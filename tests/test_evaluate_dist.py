@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +12,13 @@ import pytest
 from eval_fixtures import write_model_folder, write_prepared
 
 from bear_ds.config import load_config
+from bear_ds.distributed import free_port
 from bear_ds.evaluation.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
 
 # 13 users, 3 per batch: rank 0 decodes 7 users (3 batches), rank 1 six (2 batches)
 OVERRIDES = ["eval.num_beams=5", "eval.top_k=[1,5]", "eval.batch_users=3", "eval.timeout_s=40"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def _torchrun(root: Path, out: str, base: list[str], *extra: str) -> None:
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "bear_ds.cli",
         "evaluate",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from bear_ds.config import LossConfig
+from bear_ds.distributed import free_port
 from bear_ds.losses import backbone_hidden_states, lm_head_context, response_loss, select_response
 from bear_ds.trie import TokenTrie
 
@@ -147,12 +147,6 @@ def _reference(weights: dict, step_batches) -> tuple[list[float], dict]:
     return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_zero3_two_ranks_match_single_process(tmp_path: Path):
     pytest.importorskip("deepspeed")
@@ -172,7 +166,7 @@ def test_zero3_two_ranks_match_single_process(tmp_path: Path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(tmp_path / "worker.py"),
         str(tmp_path),
     ]

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 from train_data import write_prepared
+
+from bear_ds.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +53,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], timeout: float = 85) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -66,7 +61,7 @@ def _run(cmd: list[str], timeout: float = 85) -> subprocess.CompletedProcess:
 
 
 def _accelerate(overrides: list[str], extra: list[str] | None = None) -> list[str]:
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port", str(_free_port()),
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port", str(free_port()),
             *(extra or []), "-m", "bear_ds.train", *COMMON, *overrides]  # fmt: skip
 
 
@@ -161,7 +156,7 @@ def test_deepspeed_launcher(prepared, reference, tmp_path):
     out = tmp_path / "ds_launcher"
     steps = 6
     cmd = [str(BIN / "deepspeed"), "--num_nodes", "1", "--num_gpus", "2", "--no_local_rank",
-           "--master_port", str(_free_port()), "--module", "bear_ds.train", *COMMON, f"data.path={prepared}",
+           "--master_port", str(free_port()), "--module", "bear_ds.train", *COMMON, f"data.path={prepared}",
            f"train.max_steps={steps}", f"output_dir={out}", "train.zero_stage=3"]  # fmt: skip
     _run(cmd)
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -173,7 +168,7 @@ def test_deepspeed_launcher(prepared, reference, tmp_path):
 def test_two_node_loopback(prepared, reference, tmp_path):
     out = tmp_path / "two_nodes"
     steps = 6
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for machine_rank in (0, 1):
         cmd = _accelerate(
@@ -254,7 +249,7 @@ torch.distributed.destroy_process_group()  # a rank leaving while gloo still tal
 def test_params_partitioned_on_creation(tmp_path):
     script = tmp_path / "partition.py"
     script.write_text(PARTITION_SCRIPT)
-    _run([str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port", str(_free_port()),
+    _run([str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port", str(free_port()),
           str(script), str(tmp_path)])  # fmt: skip
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from bear_ds.distributed import ensure_single_process_env, stub_deepspeed_shm_op
 from bear_ds.evaluation.analysis import left_pad
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import constrained_beam_search
@@ -307,6 +307,7 @@ class EvalInputs:
     user_ids: list[str]
     prompts: list[str]
     prompt_ids: list[list[int]]
+    truncated_prompts: int
     target_items: list[str]
     target_titles: list[str | None]
     target_groups: list[int | None]
@@ -316,7 +317,9 @@ class EvalInputs:
 
 def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
     """Tokenizer, catalog and the users of eval.split (first eval.max_users) with their prompts."""
-    from bear_ds.catalog import CATALOG_FILE, Catalog, encode_prompts
+    from transformers import AutoConfig
+
+    from bear_ds.catalog import CATALOG_FILE, Catalog, fit_prompts
     from bear_ds.data import load_catalog, load_split, load_stats, resolve_prepared
     from bear_ds.data.prompts import PromptBuilder
     from bear_ds.tokenization import load_tokenizer
@@ -361,15 +364,26 @@ def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
         raise ValueError(
             f"{len(unknown)} history items of split {cfg.eval.split!r} are not in {folder}/catalog.parquet, e.g. {unknown[:3]}"
         )
-    prompts = [builder.prompt([titles[h] for h in hist]) for hist in histories]
+    context = getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "max_position_embeddings", None)
+    fitted = fit_prompts(
+        [[titles[h] for h in hist] for hist in histories], tokenizer, builder,
+        (context or 10**9) - catalog.trie.max_depth,  # room for the longest title, since any may be decoded
+        truncate=cfg.eval.truncate_history, what="user", option="eval.truncate_history",
+    )  # fmt: skip
+    if fitted.truncated_examples and ctx.is_main:
+        logger.warning(
+            "%d prompts lost %d oldest history items in all to leave room for the longest title (%d tokens)",
+            fitted.truncated_examples, fitted.truncated_items, catalog.trie.max_depth,
+        )  # fmt: skip
     target_groups = [catalog.group_of_item(t) for t in targets]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else catalog.eos_token_id
     return EvalInputs(
         catalog=catalog,
         tokenizer=tokenizer,
         user_ids=user_ids,
-        prompts=prompts,
-        prompt_ids=encode_prompts(tokenizer, prompts),
+        prompts=fitted.prompts,
+        prompt_ids=fitted.prompt_ids,
+        truncated_prompts=fitted.truncated_examples,
         target_items=targets,
         target_titles=[titles.get(t) for t in targets],
         target_groups=target_groups,
@@ -386,14 +400,6 @@ def load_model_replicated(model_dir: Path, device: torch.device) -> torch.nn.Mod
     return model.to(device).eval()
 
 
-def _skip_deepspeed_shm_build() -> None:
-    # DeepSpeed compiles a shared-memory all-reduce op (25-42 s) when its CPU process group starts;
-    # it only serves inference tensor parallelism, which ZeRO-3 evaluation does not use
-    import deepspeed.comm.torch  # noqa: F401
-
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-
 def load_model_zero3(model_dir: Path, timeout_s: int) -> tuple[torch.nn.Module, Any]:
     """The model partitioned across ranks with DeepSpeed ZeRO-3 as it is loaded.
 
@@ -405,11 +411,8 @@ def load_model_zero3(model_dir: Path, timeout_s: int) -> tuple[torch.nn.Module, 
     from transformers.integrations import HfDeepSpeedConfig
 
     if not torch.cuda.is_available():
-        _skip_deepspeed_shm_build()
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        stub_deepspeed_shm_op()
+    ensure_single_process_env()
     deepspeed.init_distributed(
         dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s)
     )
@@ -422,14 +425,6 @@ def load_model_zero3(model_dir: Path, timeout_s: int) -> tuple[torch.nn.Module, 
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
     return engine.module, (engine, hf_ds)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------------- the command
@@ -462,6 +457,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         loss_name=training_loss_name(Path(cfg.model.path), cfg.loss.name),
     )
     metrics["decoding"].update(weights=cfg.eval.weights, split=cfg.eval.split)
+    metrics["prompts_truncated"] = inputs.truncated_prompts  # users whose oldest history items were dropped
     metrics["elapsed_s"] = time.perf_counter() - started
     if ctx.is_main:
         out = Path(cfg.output_dir)

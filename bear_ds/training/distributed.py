@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 
 from bear_ds.config import TrainConfig
+from bear_ds.distributed import ensure_single_process_env, stub_deepspeed_shm_op
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -108,25 +107,6 @@ def deepspeed_config(path: str | Path, train_cfg: TrainConfig, plan: BatchPlan) 
     return config
 
 
-def stub_deepspeed_shm_op() -> None:
-    """On CPU, skip building DeepSpeed's shared-memory all-reduce op (25-42 s of C++ compilation).
-
-    It serves inference all-reduce only; without it DeepSpeed falls back to torch.distributed.
-    The attribute must be replaced on the module object in sys.modules: `import deepspeed.comm.torch`
-    resolves to the `torch` re-export instead.
-    """
-    import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch)
-
-    module = sys.modules["deepspeed.comm.torch"]
-    module.build_shm_op = lambda: None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launched_with_accelerate_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
@@ -168,15 +148,7 @@ def build_accelerator(train_cfg: TrainConfig, project_dir: str | Path | None = N
     zero_stage = 0
     if ds_path is not None:
         if "RANK" not in os.environ:  # plain `python -m bear_ds.train`: a one-process DeepSpeed group
-            os.environ.update(
-                {
-                    "RANK": "0",
-                    "LOCAL_RANK": "0",
-                    "WORLD_SIZE": "1",
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(_free_port()),
-                }
-            )
+            ensure_single_process_env()
         if not on_cuda:
             stub_deepspeed_shm_op()
         config = deepspeed_config(ds_path, train_cfg, plan)

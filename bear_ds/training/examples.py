@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bear_ds.catalog import Catalog, encode_example, encode_prompts
+from bear_ds.catalog import Catalog, encode_example, fit_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -52,29 +52,14 @@ def encode_training_examples(
         if missing:
             raise ValueError(f"{split_name} row {row}: history items {missing[:5]} are not in the catalog")
         history_titles.append([titles[i] for i in history])
-    prompts = encode_prompts(tokenizer, [prompt_builder.prompt(h) for h in history_titles])
-
-    truncated_examples = truncated_items = 0
+    fitted = fit_prompts(
+        history_titles, tokenizer, prompt_builder, [max_length - len(r) for r in responses],
+        truncate=truncate_history, what=f"{split_name} row", option="train.truncate_history",
+    )  # fmt: skip
+    truncated_examples, truncated_items = fitted.truncated_examples, fitted.truncated_items
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
-    for row, (prompt_ids, response_ids) in enumerate(zip(prompts, responses, strict=True)):
-        kept = history_titles[row]
-        while len(prompt_ids) + len(response_ids) > max_length:
-            if not truncate_history:
-                raise ValueError(
-                    f"{split_name} row {row}: prompt ({len(prompt_ids)} tokens) + response ({len(response_ids)}) exceed "
-                    f"the model context {max_length}; set train.truncate_history=true or shorten data.max_history"
-                )
-            if len(kept) <= 1:
-                raise ValueError(
-                    f"{split_name} row {row}: even with one history item the example needs "
-                    f"{len(prompt_ids) + len(response_ids)} tokens > model context {max_length}"
-                )
-            kept = kept[1:]  # drop the oldest item
-            truncated_items += 1
-            prompt_ids = encode_prompts(tokenizer, [prompt_builder.prompt(kept)])[0]
-        if len(kept) < len(history_titles[row]):
-            truncated_examples += 1
+    for prompt_ids, response_ids in zip(fitted.prompt_ids, responses, strict=True):
         ids, lab = encode_example(prompt_ids, response_ids)
         input_ids.append(ids)
         labels.append(lab)

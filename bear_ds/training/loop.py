@@ -97,17 +97,27 @@ def _evaluator():
 class EpochEvaluator:
     """Valid (first train.eval_max_users users) and test beam-search metrics after an epoch."""
 
-    def __init__(self, run, cfg: Config, prepared: Path, titles: dict[str, str], builder, catalog) -> None:
+    def __init__(
+        self, run, cfg: Config, prepared: Path, titles: dict[str, str], builder, catalog, tokenizer, context: int
+    ) -> None:
+        from bear_ds.catalog import fit_prompts
         from bear_ds.data import load_split
 
         self.run, self.cfg = run, cfg
-        self.splits: dict[str, tuple[list[str], list[int | None]]] = {}
+        self.splits: dict[str, tuple[list[list[int]], list[int | None]]] = {}
         for split, cap in (("valid", cfg.train.eval_max_users), ("test", cfg.eval.max_users)):
             rows = load_split(prepared, split)
             if cap is not None:
                 rows = rows.select(range(min(cap, len(rows))))
-            prompts = [builder.prompt([titles[i] for i in h]) for h in rows["history"]]
-            self.splits[split] = (prompts, [catalog.group_of_item(t) for t in rows["target"]])
+            fitted = fit_prompts(
+                [[titles[i] for i in h] for h in rows["history"]], tokenizer, builder,
+                context - catalog.trie.max_depth,  # room for the longest title, as `bear-ds evaluate` leaves
+                truncate=cfg.eval.truncate_history, what=f"{split} user", option="eval.truncate_history",
+            )  # fmt: skip
+            if fitted.truncated_examples:
+                logger.warning("%s: %d prompts lost oldest history items to fit the context", split,
+                               fitted.truncated_examples)  # fmt: skip
+            self.splits[split] = (fitted.prompt_ids, [catalog.group_of_item(t) for t in rows["target"]])
 
     def __call__(
         self, accelerator, model, tokenizer, catalog, splits: tuple[str, ...] = ("valid", "test")
@@ -216,7 +226,11 @@ def train(cfg: Config) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
     bar = ProgressBar(total_steps, step, main)
     run_eval = _evaluator() if cfg.train.eval_every_epoch else None
-    evaluate = EpochEvaluator(run_eval, cfg, prepared, titles, builder, catalog) if run_eval is not None else None
+    evaluate = (
+        EpochEvaluator(run_eval, cfg, prepared, titles, builder, catalog, tokenizer, max_length)
+        if run_eval is not None
+        else None
+    )
     if evaluate is not None and not evaluate.splits["valid"][0]:
         if main:
             logger.warning("%s/valid.parquet has no rows: no per-epoch evaluation or epoch selection", prepared)
@@ -420,8 +434,11 @@ def _finish(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, o
         if cfg.train.eval_test == "every_epoch":
             summary["test_max_over_epochs"] = {
                 "protocol": "released (max over epochs of TEST metrics; for comparison only, not model selection)",
-                **{k: max(r["test"].get(k, -math.inf) for r in records) for k in best["test"]
-                   if k.startswith(("hr@", "ndcg@"))},  # fmt: skip
+                **{
+                    k: max(r["test"].get(k, -math.inf) for r in records)
+                    for k in best["test"]
+                    if k.startswith(("hr@", "ndcg@"))
+                },  # fmt: skip
             }
     logs = JsonlLog(out / "train_log.jsonl", accelerator.is_main_process).read()
     summary["loss"] = logs[-1]["loss"] if logs else None
