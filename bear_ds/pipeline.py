@@ -77,7 +77,7 @@ def sweep(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     data_dir = prepare_once(cfg, out / "data")
     base = with_overrides(cfg, [f"data.path={data_dir}", "data.source=prepared"])
-    run_sweep(base, run_point)
+    run_sweep(base, run_point, is_done=point_finished)
     if cfg.sweep.mode == "run":
         aggregate(out)
         report(out)

@@ -261,7 +261,7 @@ def _write_scripts(
         )
         script.chmod(0o755)
         outcome.scripts.append(script)
-        if (point_dir / "summary.json").is_file():
+        if is_done(point_dir):
             outcome.skipped.append(name)
         else:
             pending.append(script)
@@ -282,9 +282,16 @@ def _write_scripts(
     submit.chmod(0o755)
 
 
-def run_sweep(cfg: Config, run_point: Callable[[Config, Path], None]) -> SweepOutcome:
-    """Run every point not done yet (`run_point(point_cfg, point_dir)` must leave summary.json in
-    point_dir), or in `sweep.mode: scripts` write jobs/NAME.sh and submit_all.sh instead.
+def has_summary(point_dir: Path) -> bool:
+    return (point_dir / "summary.json").is_file()
+
+
+def run_sweep(
+    cfg: Config, run_point: Callable[[Config, Path], None], is_done: Callable[[Path], bool] = has_summary
+) -> SweepOutcome:
+    """Run every point not done yet (`run_point(point_cfg, point_dir)` must leave point_dir done:
+    by default, with a summary.json; `is_done` can ask for more, e.g. an analysis too), or in
+    `sweep.mode: scripts` write jobs/NAME.sh and submit_all.sh instead.
 
     Stops at the first failing point (the failure is re-raised; rerunning resumes from there).
     In run mode the results are aggregated at the end (results.csv, results.md).
@@ -311,7 +318,7 @@ def run_sweep(cfg: Config, run_point: Callable[[Config, Path], None]) -> SweepOu
 
     for i, (name, pcfg) in enumerate(point_cfgs.items(), start=1):
         point_dir = sweep_dir / name
-        if (point_dir / "summary.json").is_file():
+        if is_done(point_dir):
             outcome.skipped.append(name)
             logger.info("[%d/%d] %s: done already, skipped", i, len(points), name)
             continue
@@ -322,8 +329,8 @@ def run_sweep(cfg: Config, run_point: Callable[[Config, Path], None]) -> SweepOu
         except BaseException:
             logger.error("sweep point %s failed; its folder %s is kept, rerun the sweep to resume it", name, point_dir)
             raise
-        if not (point_dir / "summary.json").is_file():
-            raise SweepError(f"sweep point {name} returned without writing {point_dir / 'summary.json'}")
+        if not is_done(point_dir):
+            raise SweepError(f"sweep point {name} returned without finishing {point_dir} (no summary.json?)")
         outcome.ran.append(name)
     aggregate(sweep_dir)
     return outcome
