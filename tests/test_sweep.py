@@ -134,6 +134,19 @@ def test_run_sweep_crash_stops_and_restart_resumes(tmp_path: Path) -> None:
     assert restart.calls[0][0].train.resume == "auto"
 
 
+def test_run_sweep_custom_completion_test(tmp_path: Path) -> None:
+    # a pipeline point is done only once analysed: a summary alone is not enough to skip it
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1, 2]})
+    analysed = lambda d: (d / "summary.json").is_file() and (d / "analysis.json").is_file()  # noqa: E731
+    with pytest.raises(SweepError, match="without finishing"):
+        run_sweep(cfg, FakeTrainer(), is_done=analysed)
+    (tmp_path / "sweep" / "train.seed=1" / "analysis.json").write_text("{}")
+    trainer = FakeTrainer()
+    with pytest.raises(SweepError):  # seed 1 is skipped; seed 2 still lacks its analysis
+        run_sweep(cfg, trainer, is_done=analysed)
+    assert [o.name for _, o in trainer.calls] == ["train.seed=2"]
+
+
 def test_run_sweep_requires_summary_and_same_base(tmp_path: Path) -> None:
     cfg = sweep_cfg(tmp_path, {"train.seed": [1]})
     with pytest.raises(SweepError, match="summary.json"):
