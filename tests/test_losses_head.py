@@ -241,3 +241,22 @@ def test_pruning_risk_is_measured_alike_for_every_loss():
     for name in ("lml", "msl", "bear"):
         out = response_loss(hidden, weight, targets, states, trie, LossConfig(name=name, beam_width=2, chunk_size=5))
         assert out.metrics["frac_outside_topb"] == pytest.approx(expected, rel=1e-6), name
+
+
+def test_select_response_matches_a_walk_over_every_position():
+    # prompts of different lengths (left and right padding), responses of different lengths
+    trie, titles = tiny_trie(3)
+    g = torch.Generator().manual_seed(7)
+    rows, length = 6, 40
+    labels = torch.full((rows, length), -100, dtype=torch.long)
+    for r in range(rows):
+        title = titles[int(torch.randint(0, len(titles), (1,), generator=g))]
+        start = int(torch.randint(1, length - len(title), (1,), generator=g))
+        labels[r, start : start + len(title)] = torch.tensor(title)
+    hidden = torch.randn(rows, length, H)
+    h, y, s = select_response(hidden, labels, trie)
+    shifted = labels[:, 1:]
+    keep = shifted != -100
+    torch.testing.assert_close(h, hidden[:, :-1][keep])
+    assert torch.equal(y, shifted[keep])
+    assert torch.equal(s, trie.states_along(shifted)[keep])  # the unpacked walk over all positions
