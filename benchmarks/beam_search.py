@@ -194,8 +194,6 @@ def _agreement(ours, ref):
     return same, same_set, overlap, max(diffs, default=0.0)
 
 
-
-
 def _evaluate_cli(args, folder, nproc):
     out = Path(args.out) / f"eval_ws{nproc}"
     cmd = [

@@ -114,7 +114,10 @@ def test_results_table_values_and_missing_notes(tmp_path: Path) -> None:
     write_summary(b, 0.2)  # no analysis, no config
     table = results_table({"BEAR": a, "other": b})
     lines = table.splitlines()
-    assert lines[0] == "| run | HR@5 | HR@10 | NDCG@5 | NDCG@10 | selected epoch | train time (s) | optimiser steps (s) | pruned share |"
+    assert (
+        lines[0]
+        == "| run | HR@5 | HR@10 | NDCG@5 | NDCG@10 | selected epoch | train time (s) | optimiser steps (s) | pruned share |"
+    )
     assert lines[2] == "| BEAR | 0.1000 | 0.2000 | 0.0500 | 0.1000 | 3 | 12.5 | 10.0 | 83.0% |"
     assert lines[3] == "| other | 0.2000 | 0.4000 | 0.1000 | 0.2000 | 2 | 12.5 | 10.0 | – |"
     assert any(line.startswith("- other: pruned share unknown (no analysis.json in") for line in lines)

@@ -422,7 +422,9 @@ def group_over_seeds(points: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame
     keys = group_keys_of(grid_keys)
     done = points[points["status"] == "done"]
     value_cols = [
-        c for c in points.columns if c.startswith(("valid.", "test.")) or c in ("train_time_s", "optim_time_s", "selected_epoch")
+        c
+        for c in points.columns
+        if c.startswith(("valid.", "test.")) or c in ("train_time_s", "optim_time_s", "selected_epoch")
     ]
     if done.empty:
         return pd.DataFrame(columns=[*keys, "n"])
