@@ -8,7 +8,7 @@ runs left out of a plot are listed in its notes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,36 @@ def mean_series(series: Sequence[dict[float, float]]) -> tuple[list[float], list
     return xs, [sum(s[x] for s in series) / len(series) for x in xs]
 
 
+def _draw_group_means(
+    ax: Any,
+    groups: dict[str, list[str]],
+    per_run: dict[str, dict[float, float]],
+    outcome: PlotOutcome,
+    unit: str,
+    *,
+    linewidth: float,
+    marker: Callable[[int], str | None],
+) -> list[tuple[list[str], Any]]:
+    """One line per group: the mean over its runs at each x they all share (seeds of a setting).
+
+    Returns (the group's runs that have data, the line) for each line drawn; groups whose runs
+    share no x get a note instead.
+    """
+    drawn = []
+    for label, runs in groups.items():
+        present = [r for r in runs if r in per_run]
+        if not present:
+            continue
+        xs, ys = mean_series([per_run[r] for r in present])
+        if not xs:
+            outcome.notes.append(f"{label}: its runs share no {unit}; not drawn")
+            continue
+        suffix = f" (mean of {len(present)} runs)" if len(present) > 1 else ""
+        (line,) = ax.plot(xs, ys, linewidth=linewidth, marker=marker(len(xs)), label=f"{label}{suffix}")
+        drawn.append((present, line))
+    return drawn
+
+
 def plot_step_metric(
     logs: dict[str, list[dict[str, Any]]],
     groups: dict[str, list[str]],
@@ -77,18 +107,10 @@ def plot_step_metric(
         else:
             outcome.notes.append(f"{run}: no finite '{key}' values in train_log.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    n_series = 0
-    for label, runs in groups.items():
-        series = [per_run[r] for r in runs if r in per_run]
-        if not series:
-            continue
-        xs, ys = mean_series(series)
-        if not xs:
-            outcome.notes.append(f"{label}: its runs share no step; not drawn")
-            continue
-        suffix = f" (mean of {len(series)} runs)" if len(series) > 1 else ""
-        ax.plot(xs, ys, linewidth=1.0, marker="." if len(xs) <= 50 else None, label=f"{label}{suffix}")
-        n_series += 1
+    drawn = _draw_group_means(
+        ax, groups, per_run, outcome, "step", linewidth=1.0, marker=lambda n: "." if n <= 50 else None
+    )
+    n_series = len(drawn)
     if n_series == 0:
         plt.close(fig)
         outcome.skipped_because = f"no run has '{key}' in train_log.jsonl"
@@ -128,25 +150,16 @@ def plot_epoch_metric(
         else:
             outcome.notes.append(f"{run}: no valid '{metric}' in epochs.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    n_series = 0
+    drawn = _draw_group_means(ax, groups, per_run, outcome, "epoch", linewidth=1.2, marker=lambda n: "o")
+    n_series = len(drawn)
     stars = 0
-    for label, runs in groups.items():
-        series = [per_run[r] for r in runs if r in per_run]
-        if not series:
-            continue
-        xs, ys = mean_series(series)
-        if not xs:
-            outcome.notes.append(f"{label}: its runs share no epoch; not drawn")
-            continue
-        suffix = f" (mean of {len(series)} runs)" if len(series) > 1 else ""
-        (line,) = ax.plot(xs, ys, marker="o", linewidth=1.2, label=f"{label}{suffix}")
-        if len(series) == 1:  # a mean over seeds has no single selected epoch
-            run = next(r for r in runs if r in per_run)
+    for runs, line in drawn:
+        if len(runs) == 1:  # a mean over seeds has no single selected epoch
+            run = runs[0]
             sel = selected.get(run)
             if _finite(sel) and float(sel) in per_run[run]:
                 ax.plot([float(sel)], [per_run[run][float(sel)]], marker="*", markersize=14, color=line.get_color())
                 stars += 1
-        n_series += 1
     if n_series == 0:
         plt.close(fig)
         outcome.skipped_because = f"no run has a valid '{metric}' in epochs.jsonl"
