@@ -247,13 +247,6 @@ class Config(_Section):
             raise ValueError(f"eval.top_k values must be >= 1, got {bad}")
         return self
 
-    def decoding_mask(self) -> Literal["after", "before"]:
-        """eval.mask with `auto` resolved: the released evaluation decodes LML with the HF default
-        (mask after the log-softmax) and MSL/BEAR renormalised over the trie (mask before)."""
-        if self.eval.mask != "auto":
-            return self.eval.mask
-        return "after" if self.loss.name == "lml" else "before"
-
 
 class ConfigError(ValueError):
     """A config problem; the message lists every offending key."""

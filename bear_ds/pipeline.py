@@ -41,20 +41,14 @@ def run_point(cfg: Config, out_dir: Path) -> None:
     analyze(analysis_cfg)
 
 
-def prepare_once(cfg: Config, data_dir: Path) -> Path:
-    """Prepare the data once for every point of an experiment (same splits for every method)."""
-    from bear_ds.data import resolve_prepared
-
-    return resolve_prepared(cfg, data_dir)
-
-
 def demo(cfg: Config) -> Path:
     """The embedded default: LML, MSL and BEAR on the same data and seed, then results.md and plots."""
+    from bear_ds.data import resolve_prepared
     from bear_ds.reports import report
 
     out = Path(cfg.output_dir)
     started = time.perf_counter()
-    data_dir = prepare_once(cfg, out / "data")
+    data_dir = resolve_prepared(cfg, out / "data")  # once: every method sees the same splits
     for method in METHODS:
         point_dir = out / method
         if point_finished(point_dir):
@@ -63,22 +57,21 @@ def demo(cfg: Config) -> Path:
         print(f"[demo] {method}: training into {point_dir}")
         point = with_overrides(cfg, [f"loss.name={method}", f"data.path={data_dir}", "data.source=prepared"])
         run_point(point, point_dir)
-    results = report(out)
-    print((out / "results.md").read_text() if (out / "results.md").is_file() else f"report: {results}")
+    print(report(out).read_text())
     (out / "demo_time.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}))
     return out
 
 
 def sweep(cfg: Config) -> Path:
     """Run (or write job scripts for) every grid point of `cfg.sweep`, then aggregate and report."""
+    from bear_ds.data import resolve_prepared
     from bear_ds.reports import report
-    from bear_ds.reports.sweep import aggregate, run_sweep
+    from bear_ds.reports.sweep import run_sweep
 
     out = Path(cfg.output_dir)
-    data_dir = prepare_once(cfg, out / "data")
+    data_dir = resolve_prepared(cfg, out / "data")  # once: every point sees the same splits
     base = with_overrides(cfg, [f"data.path={data_dir}", "data.source=prepared"])
-    run_sweep(base, run_point, is_done=point_finished)
+    run_sweep(base, run_point, is_done=point_finished)  # aggregates results.csv itself in run mode
     if cfg.sweep.mode == "run":
-        aggregate(out)
         report(out)
     return out

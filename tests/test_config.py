@@ -80,13 +80,18 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_decoding_mask_auto_follows_the_released_protocol():
-    assert load_config(None, ["loss.name=lml"]).decoding_mask() == "after"
-    assert load_config(None, ["loss.name=msl"]).decoding_mask() == "before"
-    assert load_config(None, ["loss.name=bear"]).decoding_mask() == "before"
-    assert load_config(None, ["loss.name=bear", "eval.mask=after"]).decoding_mask() == "after"
+    from bear_ds.evaluation.evaluate import resolve_mask
+
+    def decoding_mask(cfg):
+        return resolve_mask(cfg.eval.mask, cfg.loss.name)
+
+    assert decoding_mask(load_config(None, ["loss.name=lml"])) == "after"
+    assert decoding_mask(load_config(None, ["loss.name=msl"])) == "before"
+    assert decoding_mask(load_config(None, ["loss.name=bear"])) == "before"
+    assert decoding_mask(load_config(None, ["loss.name=bear", "eval.mask=after"])) == "after"
     # 'auto' survives with_overrides, so switching the method switches the decoding mask
     base = load_config(None, ["loss.name=bear"])
-    assert with_overrides(base, ["loss.name=lml"]).decoding_mask() == "after"
+    assert decoding_mask(with_overrides(base, ["loss.name=lml"])) == "after"
 
 
 def test_every_shipped_config_validates():

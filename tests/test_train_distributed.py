@@ -276,7 +276,6 @@ def test_nonfinite_loss_stops_the_job_naming_the_step(prepared, reference, tmp_p
 
 
 def test_per_epoch_evaluation_selects_and_exports_the_best_epoch(prepared, tmp_path):
-    pytest.importorskip("bear_ds.evaluation.evaluate")
     out = tmp_path / "epochs"
     _run(_accelerate([f"data.path={prepared}", "train.epochs=2", "train.global_batch=32", f"output_dir={out}",
                       "train.eval_every_epoch=true", "eval.num_beams=5", "eval.top_k=[1,5]",

@@ -172,29 +172,29 @@ def resolve_prepared(cfg: Config, workdir: str | Path) -> Path:
     return prepare(cfg.model_copy(update={"output_dir": str(workdir)}))
 
 
+def _read_prepared_table(path: Path, schema: pa.Schema) -> pa.Table:
+    """A prepared parquet file, with every column of `schema` present."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (run `bear-ds prepare` first)")
+    table = pq.read_table(path)
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    return table
+
+
 def load_split(folder: str | Path, split: str) -> datasets.Dataset:
     """One split as an in-memory `datasets.Dataset` (user_id, history, target, timestamp)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    path = Path(folder) / f"{split}.parquet"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist (run `bear-ds prepare` first)")
-    table = pq.read_table(path)
-    missing = [f.name for f in EXAMPLE_SCHEMA if f.name not in table.column_names]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    table = _read_prepared_table(Path(folder) / f"{split}.parquet", EXAMPLE_SCHEMA)
     return datasets.Dataset(table.select(EXAMPLE_SCHEMA.names).cast(EXAMPLE_SCHEMA))
 
 
 def load_catalog(folder: str | Path) -> dict[str, str]:
     """item id -> title, in catalog order."""
     path = Path(folder) / "catalog.parquet"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist (run `bear-ds prepare` first)")
-    table = pq.read_table(path)
-    missing = [f.name for f in CATALOG_SCHEMA if f.name not in table.column_names]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    table = _read_prepared_table(path, CATALOG_SCHEMA)
     ids = table.column("item_id").to_pylist()
     if len(set(ids)) != len(ids):
         duplicate = next(

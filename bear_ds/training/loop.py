@@ -85,25 +85,17 @@ def _optimizer(cfg: Config, model):
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def _evaluator():
-    """`run_beam_evaluation` when the evaluation module is installed, else None (no per-epoch evaluation)."""
-    try:
-        from bear_ds.evaluation.evaluate import run_beam_evaluation
-    except ImportError:
-        return None
-    return run_beam_evaluation
-
-
 class EpochEvaluator:
     """Valid (first train.eval_max_users users) and test beam-search metrics after an epoch."""
 
     def __init__(
-        self, run, cfg: Config, prepared: Path, titles: dict[str, str], builder, catalog, tokenizer, context: int
+        self, cfg: Config, prepared: Path, titles: dict[str, str], builder, catalog, tokenizer, context: int
     ) -> None:
         from bear_ds.catalog import fit_prompts
         from bear_ds.data import load_split
+        from bear_ds.evaluation.evaluate import run_beam_evaluation
 
-        self.run, self.cfg = run, cfg
+        self.run, self.cfg = run_beam_evaluation, cfg
         self.splits: dict[str, tuple[list[list[int]], list[int | None]]] = {}
         for split, cap in (("valid", cfg.train.eval_max_users), ("test", cfg.eval.max_users)):
             rows = load_split(prepared, split)
@@ -225,20 +217,15 @@ def train(cfg: Config) -> dict[str, Any]:
 
     pad_id = tokenizer.pad_token_id
     bar = ProgressBar(total_steps, step, main)
-    run_eval = _evaluator() if cfg.train.eval_every_epoch else None
     evaluate = (
-        EpochEvaluator(run_eval, cfg, prepared, titles, builder, catalog, tokenizer, max_length)
-        if run_eval is not None
+        EpochEvaluator(cfg, prepared, titles, builder, catalog, tokenizer, max_length)
+        if cfg.train.eval_every_epoch
         else None
     )
     if evaluate is not None and not evaluate.splits["valid"][0]:
         if main:
             logger.warning("%s/valid.parquet has no rows: no per-epoch evaluation or epoch selection", prepared)
         evaluate = None
-    if main and cfg.train.eval_every_epoch and run_eval is None:
-        logger.warning(
-            "train.eval_every_epoch=true but bear_ds.evaluation has no run_beam_evaluation: no per-epoch evaluation"
-        )
     elapsed_before = float(counters.get("elapsed_s", 0.0))
     t_run = time.time()
     grad_norm = None
