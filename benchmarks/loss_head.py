@@ -223,8 +223,13 @@ def main() -> None:
         for n in args.positions:
             for loss in args.losses:
                 rel, ours = results[(vocab, n, loss, "released")], results[(vocab, n, loss, "ours")]
-                if "error" in rel or "error" in ours:
-                    print(f"{vocab:>7} {n:>6} {loss:>5} | error: {rel.get('error') or ours.get('error')}")
+                if "error" in rel or "error" in ours:  # show the side that ran, and why the other did not
+                    cells = []
+                    for r in (rel, ours):
+                        why = "".join(r.get("error", [""]))
+                        short = "OOM" if "OutOfMemory" in why or "MemoryError" in why else why[:40]
+                        cells.append(f"{short:>19}" if why else f"{r['time_s']:>8.3f} {r['peak_mib']:>8.0f}")
+                    print(f"{vocab:>7} {n:>6} {loss:>5} | {cells[0]} | {cells[1]} |")
                     continue
                 if abs(rel["loss"] - ours["loss"]) > 1e-3 * max(1.0, abs(rel["loss"])):
                     print(f"  WARNING: losses differ: released {rel['loss']:.6f} ours {ours['loss']:.6f}")

@@ -7,8 +7,13 @@ step time, tokens/s, peak memory and the ratios BEAR/MSL and BEAR/LML (the issue
 BEAR <= 1.05x MSL on a whole step); on a GPU also model FLOPs utilisation.
 
     OMP_NUM_THREADS=2 python benchmarks/train_step.py                       # CPU: small Llama
-    python benchmarks/train_step.py --device cuda --hidden 2048 --layers 16 --heads 32 \\
-        --vocab 128256 --micro-batch 16 --dtype bf16                         # ~1B Llama on one GPU
+    python benchmarks/train_step.py --device cuda --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \\
+        --intermediate 8192 --tie --vocab 128256 --micro-batch 16 --seq-len 512  # Llama-3.2-1B shape, bf16
+
+Model FLOPs utilisation counts what the step has to compute, as in the PaLM appendix: 6 x tokens x
+(non-embedding parameters) for the transformer body, 6 x N x V x H for the head on the N response
+positions only (the full-vocabulary logits of the other positions are never formed), and
+6 x layers x H x L per token for causal attention scores and values (12 x layers x H x L halved).
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, help="grouped-query attention (default: --heads)")
+    p.add_argument("--intermediate", type=int, help="MLP width (default: 2.6875 x hidden)")
+    p.add_argument("--tie", action="store_true", help="tie the input embedding and the head, as Llama-3.2-1B")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--items", type=int, default=5000, help="catalog titles in the trie")
     p.add_argument("--title-len", type=int, default=14, help="mean response tokens (quoted title + EOS)")
@@ -89,13 +97,18 @@ def main() -> None:
     batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(titles, args, gen)]
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, intermediate_size=int(args.hidden * 2.6875),
-        max_position_embeddings=max(args.seq_len, 512), tie_word_embeddings=False,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
+        intermediate_size=args.intermediate or int(args.hidden * 2.6875),
+        max_position_embeddings=max(args.seq_len, 512), tie_word_embeddings=args.tie,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, attn_implementation=args.attn, dtype=dtype).to(device)
+    with device:  # initialise on the device: a 1B model's random init on the host takes tens of seconds
+        model = LlamaForCausalLM._from_config(config, attn_implementation=args.attn, dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     n_params = sum(p.numel() for p in model.parameters())
+    n_body = n_params - model.get_input_embeddings().weight.numel()
+    if not args.tie:
+        n_body -= model.get_output_embeddings().weight.numel()
     losses = {name: LossConfig(name=name, chunk_size=args.chunk_size) for name in ("lml", "msl", "bear")}
 
     def sync() -> None:
@@ -128,6 +141,8 @@ def main() -> None:
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
 
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
+    positions = sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches)  # response positions N
+    step_flops = 6 * tokens * (n_body + args.layers * args.hidden * args.seq_len) + 6 * positions * args.vocab * args.hidden
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in card), None)
     print(f"device {card}, {n_params / 1e6:.1f}M params, {args.dtype}, vocab {args.vocab}, micro-batch "
@@ -137,7 +152,7 @@ def main() -> None:
     for name in losses:
         mfu = "-"
         if peak_tflops and dtype == torch.bfloat16:
-            mfu = f"{6 * n_params * tokens / median[name] / (peak_tflops * 1e12):.1%}"
+            mfu = f"{step_flops / median[name] / (peak_tflops * 1e12):.1%}"
         mem = f"{peak[name]:.2f}" if name in peak else "-"
         print(f"{name:>5} | {median[name]:13.4f} | {tokens / median[name]:9.0f} | {mem:>8} | {mfu:>6}")
     print(f"BEAR/MSL step time {median['bear'] / median['msl']:.3f}x; BEAR/LML {median['bear'] / median['lml']:.3f}x")
