@@ -268,13 +268,17 @@ def main() -> None:
     n = len(prompt_ids)
     basis, basis_name = (0, "wall") if device.type == "cuda" else (1, "CPU")  # a GPU run is judged on wall time
     print()
-    print(f"| decoder (B={args.num_beams}, {n} users) | wall s | users/s | CPU s | users per CPU-s | speed-up ({basis_name}) |")
+    print(
+        f"| decoder (B={args.num_beams}, {n} users) | wall s | users/s | CPU s | users per CPU-s | speed-up ({basis_name}) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, (wall, cpu) in (
         ("transformers generate + Python dict trie", clock_hf),
         ("bear_ds constrained_beam_search", clock_ours),
     ):
-        print(f"| {name} | {wall:.2f} | {n / wall:.2f} | {cpu:.2f} | {n / cpu:.2f} | {clock_hf[basis] / (wall, cpu)[basis]:.2f}x |")
+        print(
+            f"| {name} | {wall:.2f} | {n / wall:.2f} | {cpu:.2f} | {n / cpu:.2f} | {clock_hf[basis] / (wall, cpu)[basis]:.2f}x |"
+        )
     print()
     prefill_share = clock_prefill[basis] / clock_ours[basis]
     per_step_ms = 1000 * (clock_ours[basis] - clock_prefill[basis]) / max(args.decode_steps, 1)

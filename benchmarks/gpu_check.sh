@@ -83,11 +83,11 @@ stage_times() {  # one-GPU training loop at ZeRO stage 0 vs 3, same model and ba
       train.zero_stage=$stage train.epochs=1 train.eval_every_epoch=false $TRAIN_ARGS train.max_steps=$STAGE_STEPS \
       >"$WORK/stage$stage.log" 2>&1 || { tail -n 20 "$WORK/stage$stage.log"; return 1; }
   done
-  $PY -m cProfile -o "$WORK/stage3.prof" -m bear_ds train --config configs/office/bear.yaml \
+  [ "${STAGE_PROFILE:-1}" = 1 ] && $PY -m cProfile -o "$WORK/stage3.prof" -m bear_ds train --config configs/office/bear.yaml \
     "output_dir=$WORK/stage3_profiled" "data.path=$DATA" train.zero_stage=3 train.epochs=1 \
-    train.eval_every_epoch=false $TRAIN_ARGS train.max_steps=$STAGE_STEPS >"$WORK/stage3_profiled.log" 2>&1 || return 1
+    train.eval_every_epoch=false $TRAIN_ARGS train.max_steps=$STAGE_STEPS >"$WORK/stage3_profiled.log" 2>&1
   $PY - "$WORK" <<'PYEOF'
-import json, pstats, statistics, sys
+import json, os, pstats, statistics, sys
 work = sys.argv[1]
 for stage in (0, 3):
     rows = [json.loads(line) for line in open(f"{work}/stage{stage}/train_log.jsonl")]
@@ -95,12 +95,13 @@ for stage in (0, 3):
     step = statistics.median(r["step_time_s"] for r in steady)
     tok = statistics.median(r["tokens_per_s"] for r in steady)
     print(f"ZeRO stage {stage}: median step {step:.3f} s, {tok:,.0f} tokens/s over steps 6-{rows[-1]['step']}")
-pstats.Stats(f"{work}/stage3.prof").sort_stats("tottime").print_stats(18)
+if os.path.exists(f"{work}/stage3.prof"):
+    pstats.Stats(f"{work}/stage3.prof").sort_stats("tottime").print_stats(18)
 PYEOF
 }
 
 export -f stage_times
-export PY WORK DATA TRAIN_ARGS STAGE_STEPS
+export PY WORK DATA TRAIN_ARGS STAGE_STEPS STAGE_PROFILE
 declare -A CHECK
 for name in ${CHECKS:-train_step_1b loss_head beam_search zero3 stages}; do CHECK[$name]=1; done
 # shellcheck disable=SC2086  # the *_ARGS are word lists

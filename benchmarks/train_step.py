@@ -142,7 +142,9 @@ def main() -> None:
 
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     positions = sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches)  # response positions N
-    step_flops = 6 * tokens * (n_body + args.layers * args.hidden * args.seq_len) + 6 * positions * args.vocab * args.hidden
+    step_flops = (
+        6 * tokens * (n_body + args.layers * args.hidden * args.seq_len) + 6 * positions * args.vocab * args.hidden
+    )
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in card), None)
     print(f"device {card}, {n_params / 1e6:.1f}M params, {args.dtype}, vocab {args.vocab}, micro-batch "

@@ -8,10 +8,12 @@ import torch
 from bear_ds.config import LossConfig
 from bear_ds.losses import (
     LMHead,
+    LossSums,
     backbone_hidden_states,
     bear_loss,
     lm_head_context,
     lml_loss,
+    metrics_from_sums,
     msl_loss,
     response_loss,
     select_response,
@@ -115,6 +117,19 @@ def test_metrics_are_micro_batch_means():
     assert "weight_mean" in out.metrics and 1.0 <= out.metrics["weight_mean"] <= 1.25
     reg = response_loss(hidden, weight, targets, states, trie, LossConfig(form="regularizer")).metrics
     assert reg["reg"] < 0 and "weight_mean" not in reg
+
+
+def test_sums_of_two_micro_batches_give_token_weighted_metrics():
+    """What the trainer logs per step: the LossSums vectors of its micro-batches added, read once."""
+    trie, targets, states = response_batch(12)
+    hidden, weight = torch.randn(len(targets), H), torch.randn(V, H)
+    cfg = LossConfig(chunk_size=4, beam_width=2)
+    halves = [response_loss(hidden[s], weight, targets[s], states[s], trie, cfg) for s in (slice(0, 5), slice(5, None))]
+    whole = response_loss(hidden, weight, targets, states, trie, cfg)
+    added = LossSums.from_tensor(halves[0].sums.as_tensor() + halves[1].sums.as_tensor())
+    assert metrics_from_sums(added, name="bear") == pytest.approx(whole.metrics, rel=1e-5)
+    with pytest.raises(ValueError, match=r"expected a \[9\] vector"):
+        LossSums.from_tensor(torch.zeros(8))
 
 
 def test_no_response_tokens_still_reaches_every_parameter():

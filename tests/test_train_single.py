@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from train_data import write_prepared
 
 from bear_ds.config import load_config
@@ -36,3 +37,32 @@ def test_on_improvement_decodes_test_only_after_better_epochs(tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, summary["steps"] + 1))
     assert all(r["world_size"] == 1 and r["zero_stage"] == 0 and r["step_time_s"] > 0 for r in log)
+
+
+@pytest.mark.slow
+def test_nonfinite_micro_batches_are_skipped_or_stop_the_run(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from bear_ds.training.loop import NonFiniteLossError
+
+    prepared = write_prepared(tmp_path / "data")
+    common = [f"data.path={prepared}", "train.zero_stage=0", "train.global_batch=16", "train.micro_batch=8",
+              "train.eval_every_epoch=false"]  # fmt: skip
+    train(load_config(None, [*common, f"output_dir={tmp_path / 'base'}", "train.max_steps=1"]))
+    poisoned = tmp_path / "poisoned"
+    (tmp_path / "base" / "model").rename(poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    norm = next(k for k in weights if k.endswith("model.norm.weight"))
+    weights[norm] = torch.full_like(weights[norm], float("nan"))  # every hidden state becomes NaN
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    on_poisoned = [*common, "model.name=hf", f"model.path={poisoned}", "train.max_steps=2"]
+
+    out = tmp_path / "skip"
+    summary = train(load_config(None, [*on_poisoned, f"output_dir={out}", "train.on_nonfinite=skip"]))
+    assert summary["counters"]["skipped_micro_batches"] == 4  # 2 steps x 2 micro-batches
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == ["nan", "nan"]  # nothing finite to average, not a made-up 0
+    assert [r["skipped_micro_batches"] for r in log] == [2, 4]
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 1 \(epoch 0.*accumulation round 0"):
+        train(load_config(None, [*on_poisoned, f"output_dir={tmp_path / 'stop'}"]))

@@ -271,6 +271,14 @@ class LossSums:
         """[9] float32 vector (detached) in field order, e.g. for an all-reduce of the metrics."""
         return torch.stack([getattr(self, f.name).detach().float() for f in fields(self)])
 
+    @classmethod
+    def from_tensor(cls, vector: torch.Tensor) -> LossSums:
+        """The inverse of `as_tensor` (e.g. after adding the vectors of micro-batches and ranks)."""
+        names = [f.name for f in fields(cls)]
+        if vector.shape != (len(names),):
+            raise ValueError(f"expected a [{len(names)}] vector ({', '.join(names)}), got shape {tuple(vector.shape)}")
+        return cls(**dict(zip(names, vector.unbind(), strict=True)))
+
 
 def loss_sums(
     logits: torch.Tensor,

@@ -14,7 +14,7 @@ no second pass over the chunks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -46,10 +46,17 @@ class LMHead(NamedTuple):
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar float32, carries gradient
-    metrics: dict[str, float] = field(
-        default_factory=dict
-    )  # ce, reg|weight_mean, frac_outside_topb, counted, positions
-    sums: LossSums | None = None  # raw sums, e.g. for a token-weighted reduction across ranks
+    sums: LossSums  # raw sums: add them over micro-batches and ranks, then `metrics_from_sums` once
+    loss_cfg: LossConfig
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """ce, reg|weight_mean, frac_outside_topb, counted, positions of this micro-batch.
+
+        Reading them copies from the device and so waits for it; a training loop that adds `sums`
+        over its micro-batches and reads once per step keeps the GPU queue full.
+        """
+        return metrics_from_sums(self.sums, name=self.loss_cfg.name, form=self.loss_cfg.form)
 
 
 def _as_lm_head(lm_head: LMHead | tuple | torch.Tensor) -> LMHead:
@@ -172,8 +179,7 @@ def response_loss(
         )
         totals = totals + LossSums(*parts)
     loss = loss_from_sums(totals, name=loss_cfg.name, form=loss_cfg.form, lam=loss_cfg.lam) + touch
-    metrics = metrics_from_sums(totals, name=loss_cfg.name, form=loss_cfg.form)
-    return LossOutput(loss=loss, metrics=metrics, sums=totals)
+    return LossOutput(loss=loss, sums=totals, loss_cfg=loss_cfg)
 
 
 def select_response(

@@ -135,7 +135,14 @@ def train(cfg: Config) -> dict[str, Any]:
 
     from bear_ds.catalog import Catalog
     from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
-    from bear_ds.losses import backbone_hidden_states, lm_head_context, response_loss, select_response
+    from bear_ds.losses import (
+        LossSums,
+        backbone_hidden_states,
+        lm_head_context,
+        metrics_from_sums,
+        response_loss,
+        select_response,
+    )
     from bear_ds.models import build_model, pretrained_folder
 
     t_start = time.time()
@@ -246,41 +253,39 @@ def train(cfg: Config) -> dict[str, Any]:
         while step_in_epoch < len(schedule.steps) and step < total_steps:
             t_step = time.time()
             micro = schedule.steps[step_in_epoch]
-            sums: dict[str, float] = {}
-            finite_micro = 0
+            # Per-micro-batch results stay on the device and are read once per step: every read waits for
+            # the GPU, and a wait per micro-batch would leave it idle while the next one is launched.
+            loss_sum = torch.zeros((), device=device)
+            step_sums = LossSums.zeros(loss_sum).as_tensor()  # [9]: the finite micro-batches' LossSums
+            finite_micro = torch.zeros((), device=device)
+            unchecked: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # on_nonfinite=stop: checked after the step
             for round_index, indices in enumerate(rank_micro_batches(micro, rank, world)):
                 batch = {
                     k: v.to(device) for k, v in collate(examples.input_ids, examples.labels, indices, pad_id).items()
                 }
+                where = (
+                    f"step {step + 1} (epoch {epoch}, step {step_in_epoch} of the epoch), accumulation round "
+                    f"{round_index}, examples {[int(i) for i in indices[:8]]} on rank {rank}"
+                )
                 with accelerator.accumulate(model):
                     hidden = backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
                     h, y, s = select_response(hidden, batch["labels"], trie)  # [N, H], [N], [N]
                     with lm_head_context(model) as head:
                         result = response_loss(h, head, y, s, trie, cfg.loss)
                         loss = result.loss
-                        metric_keys = ["loss", *sorted(result.metrics)]  # same on every rank (same loss config)
-                        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=device)
-                        bad_any = accelerator.reduce(bad, reduction="sum")  # every rank takes the same branch
-                        if bad_any.item() > 0:
-                            where = (
-                                f"step {step + 1} (epoch {epoch}, step {step_in_epoch} of the epoch), accumulation round "
-                                f"{round_index}, examples {[int(i) for i in indices[:8]]} on rank {rank}"
-                            )
-                            if cfg.train.on_nonfinite == "stop":
-                                value = f"{loss.item()}" if bad.item() else "(on another rank)"
-                                raise NonFiniteLossError(
-                                    f"non-finite loss {value} at {where}; "
-                                    "set train.on_nonfinite=skip to drop such micro-batches"
-                                )
-                            counters["skipped_micro_batches"] += 1
-                            logger.warning("skipping a micro-batch with a non-finite loss at %s", where)
-                            # a zero that reaches every parameter, so ZeRO's gradient hooks still fire
-                            loss = h.float().sum() * 0.0 + head.weight.float().sum() * 0.0
+                        finite = torch.isfinite(loss.detach())
+                        if cfg.train.on_nonfinite == "skip":  # decided before the backward, alike on every rank
+                            if accelerator.reduce((~finite).float()[None], reduction="sum").item() > 0:
+                                counters["skipped_micro_batches"] += 1
+                                logger.warning("skipping a micro-batch with a non-finite loss at %s", where)
+                                finite = torch.zeros_like(finite)
+                                # a zero that reaches every parameter, so ZeRO's gradient hooks still fire
+                                loss = h.float().sum() * 0.0 + head.weight.float().sum() * 0.0
                         else:
-                            finite_micro += 1
-                            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                            for key, value in result.metrics.items():
-                                sums[key] = sums.get(key, 0.0) + float(value)
+                            unchecked.append((finite, loss.detach(), where))
+                        loss_sum = loss_sum + torch.where(finite, loss.detach(), 0.0)
+                        step_sums = step_sums + torch.where(finite, result.sums.as_tensor(), 0.0)
+                        finite_micro = finite_micro + finite.float()
                         accelerator.backward(loss)
                     if not use_deepspeed:
                         if accelerator.sync_gradients:
@@ -291,6 +296,8 @@ def train(cfg: Config) -> dict[str, Any]:
                             )
                         optimizer.step()
                         optimizer.zero_grad()
+            if unchecked:
+                _stop_on_nonfinite(accelerator, unchecked, step)
             if not accelerator.sync_gradients:
                 raise RuntimeError(
                     f"step {step + 1}: accumulation out of sync ({plan.accumulation} rounds expected per step)"
@@ -302,14 +309,16 @@ def train(cfg: Config) -> dict[str, Any]:
             step += 1
             step_in_epoch += 1
 
-            # ---- log: means over the step's micro-batches, all ranks
-            keys = metric_keys
-            local = torch.tensor(
-                [sums.get(k, 0.0) for k in keys] + [float(finite_micro)], dtype=torch.float64, device=device
-            )
-            total = accelerator.reduce(local, reduction="sum")
-            n_finite = max(float(total[-1]), 1.0)
-            means = {k: float(total[i]) / n_finite for i, k in enumerate(keys)}
+            # ---- log: token-weighted over the step's micro-batches on all ranks, one read from the device
+            local = torch.cat([step_sums, loss_sum[None], finite_micro[None]]).double()
+            total = accelerator.reduce(local, reduction="sum").cpu()
+            n_finite = float(total[-1])
+            means = {
+                "loss": float(total[-2]) / max(n_finite, 1.0),  # mean of the micro-batch losses
+                **metrics_from_sums(LossSums.from_tensor(total[:-2]), name=cfg.loss.name, form=cfg.loss.form),
+            }
+            if n_finite == 0:  # every micro-batch skipped (train.on_nonfinite=skip): nothing to average
+                means = dict.fromkeys(means, float("nan"))
             step_time = time.time() - t_step
             # optimisation time alone (no evaluation, checkpoint or export): what BEAR/MSL cost ratios use
             counters["optim_time_s"] = counters.get("optim_time_s", 0.0) + step_time
@@ -369,6 +378,21 @@ def _main_decides(accelerator, flag: bool) -> bool:
     """Rank 0's boolean, on every rank (only rank 0 reads the run's logs)."""
     vote = torch.tensor([1.0 if (flag and accelerator.is_main_process) else 0.0], device=accelerator.device)
     return accelerator.reduce(vote, reduction="sum").item() > 0
+
+
+def _stop_on_nonfinite(accelerator, unchecked: list[tuple[torch.Tensor, torch.Tensor, str]], step: int) -> None:
+    """train.on_nonfinite=stop: one check per step, on every rank, naming the first bad micro-batch."""
+    bad = torch.stack([~finite for finite, _, _ in unchecked]).float()
+    if accelerator.reduce(bad.sum()[None], reduction="sum").item() == 0:
+        return
+    local = [(loss, where) for (finite, loss, where) in unchecked if not finite]
+    if local:
+        value, where = f"{local[0][0].item()}", local[0][1]
+    else:
+        value, where = "(on another rank)", f"step {step + 1}"
+    raise NonFiniteLossError(
+        f"non-finite loss {value} at {where}; set train.on_nonfinite=skip to drop such micro-batches"
+    )
 
 
 def _epoch_end(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, out, epoch, step) -> None:
