@@ -14,6 +14,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """`python -m torch.distributed.run` for `nproc` local processes on a free loopback port, then `args`
+    (a script path or `-m module`, and its arguments): the one-machine launch of tests and benchmarks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]  # fmt: skip
+
+
 def ensure_single_process_env() -> None:
     """Outside any launcher, describe a one-process group in the environment, as launchers do,
     so that DeepSpeed can initialise; values a launcher set are kept."""

@@ -15,13 +15,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bear_ds.distributed import free_port
+from bear_ds.distributed import torchrun_command
 
 
 def _build(args, device: torch.device):
@@ -199,26 +198,11 @@ def _agreement(ours, ref):
 
 def _evaluate_cli(args, folder, nproc):
     out = Path(args.out) / f"eval_ws{nproc}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "bear_ds.cli",
-        "evaluate",
-        f"output_dir={out}",
-        f"data.path={folder}",
-        "data.source=prepared",
-        f"model.path={Path(args.out) / 'model'}",
-        f"eval.num_beams={args.num_beams}",
-        f"eval.max_users={args.users}",
-        f"eval.batch_users={args.batch_users}",
-        "eval.top_k=[1,5,10]",
-    ]
+    cmd = torchrun_command(
+        nproc, "-m", "bear_ds.cli", "evaluate", f"output_dir={out}", f"data.path={folder}", "data.source=prepared",
+        f"model.path={Path(args.out) / 'model'}", f"eval.num_beams={args.num_beams}", f"eval.max_users={args.users}",
+        f"eval.batch_users={args.batch_users}", "eval.top_k=[1,5,10]",
+    )  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tiny_models import tiny_llama_kwargs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bear_ds.trie import TokenTrie
@@ -21,18 +22,9 @@ def tiny_llama(vocab_size: int, seed: int = 0, logit_scale: float = 8.0, max_pos
     (score gaps well above float32 noise, so rankings are not decided by rounding)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
+        **tiny_llama_kwargs(vocab_size, 32, num_attention_heads=4, max_position_embeddings=max_positions),
+        tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+    )  # fmt: skip
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)

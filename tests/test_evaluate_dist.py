@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from eval_fixtures import write_model_folder, write_prepared
 
 from bear_ds.config import load_config
-from bear_ds.distributed import free_port
+from bear_ds.distributed import torchrun_command
 from bear_ds.evaluation.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
@@ -33,21 +32,7 @@ def folders(tmp_path_factory):
 
 def _torchrun(root: Path, out: str, base: list[str], *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "bear_ds.cli",
-        "evaluate",
-        f"output_dir={root}/{out}",
-        *base,
-        *extra,
-    ]
+    cmd = torchrun_command(2, "-m", "bear_ds.cli", "evaluate", f"output_dir={root}/{out}", *base, *extra)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

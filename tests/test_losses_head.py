@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llama_kwargs
 
 from bear_ds.config import LossConfig
 from bear_ds.losses import (
@@ -163,15 +164,7 @@ def test_bad_positions_are_named():
 def _tiny_models():
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    common = tiny_llama_kwargs(V, H)
     return {
         "llama_tied": lambda: LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)),
         "llama_untied": lambda: LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)),

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama_kwargs
 
 from bear_ds.config import LossConfig
-from bear_ds.distributed import free_port
+from bear_ds.distributed import torchrun_command
 from bear_ds.losses import backbone_hidden_states, lm_head_context, response_loss, select_response
 from bear_ds.trie import TokenTrie
 
@@ -91,16 +91,7 @@ dist.barrier()
 
 
 def tiny_config() -> dict:
-    return dict(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    return tiny_llama_kwargs(V, H, tie_word_embeddings=True)
 
 
 def _example(prompt: list[int], title: list[int]) -> tuple[list[int], list[int]]:
@@ -157,19 +148,7 @@ def test_zero3_two_ranks_match_single_process(tmp_path: Path):
     torch.save(weights, tmp_path / "weights.pt")
     (tmp_path / "worker.py").write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", BEAR_TEST_DIR=str(Path(__file__).parent))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(tmp_path / "worker.py"),
-        str(tmp_path),
-    ]
+    cmd = torchrun_command(2, str(tmp_path / "worker.py"), str(tmp_path))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired as exc:

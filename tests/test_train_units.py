@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_llama_kwargs
 
 from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.config import load_config
@@ -98,8 +99,7 @@ def test_merge_lora_state_dict_equals_peft_merge():
     from bear_ds.training.export import _lora_scalings
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    cfg = LlamaConfig(**tiny_llama_kwargs(64, 32, num_attention_heads=4))
     peft_model = get_peft_model(
         LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     )
