@@ -4,29 +4,34 @@
 #                  tokens/s, peak memory, model FLOPs utilisation, BEAR/MSL and BEAR/LML ratios
 #   loss_head      the released loss head vs ours at V = 128,256, N = 2k and 8k response positions
 #   beam_search    our constrained beam search vs transformers generate + a Python trie on Office, users/s
-#   zero3_train    `bear-ds train` through Accelerate + DeepSpeed ZeRO-3 on nccl, bf16, then
-#   zero3_eval     `bear-ds evaluate` of the exported model on the GPU (users/s, HR@10)
+#   zero3          `bear-ds train` through Accelerate + DeepSpeed ZeRO-3 on nccl, bf16, then
+#                  `bear-ds evaluate` of the exported model on the GPU (users/s, HR@10)
+#   stages         the one-GPU training loop at ZeRO stage 0 vs 3 (median step), and a cProfile of
+#                  stage 3 (STAGE_PROFILE=0 leaves it out)
+# CHECKS="loss_head stages" runs a subset. docs/results.md section 6 has the figures of one H100.
 #
-# Prepare here, once (the GPU image has torch, accelerate and numpy but no deepspeed, datasets or pydantic,
-# an older transformers, and no network), into the git-ignored benchmarks/gpu_carry:
-#   bash benchmarks/gpu_check.sh --prepare
-# then through the device tool, carry=["benchmarks/gpu_carry"], timeout_s=560:
+# Prepare here, once, with the project's venv (the GPU image has torch, accelerate and numpy, but no
+# deepspeed, datasets or pydantic, an older transformers, and no network), into the git-ignored
+# benchmarks/gpu_carry:
+#   PY=.venv/bin/python bash benchmarks/gpu_check.sh --prepare
+# then through the device tool, carry=["benchmarks/gpu_carry"], timeout_s=560 (it took 297 s on an H100):
 #   bash benchmarks/gpu_check.sh
 # A dry run on this CPU machine with tiny sizes (checks the plumbing, not the GPU):
-#   DEV=cpu bash benchmarks/gpu_check.sh
+#   DEV=cpu PY=.venv/bin/python bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=benchmarks/gpu_carry
-if [ "${1:-}" = "--prepare" ]; then
+PY=${PY:-python3}
+if [ "${1:-}" = "--prepare" ]; then  # PY: the project's venv python (deepspeed's sdist imports torch to build)
   # the versions this repository is tested with (constraints.txt), for CPython 3.12 on x86-64 Linux
   mkdir -p "$CARRY/wheels" "$CARRY/Office"
-  pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$CARRY/wheels" transformers==5.23.0 huggingface_hub==2.4.0 hf-xet==1.8.0 httpx2==2.16.2 \
     httpcore2==2.16.2 truststore datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 hjson==3.1.0 \
     pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection peft==0.21.2 \
     tokenizers==0.23.3 || exit 1
-  pip wheel -q --no-deps -w "$CARRY/wheels" deepspeed==0.19.8 || exit 1  # an sdist: build the pure wheel here
+  $PY -m pip wheel -q --no-deps -w "$CARRY/wheels" deepspeed==0.19.8 || exit 1  # an sdist: build the pure wheel here
   cp ../shared/data/Office/{train_10000.csv,test_5000.csv,id2name4Rec.json} "$CARRY/Office/" || exit 1
   du -sh "$CARRY"
   exit 0
@@ -44,7 +49,6 @@ if [ -d "$CARRY/wheels" ] && [ "$DEV" = cuda ]; then
 fi
 DATA=$CARRY/Office
 [ -d "$DATA" ] || DATA=../shared/data/Office
-PY=${PY:-python3}
 if [ "$DEV" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
   STEP_ARGS="--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192 --tie --vocab 128256
