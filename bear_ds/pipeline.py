@@ -66,12 +66,13 @@ def sweep(cfg: Config) -> Path:
     """Run (or write job scripts for) every grid point of `cfg.sweep`, then aggregate and report."""
     from bear_ds.data import resolve_prepared
     from bear_ds.reports import report
-    from bear_ds.reports.sweep import run_sweep
+    from bear_ds.reports.sweep import run_sweep, sweep_base
 
     out = Path(cfg.output_dir)
-    data_dir = resolve_prepared(cfg, out / "data")  # once: every point sees the same splits
-    base = with_overrides(cfg, [f"data.path={data_dir}", "data.source=prepared"])
-    run_sweep(base, run_point, is_done=point_finished)  # aggregates results.csv itself in run mode
+    # once, from the data the points use (a sweep.base file's, if set): every point sees the same splits
+    data_dir = resolve_prepared(sweep_base(cfg), out / "data")
+    prepared = [f"data.path={data_dir}", "data.source=prepared"]
+    run_sweep(cfg, run_point, is_done=point_finished, base_overrides=prepared)  # aggregates in run mode
     if cfg.sweep.mode == "run":
         report(out)
     return out

@@ -247,3 +247,46 @@ def test_edited_base_file_is_caught_on_rerun(tmp_path: Path) -> None:
     base.write_text("loss: {tau: 4.0}\n")
     with pytest.raises(SweepError, match=r"loss.tau: 3.0 -> 4.0"):
         run_sweep(cfg, FakeTrainer())
+
+
+def test_pipeline_sweep_with_a_base_file_prepares_the_base_data(tmp_path: Path) -> None:
+    from train_data import write_prepared
+
+    from bear_ds.pipeline import sweep
+
+    prepared = write_prepared(tmp_path / "prepared")
+    base = tmp_path / "base.yaml"
+    base.write_text(f"data: {{source: prepared, path: {prepared}}}\nloss: {{name: msl}}\n")
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1, 2]}, base=str(base), mode="scripts")
+    sweep(cfg)  # before the fix: ConfigError (data.path set in both) after preparing the default dataset
+    for seed in (1, 2):
+        point = load_config(tmp_path / "sweep" / "point_configs" / f"train.seed={seed}.yaml")
+        assert (point.data.source, point.data.path, point.loss.name) == ("prepared", str(prepared), "msl")
+
+
+def test_aggregate_groups_a_list_valued_grid_key(tmp_path: Path) -> None:
+    modules = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj"]]
+    cfg = sweep_cfg(tmp_path, {"model.lora.target_modules": modules, "train.seed": [1, 2]}, mode="scripts")
+    outcome = run_sweep(cfg, FakeTrainer())
+    for i, name in enumerate(outcome.points):
+        write_summary(tmp_path / "sweep" / name, 0.1 * (i + 1))
+    aggregate(tmp_path / "sweep")  # before the fix: TypeError, unhashable type: 'list'
+    grouped = pd.read_csv(tmp_path / "sweep" / "results_by_config.csv")
+    assert list(grouped["model.lora.target_modules"]) == ["[q_proj, v_proj]", "[q_proj, k_proj, v_proj]"]
+    assert list(grouped["n"]) == [2, 2]
+
+
+def test_aggregate_counts_a_metric_some_points_lack(tmp_path: Path) -> None:
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1, 2, 3]}, mode="scripts")
+    outcome = run_sweep(cfg, FakeTrainer())
+    for name in outcome.points:
+        write_summary(tmp_path / "sweep" / name, 0.2)
+    summary_path = tmp_path / "sweep" / outcome.points[2] / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    del summary["test"]  # e.g. a run whose test was never decoded
+    summary_path.write_text(json.dumps(summary))
+    aggregate(tmp_path / "sweep")
+    grouped = pd.read_csv(tmp_path / "sweep" / "results_by_config.csv")
+    assert grouped.loc[0, "n"] == 3 and grouped.loc[0, "test.ndcg@10 n"] == 2
+    assert "valid.ndcg@10 n" not in grouped.columns  # every point has it
+    assert "0.2000 ± 0.0000 (n=2)" in (tmp_path / "sweep" / "results.md").read_text()

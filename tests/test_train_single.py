@@ -66,3 +66,23 @@ def test_nonfinite_micro_batches_are_skipped_or_stop_the_run(tmp_path):
 
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 1 \(epoch 0.*accumulation round 0"):
         train(load_config(None, [*on_poisoned, f"output_dir={tmp_path / 'stop'}"]))
+
+
+@pytest.mark.slow
+def test_summary_flags_an_exported_model_that_is_not_the_selected_epoch(tmp_path):
+    # a crash between an epoch's export and its checkpoint can leave OUT/model from a discarded
+    # continuation; the summary must not silently pair it with the selected epoch's metrics
+    prepared = write_prepared(tmp_path / "data")
+    out = tmp_path / "run"
+    overrides = [f"data.path={prepared}", f"output_dir={out}", "train.zero_stage=0", "train.epochs=2",
+                 "train.global_batch=32", "train.eval_max_users=8", "eval.num_beams=5", "eval.top_k=[1,5]",
+                 "train.select_metric=ndcg@5"]  # fmt: skip
+    summary = train(load_config(None, overrides))
+    assert "mismatch" not in summary["model"]
+    info_path = out / "model" / "export_info.json"
+    info = json.loads(info_path.read_text())
+    info["epoch"] = summary["selected_epoch"] + 7  # as if a later, discarded epoch had been exported
+    info_path.write_text(json.dumps(info))
+    resumed = train(load_config(None, [*overrides, "train.resume=auto"]))  # the finished run: only the summary
+    assert f"holds epoch {info['epoch']}" in resumed["model"]["mismatch"]
+    assert f"selected epoch is {summary['selected_epoch']}" in resumed["model"]["mismatch"]

@@ -173,3 +173,32 @@ def test_jsonl_log_truncates_lines_past_the_checkpoint(tmp_path):
         log.write({"step": step, "loss": float("nan") if step == 5 else 1.0 / step})
     log.truncate_after(3)
     assert [r["step"] for r in log.read()] == [1, 2, 3]
+
+
+def test_jsonl_log_survives_a_line_cut_by_a_crash_and_names_other_bad_lines(tmp_path):
+    path = tmp_path / "train_log.jsonl"
+    log = JsonlLog(path, enabled=True)
+    for step in range(1, 4):
+        log.write({"step": step, "loss": 1.0})
+    with path.open("a") as f:
+        f.write('{"step": 4, "lo')  # killed mid-write: no newline
+    log.truncate_after(2)  # what a resume does: must not fail on the cut line
+    assert [r["step"] for r in log.read()] == [1, 2] and path.read_text().endswith("}\n")
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"train_log.jsonl line 2: not valid JSON"):
+        log.read()
+
+
+def test_select_metric_that_evaluation_cannot_compute_fails_before_training(tmp_path):
+    from train_data import write_prepared
+
+    from bear_ds.config import ConfigError, load_config
+    from bear_ds.training import train
+
+    prepared = write_prepared(tmp_path / "data")
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"data.path={prepared}", "data.source=prepared", f"output_dir={out}", "train.zero_stage=0",
+                             "train.max_steps=1", "eval.num_beams=5", "train.select_metric=ndcg@10"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train.select_metric='ndcg@10'.*hr@1, hr@5, ndcg@1, ndcg@5"):
+        train(cfg)
+    assert not out.exists()  # nothing trained

@@ -29,7 +29,7 @@ import logging
 import math
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -158,9 +158,10 @@ def expand_grid(sweep_cfg: SweepConfig, base: Config | None = None) -> list[tupl
     return points
 
 
-def sweep_base(cfg: Config) -> Config:
+def sweep_base(cfg: Config, base_overrides: Sequence[str] = ()) -> Config:
     """The config every point starts from: `sweep.base` if set, else the sweep config itself,
-    with the sweep section reset (a point is a plain run) and output_dir = the sweep folder."""
+    with the sweep section reset (a point is a plain run), output_dir = the sweep folder, and then
+    `base_overrides` (what the caller fixes for every point, e.g. the prepared data folder)."""
     if cfg.sweep.base is None:
         raw = cfg.model_dump()
     else:
@@ -179,7 +180,8 @@ def sweep_base(cfg: Config) -> Config:
         raw = load_config(cfg.sweep.base).model_dump()
     raw["sweep"] = SweepConfig().model_dump()
     raw["output_dir"] = cfg.output_dir
-    return build_config(raw, origin=f"sweep base ({cfg.sweep.base or 'the sweep config'})")
+    base = build_config(raw, origin=f"sweep base ({cfg.sweep.base or 'the sweep config'})")
+    return with_overrides(base, list(base_overrides)) if base_overrides else base
 
 
 def point_config(base: Config, sweep_dir: Path, name: str, overrides: list[str]) -> Config:
@@ -287,7 +289,10 @@ def has_summary(point_dir: Path) -> bool:
 
 
 def run_sweep(
-    cfg: Config, run_point: Callable[[Config, Path], None], is_done: Callable[[Path], bool] = has_summary
+    cfg: Config,
+    run_point: Callable[[Config, Path], None],
+    is_done: Callable[[Path], bool] = has_summary,
+    base_overrides: Sequence[str] = (),
 ) -> SweepOutcome:
     """Run every point not done yet (`run_point(point_cfg, point_dir)` must leave point_dir done:
     by default, with a summary.json; `is_done` can ask for more, e.g. an analysis too), or in
@@ -295,9 +300,10 @@ def run_sweep(
 
     Stops at the first failing point (the failure is re-raised; rerunning resumes from there).
     In run mode the results are aggregated at the end (results.csv, results.md).
+    `base_overrides` apply to the base of every point (see `sweep_base`).
     """
     sweep_dir = Path(cfg.output_dir)
-    base = sweep_base(cfg)
+    base = sweep_base(cfg, base_overrides)
     points = expand_grid(cfg.sweep, base)
     point_cfgs = {name: point_config(base, sweep_dir, name, overrides) for name, overrides in points}
     _check_same_base(sweep_dir, base)
@@ -377,7 +383,8 @@ def collect_points(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]
                 notes.append(f"point {name}: parameters unknown ({why}; {why_planned})")
         params = flatten(config) if config else {}
         row: dict[str, Any] = {"point": name, "status": "pending"}
-        row.update({k: params.get(k) for k in param_keys})
+        # a list-valued key (model.lora.target_modules) as its override text: groupable, and as typed
+        row.update({k: _as_cell(params.get(k)) for k in param_keys})
         # grid keys that sweep.only_when left out of this point do not apply to it: shown as empty
         swept = {o.split("=", 1)[0] for o in point.get("overrides", [])}
         row.update({k: None for k in grid_keys if k not in swept})
@@ -417,8 +424,13 @@ def group_keys_of(grid_keys: list[str]) -> list[str]:
     return keys or ["loss.name"]
 
 
+def _as_cell(value: Any) -> Any:
+    return override_value(value) if isinstance(value, (list, dict)) else value
+
+
 def group_over_seeds(points: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
-    """Done points grouped by every grid key except train.seed: mean, std (ddof=1) and n."""
+    """Done points grouped by every grid key except train.seed: mean, std (ddof=1) and n, and for
+    each value column its own count where some point lacks it (`<col> n`)."""
     keys = group_keys_of(grid_keys)
     done = points[points["status"] == "done"]
     value_cols = [
@@ -430,9 +442,11 @@ def group_over_seeds(points: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame
         return pd.DataFrame(columns=[*keys, "n"])
     numeric = done[value_cols].apply(pd.to_numeric, errors="coerce")
     grouped = pd.concat([done[keys], numeric], axis=1).groupby(keys, sort=False, dropna=False)
-    stats = grouped[value_cols].agg(["mean", "std"])
-    stats.columns = [f"{col} {stat}" for col, stat in stats.columns]
-    stats.insert(0, "n", grouped.size())
+    stats = grouped[value_cols].agg(["mean", "std", "count"])
+    stats.columns = [f"{col} {'n' if stat == 'count' else stat}" for col, stat in stats.columns]
+    size = grouped.size()
+    stats = stats.drop(columns=[f"{c} n" for c in value_cols if (stats[f"{c} n"] == size).all()])
+    stats.insert(0, "n", size)
     return stats.reset_index()
 
 
@@ -480,7 +494,11 @@ def grouped_markdown(grouped: pd.DataFrame, grid_keys: list[str], select_metric:
         row.append(str(int(r["n"])))
         for m in shown:
             digits = 1 if m in ("train_time_s", "optim_time_s", "selected_epoch") else 4
-            row.append(format_mean_std(r[f"{m} mean"], r[f"{m} std"], digits))
+            cell = format_mean_std(r[f"{m} mean"], r[f"{m} std"], digits)
+            count = r.get(f"{m} n")
+            if count is not None and not pd.isna(count) and int(count) != int(r["n"]):
+                cell += f" (n={int(count)})"  # some points lack this value: the mean is over fewer
+            row.append(cell)
         rows.append(row)
     return markdown_table(headers, rows)
 

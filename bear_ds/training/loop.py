@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bear_ds.config import Config, save_config
+from bear_ds.config import Config, ConfigError, save_config
 from bear_ds.training.batching import collate, epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from bear_ds.training.distributed import build_accelerator
@@ -145,6 +145,8 @@ def train(cfg: Config) -> dict[str, Any]:
     )
     from bear_ds.models import build_model, pretrained_folder
 
+    if cfg.train.eval_every_epoch:
+        _check_select_metric(cfg)
     t_start = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,6 +382,27 @@ def _main_decides(accelerator, flag: bool) -> bool:
     return accelerator.reduce(vote, reduction="sum").item() > 0
 
 
+def _read_export_info(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "export_info.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _check_select_metric(cfg: Config) -> None:
+    """Fail before training, not after the first epoch, when train.select_metric is not computed."""
+    from bear_ds.evaluation.evaluate import metric_ks
+
+    ks, _ = metric_ks(cfg.eval.top_k, cfg.eval.num_beams, warn=False)
+    allowed = [f"{name}@{k}" for name in ("hr", "ndcg") for k in ks]
+    if cfg.train.select_metric not in allowed:
+        raise ConfigError(
+            f"train.select_metric={cfg.train.select_metric!r} is not among the metrics the per-epoch evaluation "
+            f"computes with eval.top_k={cfg.eval.top_k} and eval.num_beams={cfg.eval.num_beams}: "
+            f"{', '.join(allowed) or 'none'} (K above num_beams is left out)"
+        )
+
+
 def _stop_on_nonfinite(accelerator, unchecked: list[tuple[torch.Tensor, torch.Tensor, str]], step: int) -> None:
     """train.on_nonfinite=stop: one check per step, on every rank, naming the first bad micro-batch."""
     bad = torch.stack([~finite for finite, _, _ in unchecked]).float()
@@ -442,6 +465,16 @@ def _finish(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, o
         summary.update(
             selected_epoch=best["epoch"], select_metric=metric, valid=best["valid"], test=best["test"],
         )  # fmt: skip
+        exported = _read_export_info(out / "model")
+        if exported.get("epoch") != best["epoch"]:
+            # a crash between an epoch's export and its checkpoint, then a replay that did not improve
+            # on the best: OUT/model is from a discarded continuation. Say so rather than pair them.
+            why = (
+                f"{out / 'model'} holds epoch {exported.get('epoch')} (step {exported.get('step')}) but the "
+                f"selected epoch is {best['epoch']}; re-export that epoch from its checkpoint if it is still kept"
+            )
+            summary["model"]["mismatch"] = why
+            logger.error("%s", why)
         if cfg.train.eval_test == "every_epoch":
             summary["test_max_over_epochs"] = {
                 "protocol": "released (max over epochs of TEST metrics; for comparison only, not model selection)",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def _clean(value: Any) -> Any:
@@ -28,9 +31,25 @@ class JsonlLog:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The records. A last line cut short by a crash (no newline, not JSON) is left out with a
+        warning, so that the resume's `truncate_after` rewrites the file whole; any other bad line
+        is an error naming it."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.splitlines()
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if number == len(lines) and not text.endswith("\n"):
+                    logger.warning("%s line %d was cut short by a crash (%s): left out", self.path, number, exc.msg)
+                    continue
+                raise ValueError(f"{self.path} line {number}: not valid JSON ({exc.msg})") from exc
+        return records
 
     def truncate_after(self, step: int, key: str = "step") -> None:
         if not self.enabled or not self.path.is_file():
