@@ -97,7 +97,7 @@ def _train_lml(model, tokenizer, catalog, prompts, targets, args, encode_example
 
 
 def _batches(prompt_ids, pad, size, device):
-    from bear_ds.evaluation.analysis import left_pad
+    from bear_ds.generation.beam import left_pad
 
     for s in range(0, len(prompt_ids), size):
         yield left_pad(prompt_ids[s : s + size], pad, device)

@@ -38,6 +38,7 @@ from bear_ds.generation.beam import (
     constrained_beam_search,
     decoding_with_shared_prefix,
     last_logits_only,
+    left_pad,
     shared_prefix_cache,
 )
 from bear_ds.trie import TokenTrie
@@ -435,21 +436,6 @@ def analyze_users(
             if progress is not None:
                 progress.update(1)
     return records
-
-
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded [U, L] input ids and attention mask."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.int64)
-    attn = torch.zeros(len(sequences), width, dtype=torch.int64)
-    for i, s in enumerate(sequences):
-        if len(s) == 0:
-            raise ValueError(f"prompt {i} of the batch is empty")
-        ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.int64)
-        attn[i, width - len(s) :] = 1
-    return ids.to(device), attn.to(device)
 
 
 def analyze(cfg) -> dict[str, Any]:

@@ -29,9 +29,8 @@ from typing import Any
 import torch
 
 from bear_ds.distributed import ensure_single_process_env, stub_deepspeed_shm_op
-from bear_ds.evaluation.analysis import left_pad
 from bear_ds.evaluation.metrics import rank_metrics
-from bear_ds.generation.beam import constrained_beam_search
+from bear_ds.generation.beam import constrained_beam_search, left_pad
 
 logger = logging.getLogger(__name__)
 

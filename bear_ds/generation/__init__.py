@@ -1,5 +1,5 @@
-"""Decoding: the vectorised trie-constrained beam search."""
+"""Decoding: the vectorised trie-constrained beam search and its left-padded prompt batches."""
 
-from bear_ds.generation.beam import BeamResult, constrained_beam_search
+from bear_ds.generation.beam import BeamResult, constrained_beam_search, left_pad
 
-__all__ = ["BeamResult", "constrained_beam_search"]
+__all__ = ["BeamResult", "constrained_beam_search", "left_pad"]

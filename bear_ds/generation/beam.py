@@ -30,6 +30,7 @@ With `synced=True` (ZeRO-3 partitioned weights) every rank runs the same number 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -280,6 +281,21 @@ def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         **last_logits_only(model),
     )
     return out.logits[:, -1, :], out.past_key_values, cache_mask
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded [U, L] input ids and attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.int64)
+    attn = torch.zeros(len(sequences), width, dtype=torch.int64)
+    for i, s in enumerate(sequences):
+        if len(s) == 0:
+            raise ValueError(f"prompt {i} of the batch is empty")
+        ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.int64)
+        attn[i, width - len(s) :] = 1
+    return ids.to(device), attn.to(device)
 
 
 def _left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
