@@ -66,7 +66,7 @@ def sweep(cfg: Config) -> Path:
     """Run (or write job scripts for) every grid point of `cfg.sweep`, then aggregate and report."""
     from bear_ds.data import resolve_prepared
     from bear_ds.reports import report
-    from bear_ds.reports.sweep import run_sweep, sweep_base
+    from bear_ds.sweeps import run_sweep, sweep_base
 
     out = Path(cfg.output_dir)
     # once, from the data the points use (a sweep.base file's, if set): every point sees the same splits

@@ -11,7 +11,8 @@ import pytest
 from test_reports_fakes import write_run, write_summary
 
 from bear_ds.config import Config
-from bear_ds.reports import report, results_table, run_sweep
+from bear_ds.reports import report, results_table
+from bear_ds.sweeps import run_sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,7 @@ import yaml
 from test_reports_fakes import write_summary
 
 from bear_ds.config import Config, ConfigError, SweepConfig, load_config, save_config, with_overrides
-from bear_ds.reports import SweepError, aggregate, expand_grid, run_sweep
+from bear_ds.sweeps import SweepError, aggregate, expand_grid, run_sweep
 
 
 def sweep_cfg(tmp_path: Path, grid: dict, **sweep: object) -> Config:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bear_ds.config import load_config
-from bear_ds.reports.sweep import expand_grid, sweep_base
+from bear_ds.sweeps import expand_grid, sweep_base
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_YAML = sorted([*CONFIGS.rglob("*.yaml"), *CONFIGS.rglob("*.yml")])

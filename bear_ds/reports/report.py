@@ -15,8 +15,8 @@ from typing import Any
 import pandas as pd
 
 from bear_ds.reports.plots import PlotOutcome, plot_epoch_metric, plot_metric_vs_param, plot_pruning, plot_step_metric
-from bear_ds.reports.runs import RunData, discover_runs, load_run
-from bear_ds.reports.sweep import (
+from bear_ds.runs import RunData, discover_runs, load_run
+from bear_ds.sweeps import (
     aggregate_markdown,
     collect_points,
     format_number,

@@ -39,7 +39,7 @@ import pandas as pd
 import yaml
 
 from bear_ds.config import Config, ConfigError, SweepConfig, build_config, load_config, with_overrides
-from bear_ds.reports.runs import SWEEP_CONFIG, SWEEP_MANIFEST, flatten, read_config_yaml, read_json
+from bear_ds.runs import SWEEP_CONFIG, SWEEP_MANIFEST, flatten, read_config_yaml, read_json
 
 logger = logging.getLogger(__name__)
 
