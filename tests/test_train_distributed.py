@@ -196,7 +196,7 @@ import json, sys, torch
 from bear_ds.config import load_config
 from bear_ds.models import build_model
 from bear_ds.tokenization import train_bpe_tokenizer
-from bear_ds.training.distributed import build_accelerator
+from bear_ds.training.accelerator import build_accelerator
 
 cfg = load_config(None, ["train.global_batch=4", "train.micro_batch=2", "model.hidden_size=64",
                          "model.intermediate_size=128", "train.pg_timeout_s=30"])

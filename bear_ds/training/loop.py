@@ -44,7 +44,7 @@ import torch
 from bear_ds.config import Config, ConfigError, save_config
 from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from bear_ds.training.distributed import build_accelerator
+from bear_ds.training.accelerator import build_accelerator
 from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
 from bear_ds.training.micro_batch import (
