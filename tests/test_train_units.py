@@ -12,9 +12,9 @@ from tiny_models import tiny_llama_kwargs
 
 from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.config import load_config
+from bear_ds.training.accelerator import DS_CONFIG_DIR, batch_plan, deepspeed_config
 from bear_ds.training.batching import collate, epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import STATE_FILE, latest_checkpoint
-from bear_ds.training.accelerator import DS_CONFIG_DIR, batch_plan, deepspeed_config
 from bear_ds.training.export import merge_lora_state_dict
 from bear_ds.training.train_log import JsonlLog
 

@@ -29,8 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from bear_ds.catalog import IGNORE_INDEX
+from bear_ds.distributed import end_distributed, make_accelerator
+from bear_ds.evaluation.evaluate import (
+    load_eval_inputs,
+    load_eval_model,
+    resolve_mask,
+    shard_indices,
+    training_loss_name,
+)
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import (
     BeamResult,
@@ -442,31 +451,24 @@ def analyze(cfg) -> dict[str, Any]:
     """`bear-ds analyze`: pruning analysis of the model in `model.path` on `eval.split`.
 
     Writes output_dir/analysis.json (aggregates) and analysis.jsonl (one record per user). Always
-    uses a full model copy per rank (eval.weights is ignored); users are sharded across ranks.
+    uses a full model copy per rank (eval.weights is ignored); users are sharded across ranks, as
+    `evaluate` does, on the same Accelerate machinery.
     """
     from tqdm.auto import tqdm
 
     from bear_ds.config import save_config
-    from bear_ds.evaluation.evaluate import (
-        DistContext,
-        load_eval_inputs,
-        load_model_replicated,
-        resolve_mask,
-        shard_indices,
-        training_loss_name,
-    )
 
     started = time.perf_counter()
-    ctx = DistContext.setup(timeout_s=cfg.eval.timeout_s)
-    inputs = load_eval_inputs(cfg, ctx)
-    model = load_model_replicated(Path(cfg.model.path), ctx.device)
+    accelerator = make_accelerator(None, timeout_s=cfg.eval.timeout_s)
+    inputs = load_eval_inputs(cfg, accelerator)
+    model = load_eval_model(Path(cfg.model.path), accelerator)
     ks = inputs.ks
     catalog = inputs.catalog
     mask = resolve_mask(cfg.eval.mask, training_loss_name(Path(cfg.model.path), cfg.loss.name))
     num_users = min(len(inputs.prompt_ids), cfg.analyze.max_users)  # the exhaustive ranking is costly
-    mine = shard_indices(num_users, ctx.rank, ctx.world_size)
+    mine = shard_indices(num_users, accelerator.process_index, accelerator.num_processes)
     mine.sort(key=lambda i: -len(inputs.prompt_ids[i]))
-    bar = tqdm(total=len(mine), desc="analyze", unit="user", disable=not ctx.is_main)
+    bar = tqdm(total=len(mine), desc="analyze", unit="user", disable=not accelerator.is_main_process)
     local = analyze_users(
         model,
         [inputs.prompt_ids[i] for i in mine],
@@ -483,11 +485,9 @@ def analyze(cfg) -> dict[str, Any]:
         progress=bar,
     )
     bar.close()
-    gathered = ctx.gather(list(zip(mine, local, strict=True)))
     records: list[dict[str, Any]] = [None] * num_users  # type: ignore[list-item]
-    for part in gathered:
-        for i, rec in part:
-            records[i] = rec
+    for i, rec in gather_object(list(zip(mine, local, strict=True))):  # every rank's, on every rank
+        records[i] = rec
     summary = aggregate_pruning(records, ks)
     summary.update(
         num_beams=cfg.eval.num_beams,
@@ -497,7 +497,7 @@ def analyze(cfg) -> dict[str, Any]:
         global_rank_by="total log-probability (not length-normalised)",
         elapsed_s=time.perf_counter() - started,
     )
-    if ctx.is_main:
+    if accelerator.is_main_process:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         with (out / "analysis.jsonl").open("w") as fh:
@@ -509,5 +509,5 @@ def analyze(cfg) -> dict[str, Any]:
         (out / "analysis.json").write_text(json.dumps(summary, indent=2))
         save_config(cfg, out)
         logger.info("analysis written to %s", out / "analysis.json")
-    ctx.barrier()
+    end_distributed(accelerator)
     return summary

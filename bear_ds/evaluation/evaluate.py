@@ -10,110 +10,38 @@ and 2 give identical predictions. Two weight modes:
   all ranks, so ranks run the same number of forwards (synced=True, dummy batches where a rank
   has fewer users).
 
-Works under plain python, torchrun, accelerate launch and the deepspeed launcher: the process group
-is read from the standard environment variables (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+Processes are Accelerate's, as in training (`bear_ds.distributed.make_accelerator`): works under
+plain python, torchrun, accelerate launch and the deepspeed launcher; results are gathered with
+`gather_object`; ZeRO-3 weights are a DeepSpeed engine built by `accelerator.prepare`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
-from bear_ds.distributed import ensure_single_process_env, stub_deepspeed_shm_op
+from bear_ds.distributed import all_max, end_distributed, make_accelerator
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import constrained_beam_search, left_pad
+from bear_ds.models import is_zero3_partitioned, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------- process group, sharding
+# ---------------------------------------------------------------------- sharding
 def shard_indices(num_users: int, rank: int, world_size: int) -> list[int]:
     """Users of `rank`: i with i % world_size == rank (every user exactly once, no padding)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
     return list(range(rank, num_users, world_size))
-
-
-@dataclass
-class DistContext:
-    """Rank, world size and device; collective helpers that are no-ops in a single process."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def current(cls, device: torch.device | None = None) -> DistContext:
-        """The context of an already initialised process group (or a single process)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world = 0, 1
-        return cls(rank, world, device if device is not None else _default_device())
-
-    @classmethod
-    def setup(cls, timeout_s: int = 1800) -> DistContext:
-        """Join the process group described by the launcher's environment (if WORLD_SIZE > 1)."""
-        import torch.distributed as dist
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-        return cls.current()
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's `obj`, in rank order, on every rank."""
-        if self.world_size == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def all_max(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def is_zero3_partitioned(model: torch.nn.Module) -> bool:
-    """True when the model's parameters are DeepSpeed ZeRO-3 partitions (they carry `ds_id`)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 # ---------------------------------------------------------------------- decoding + metrics
@@ -201,10 +129,10 @@ def run_beam_evaluation(
         raise ValueError("the catalog is empty: nothing to recommend")
     ks, skipped = metric_ks(eval_cfg.top_k, eval_cfg.num_beams)
     mask = resolve_mask(eval_cfg.mask, loss_name)
-    net = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
+    net = unwrap_model(model)
     synced = synced or is_zero3_partitioned(net)
     device = accelerator.device if accelerator is not None else next(net.parameters()).device
-    ctx = DistContext.current(device)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     if isinstance(prompts[0], str):
         from bear_ds.catalog import encode_prompts
 
@@ -215,17 +143,17 @@ def run_beam_evaluation(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else catalog.eos_token_id
     trie = catalog.trie.to(device)
 
-    mine = shard_indices(len(prompt_ids), ctx.rank, ctx.world_size)
+    mine = shard_indices(len(prompt_ids), rank, world)
     mine.sort(key=lambda i: (-len(prompt_ids[i]), i))  # similar lengths together: little padding
     bs = eval_cfg.batch_users
     batches = [mine[s : s + bs] for s in range(0, len(mine), bs)]
     # ZeRO-3: every rank runs as many beam searches as the busiest one (empty ones are dummies)
-    n_calls = int(ctx.all_max(len(batches))) if synced else len(batches)
+    n_calls = int(all_max(len(batches))) if synced and world > 1 else len(batches)
 
     was_training = net.training
     net.eval()
     local: list[tuple[int, list[int], list[float]]] = []
-    bar = tqdm(total=len(mine), desc="beam search", unit="user", disable=not (progress and ctx.is_main))
+    bar = tqdm(total=len(mine), desc="beam search", unit="user", disable=not (progress and rank == 0))
     started = time.perf_counter()
     try:
         for call in range(n_calls):
@@ -254,14 +182,16 @@ def run_beam_evaluation(
     finally:
         bar.close()
         net.train(was_training)
-    decode_s = ctx.all_max(time.perf_counter() - started)
+    decode_s = time.perf_counter() - started
+    if world > 1:
+        decode_s = all_max(decode_s)
+        local = gather_object(local)  # every rank's list, concatenated in rank order, on every rank
 
     by_user: dict[int, tuple[list[int], list[float]]] = {}
-    for part in ctx.gather(local):
-        for i, groups, scores in part:
-            if i in by_user:
-                raise RuntimeError(f"user {i} was decoded by two ranks")
-            by_user[i] = (groups, scores)
+    for i, groups, scores in local:
+        if i in by_user:
+            raise RuntimeError(f"user {i} was decoded by two ranks")
+        by_user[i] = (groups, scores)
     missing = [i for i in range(len(prompt_ids)) if i not in by_user]
     if missing:
         raise RuntimeError(f"{len(missing)} users were not decoded (e.g. user {missing[0]})")
@@ -289,7 +219,7 @@ def run_beam_evaluation(
             "batch_users": eval_cfg.batch_users,
             "synced": synced,
             "zero3_partitioned": is_zero3_partitioned(net),
-            "world_size": ctx.world_size,
+            "world_size": world,
             "top_k_skipped": skipped,
         },
         decode_s=decode_s,
@@ -314,7 +244,7 @@ class EvalInputs:
     ks: list[int]
 
 
-def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
+def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
     """Tokenizer, catalog and the users of eval.split (first eval.max_users) with their prompts."""
     from transformers import AutoConfig
 
@@ -332,12 +262,8 @@ def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
     tokenizer = load_tokenizer(cfg.tokenizer.path or model_dir)
 
     # rank 0 prepares the data if needed; the others wait and then read the same folder
-    workdir = Path(cfg.output_dir) / "data"
-    if ctx.is_main:
-        folder = resolve_prepared(cfg, workdir)
-    ctx.barrier()
-    if not ctx.is_main:
-        folder = resolve_prepared(cfg, workdir)
+    with accelerator.main_process_first():
+        folder = resolve_prepared(cfg, Path(cfg.output_dir) / "data")
     titles = load_catalog(folder)
     stats = load_stats(folder)
     domain = cfg.data.domain or stats.get("domain")
@@ -369,7 +295,7 @@ def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
         (context or 10**9) - catalog.trie.max_depth,  # room for the longest title, since any may be decoded
         truncate=cfg.eval.truncate_history, what="user", option="eval.truncate_history",
     )  # fmt: skip
-    if fitted.truncated_examples and ctx.is_main:
+    if fitted.truncated_examples and accelerator.is_main_process:
         logger.warning(
             "%d prompts lost %d oldest history items in all to leave room for the longest title (%d tokens)",
             fitted.truncated_examples, fitted.truncated_items, catalog.trie.max_depth,
@@ -391,39 +317,31 @@ def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
     )
 
 
-def load_model_replicated(model_dir: Path, device: torch.device) -> torch.nn.Module:
-    """The full model on this rank's device (local files only)."""
+def eval_accelerator(eval_cfg: Any) -> Any:
+    """The evaluation's Accelerator: plain processes (eval.weights=replicated), or a DeepSpeed ZeRO-3
+    plugin (zero3) under which `load_eval_model` loads the model partitioned."""
+    ds_config = None
+    if eval_cfg.weights == "zero3":
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        }
+    return make_accelerator(ds_config, zero3_init=ds_config is not None, timeout_s=eval_cfg.timeout_s)
+
+
+def load_eval_model(model_dir: Path, accelerator: Any) -> torch.nn.Module:
+    """The model of `model_dir` (local files only) in eval mode: on this rank's device, or, under a
+    ZeRO-3 accelerator, partitioned as it is loaded and wrapped in a DeepSpeed engine (kept alive by
+    the accelerator); returned unwrapped, ready for `constrained_beam_search`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-    return model.to(device).eval()
-
-
-def load_model_zero3(model_dir: Path, timeout_s: int) -> tuple[torch.nn.Module, Any]:
-    """The model partitioned across ranks with DeepSpeed ZeRO-3 as it is loaded.
-
-    Returns (module, keep_alive): keep `keep_alive` referenced while the model is used (it holds
-    the DeepSpeed engine and the transformers ZeRO-3 config).
-    """
-    import deepspeed
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    if not torch.cuda.is_available():
-        stub_deepspeed_shm_op()
-    ensure_single_process_env()
-    deepspeed.init_distributed(
-        dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s)
-    )
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    }
-    hf_ds = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions while loading while this lives
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    engine.module.eval()
-    return engine.module, (engine, hf_ds)
+    if accelerator.state.deepspeed_plugin is not None:
+        model = accelerator.prepare(model)
+    else:
+        model = model.to(accelerator.device)
+    return unwrap_model(model).eval()
 
 
 # ---------------------------------------------------------------------- the command
@@ -436,15 +354,9 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     from bear_ds.config import save_config
 
     started = time.perf_counter()
-    keep_alive = None
-    if cfg.eval.weights == "zero3":
-        model, keep_alive = load_model_zero3(Path(cfg.model.path or ""), cfg.eval.timeout_s)
-        ctx = DistContext.current()
-    else:
-        ctx = DistContext.setup(timeout_s=cfg.eval.timeout_s)
-    inputs = load_eval_inputs(cfg, ctx)
-    if cfg.eval.weights == "replicated":
-        model = load_model_replicated(Path(cfg.model.path), ctx.device)
+    accelerator = eval_accelerator(cfg.eval)
+    inputs = load_eval_inputs(cfg, accelerator)
+    model = load_eval_model(Path(cfg.model.path), accelerator)
     predictions, metrics = run_beam_evaluation(
         model,
         inputs.tokenizer,
@@ -452,13 +364,14 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         inputs.prompt_ids,
         inputs.target_groups,
         cfg.eval,
+        accelerator,
         synced=cfg.eval.weights == "zero3",
         loss_name=training_loss_name(Path(cfg.model.path), cfg.loss.name),
     )
     metrics["decoding"].update(weights=cfg.eval.weights, split=cfg.eval.split)
     metrics["prompts_truncated"] = inputs.truncated_prompts  # users whose oldest history items were dropped
     metrics["elapsed_s"] = time.perf_counter() - started
-    if ctx.is_main:
+    if accelerator.is_main_process:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         with (out / "predictions.jsonl").open("w") as fh:
@@ -478,6 +391,5 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         save_config(cfg, out)
         summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@" in k)
         print(f"{summary} ({metrics['users']} users, {metrics['users_per_second'] or 0:.2f} users/s) -> {out}")
-    ctx.barrier()
-    del keep_alive
+    end_distributed(accelerator)
     return metrics

@@ -14,7 +14,7 @@ from bear_ds.losses.functional import (
     position_terms,
 )
 from bear_ds.losses.head import LMHead, LossOutput, response_loss, select_response
-from bear_ds.losses.model import backbone_hidden_states, lm_head_context, logit_transform, unwrap_model
+from bear_ds.losses.model import backbone_hidden_states, lm_head_context, logit_transform
 
 __all__ = [
     "BearDetails",
@@ -35,5 +35,4 @@ __all__ = [
     "position_terms",
     "response_loss",
     "select_response",
-    "unwrap_model",
 ]

@@ -20,26 +20,7 @@ from typing import Any
 import torch
 
 from bear_ds.losses.head import LMHead
-
-
-def unwrap_model(model: Any) -> torch.nn.Module:
-    """The Hugging Face model inside DeepSpeed engines, DDP / torch.compile wrappers and PeftModels."""
-    seen = 0
-    while seen < 8:  # wrappers nest a few levels at most; the bound avoids a cycle
-        seen += 1
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
-            model = model.get_base_model()
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.Module) and type(model).__name__ in (
-            "DeepSpeedEngine",
-            "DistributedDataParallel",
-            "PipelineEngine",
-        ):
-            model = model.module
-        else:
-            return model
-    raise TypeError(f"could not unwrap {type(model).__name__}: too many nested wrappers")
+from bear_ds.models import is_zero3_partitioned, unwrap_model
 
 
 def backbone_hidden_states(
@@ -102,10 +83,6 @@ def logit_transform(config: Any) -> tuple[float, float | None]:
     return scale, softcap
 
 
-def _is_zero3_partitioned(params: list[torch.nn.Parameter]) -> bool:
-    return any(hasattr(p, "ds_id") for p in params)
-
-
 @contextlib.contextmanager
 def lm_head_context(model: Any) -> Iterator[LMHead]:
     """Yield the output projection as an `LMHead` (weight [V, H], bias, scale, softcap).
@@ -123,7 +100,7 @@ def lm_head_context(model: Any) -> Iterator[LMHead]:
     bias = bias if isinstance(bias, torch.Tensor) else None
     scale, softcap = logit_transform(getattr(hf_model, "config", None))
     params = [p for p in (weight, bias) if p is not None]
-    if _is_zero3_partitioned(params):
+    if is_zero3_partitioned(params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):

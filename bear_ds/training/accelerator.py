@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bear_ds.config import TrainConfig
-from bear_ds.distributed import ensure_single_process_env, stub_deepspeed_shm_op
+from bear_ds.distributed import make_accelerator
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -129,54 +125,31 @@ def resolve_ds_config_path(train_cfg: TrainConfig) -> Path | None:
 
 
 def build_accelerator(train_cfg: TrainConfig, project_dir: str | Path | None = None):
-    """The Accelerator (DeepSpeed plugin when a ZeRO stage applies), its batch plan and ZeRO stage.
+    """The training Accelerator (DeepSpeed plugin when a ZeRO stage applies), its batch plan and ZeRO stage.
 
     Must run before the model is built so that ZeRO-3 partitions the model on creation.
     """
-    from accelerate import Accelerator, DeepSpeedPlugin
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # DeepSpeed 0.19 calls torch.distributed collectives torch 2.13 deprecates: one warning per call
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
-    on_cuda = torch.cuda.is_available()
-    if not on_cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    world_size = world_size_from_env()
-    plan = batch_plan(train_cfg, world_size)
+    plan = batch_plan(train_cfg, world_size_from_env())
     ds_path = resolve_ds_config_path(train_cfg)
-    plugin = None
-    zero_stage = 0
+    config, zero_stage, zero3_init = None, 0, False
     if ds_path is not None:
-        if "RANK" not in os.environ:  # plain `python -m bear_ds.train`: a one-process DeepSpeed group
-            ensure_single_process_env()
-        if not on_cuda:
-            stub_deepspeed_shm_op()
         config = deepspeed_config(ds_path, train_cfg, plan)
         zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
         zero3_init = zero_stage == 3
         if launched_with_accelerate_deepspeed():
             zero3_init = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true").lower() == "true" and zero_stage == 3
-        plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=zero3_init)
-    pg_kwargs = InitProcessGroupKwargs(
-        backend="nccl" if on_cuda else "gloo", timeout=timedelta(seconds=train_cfg.pg_timeout_s)
-    )
-    accelerator = Accelerator(
-        deepspeed_plugin=plugin,
-        # several CPU processes without DeepSpeed: Accelerate only sets up DDP (MULTI_CPU) with cpu=True;
-        # never with DeepSpeed, which cpu=True silently turns off
-        cpu=plugin is None and not on_cuda and world_size > 1,
+    accelerator = make_accelerator(
+        config,
+        zero3_init=zero3_init,
+        timeout_s=train_cfg.pg_timeout_s,
         gradient_accumulation_steps=plan.accumulation,
         mixed_precision="bf16" if train_cfg.precision == "bf16" else "no",
-        # one process without DeepSpeed has no process group to configure
-        kwargs_handlers=[pg_kwargs] if (plugin is not None or world_size > 1) else [],
         log_with="tensorboard" if _tensorboard_available() and project_dir is not None else None,
         project_dir=str(project_dir) if project_dir is not None else None,
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimiser step
     )
     if accelerator.log_with:
         accelerator.init_trackers("tensorboard")
-    if accelerator.num_processes != world_size:
-        raise RuntimeError(f"WORLD_SIZE={world_size} but the process group has {accelerator.num_processes} processes")
     return accelerator, plan, zero_stage
 
 
@@ -184,8 +157,3 @@ def _tensorboard_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
-
-
-def is_zero3(model) -> bool:
-    """True when the (prepared) model's parameters are ZeRO-3 partitioned."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from bear_ds.config import Config, save_config
+from bear_ds.models import unwrap_model
 
 PEFT_PREFIX = "base_model.model."
 
@@ -79,7 +80,7 @@ def export_model(
     folder = Path(folder)
     state_dict = accelerator.get_state_dict(model)  # every rank takes part; full dict on rank 0
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = unwrap_model(model, keep_peft=True)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         is_peft = hasattr(unwrapped, "peft_config")

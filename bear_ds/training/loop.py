@@ -42,9 +42,10 @@ import numpy as np
 import torch
 
 from bear_ds.config import Config, ConfigError, save_config
+from bear_ds.distributed import end_distributed
+from bear_ds.training.accelerator import build_accelerator
 from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from bear_ds.training.accelerator import build_accelerator
 from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
 from bear_ds.training.micro_batch import (
@@ -539,11 +540,8 @@ class Trainer:
         return selection
 
     def cleanup(self) -> None:
-        """Leave together: a rank exiting while gloo still talks to it aborts the other ("terminate called")."""
-        self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        """Leave the process group together and forget its state (`bear_ds.distributed.end_distributed`)."""
+        end_distributed(self.accelerator)
 
 
 def train(cfg: Config) -> dict[str, Any]:
