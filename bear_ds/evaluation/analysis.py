@@ -50,6 +50,7 @@ from bear_ds.generation.beam import (
     left_pad,
     shared_prefix_cache,
 )
+from bear_ds.masking import check_mask_mode, trie_log_softmax
 from bear_ds.trie import TokenTrie
 
 logger = logging.getLogger(__name__)
@@ -104,14 +105,9 @@ def _gold_stats(
     vals = logits[rows, toks]  # [P]
     gold_val = logits.gather(1, gold[:, None]).squeeze(1)  # [N]
     rank = torch.zeros_like(gold).index_add_(0, rows, (vals > gold_val[rows]).long())  # [N]
-    if mask == "after":
-        logp = gold_val - torch.logsumexp(logits, dim=-1)
-    elif mask == "before":
-        row_max = torch.full_like(gold_val, float("-inf")).scatter_reduce(0, rows, vals, reduce="amax")
-        sum_exp = torch.zeros_like(gold_val).index_add_(0, rows, torch.exp(vals - row_max[rows]))
-        logp = gold_val - (row_max + torch.log(sum_exp))
-    else:
-        raise ValueError(f"mask must be 'after' or 'before', got {mask!r}")
+    pair_logp = trie_log_softmax(logits, mask, pairs=(rows, toks))  # [P]
+    is_gold = toks == gold[rows]  # [P]: one pair per row (the gold token is a child of its state)
+    logp = torch.zeros_like(gold_val).index_put_((rows[is_gold],), pair_logp[is_gold])  # [N]
     return logp, rank
 
 
@@ -133,8 +129,7 @@ def exhaustive_scores(
     """
     if len(prompt_ids) == 0:
         raise ValueError("empty prompt")
-    if mask not in ("after", "before"):
-        raise ValueError(f"mask must be 'after' or 'before', got {mask!r}")
+    check_mask_mode(mask)
     device = next(model.parameters()).device
     targets = targets.to(device)
     trie = trie.to(device) if trie.device != device else trie
@@ -230,13 +225,7 @@ def _edge_stats(
     row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)  # [P]
     edges = _edges_of(nodes, trie)  # [P]
     vals = logits[row, trie.edge_token[edges]]  # [P]
-    if mask == "after":
-        lse = torch.logsumexp(logits, dim=-1)  # [n]
-    else:
-        row_max = torch.full_like(logits[:, 0], float("-inf")).scatter_reduce(0, row, vals, reduce="amax")
-        sum_exp = torch.zeros_like(row_max).index_add_(0, row, torch.exp(vals - row_max[row]))
-        lse = row_max + torch.log(sum_exp)
-    edge_logp[edges] = vals - lse[row]
+    edge_logp[edges] = trie_log_softmax(logits, mask, pairs=(row, trie.edge_token[edges]))
     # rank: sort each node's children by value (descending); a child's rank is where its run of
     # equal values starts, relative to the node's first position
     order = torch.argsort(vals, descending=True, stable=True)

@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from bear_ds.masking import check_mask_mode, trie_log_softmax
 from bear_ds.trie import INVALID, TokenTrie
 
 NEG_INF = float("-inf")
@@ -67,15 +67,7 @@ def next_token_log_probs(logits: torch.Tensor, states: torch.Tensor, trie: Token
     mask="after": log_softmax over V, then restrict; "before": restrict, then log_softmax.
     States with no valid continuation (INVALID) give an all -inf row.
     """
-    logits = logits.float()
-    allowed = trie.allowed_mask(states, logits.shape[-1])  # [N, V]
-    if mask == "after":
-        return F.log_softmax(logits, dim=-1).masked_fill(~allowed, NEG_INF)
-    if mask == "before":
-        restricted = logits.masked_fill(~allowed, NEG_INF)
-        lse = torch.logsumexp(restricted, dim=-1, keepdim=True)  # [N, 1], -inf on empty rows
-        return torch.where(allowed, restricted - lse, torch.full_like(restricted, NEG_INF))
-    raise ValueError(f"mask must be 'after' or 'before', got {mask!r}")
+    return trie_log_softmax(logits, mask, allowed=trie.allowed_mask(states, logits.shape[-1]))  # [N, V]
 
 
 SHARED_PREFIX_ATTENTION = "bear_ds_shared_prefix"
@@ -327,8 +319,7 @@ def _validate(input_ids, attention_mask, trie, num_beams, eos_token_id, mask, le
         )
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if mask not in ("after", "before"):
-        raise ValueError(f"mask must be 'after' or 'before', got {mask!r}")
+    check_mask_mode(mask)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}")
     if not 0 <= eos_token_id < trie.vocab_size:

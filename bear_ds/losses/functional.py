@@ -30,6 +30,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from bear_ds.masking import trie_log_softmax
+
 LossName = Literal["lml", "msl", "bear"]
 BearForm = Literal["reweight", "regularizer"]
 
@@ -88,13 +90,9 @@ def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tens
 
 
 def log_probs(logits: torch.Tensor, valid: torch.Tensor | None = None, tau: float = 1.0) -> torch.Tensor:
-    """float32 log softmax(z / tau) over the valid tokens ([N, V]; -inf outside valid)."""
-    z = logits.float()  # [N, V]
-    if valid is not None:
-        z = z.masked_fill(~valid, float("-inf"))
-    if tau != 1.0:
-        z = z / tau
-    return F.log_softmax(z, dim=-1)  # [N, V]
+    """float32 log softmax(z / tau) over the valid tokens ([N, V]; -inf outside valid): the trie's
+    "before" mask mode (`bear_ds.masking`), the full softmax when `valid` is None."""
+    return trie_log_softmax(logits, "before", allowed=valid, tau=tau)  # [N, V]
 
 
 def beam_threshold(log_p: torch.Tensor, beam_width: int) -> torch.Tensor:
