@@ -43,7 +43,7 @@ def test_on_improvement_decodes_test_only_after_better_epochs(tmp_path):
 def test_nonfinite_micro_batches_are_skipped_or_stop_the_run(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from bear_ds.training.loop import NonFiniteLossError
+    from bear_ds.training.trainer import NonFiniteLossError
 
     prepared = write_prepared(tmp_path / "data")
     common = [f"data.path={prepared}", "train.zero_stage=0", "train.global_batch=16", "train.micro_batch=8",

@@ -1,5 +1,10 @@
-"""The Accelerate/DeepSpeed training loop, checkpoints, resume, logging and the consolidated export."""
+"""Training: the `Trainer` (trainer.py), the per-micro-batch loss registry (micro_batch.py), batch
+schedules, the Accelerator, checkpoints and resume, run logs, the consolidated export.
 
-from bear_ds.training.loop import NonFiniteLossError, train
+`train(cfg)` is the API; `python -m bear_ds.train` and `bear-ds train` are its command lines.
+"""
 
-__all__ = ["NonFiniteLossError", "train"]
+from bear_ds.training.micro_batch import register_loss
+from bear_ds.training.trainer import NonFiniteLossError, Trainer, TrainState, train
+
+__all__ = ["NonFiniteLossError", "TrainState", "Trainer", "register_loss", "train"]

@@ -5,7 +5,7 @@
 
     Trainer.setup()            accelerator, data + tokenizer + catalog, model (partitioned on creation
                                under ZeRO-3), optimiser and schedule, resume, the per-epoch evaluator
-    Trainer.train()            epochs; epoch E runs the steps of `epoch_schedule(seed, epoch=E)`
+    Trainer.run_epochs()       epochs; epoch E runs the steps of `epoch_schedule(seed, epoch=E)`
       .optimizer_step(...)     forward/backward of this rank's micro-batches, optimiser step, log record
         micro_batch_loss(...)  the loss of one micro-batch (`micro_batch.py`: the place to add a loss)
       .epoch_end()             evaluate valid (+ test), select the best epoch, export it; then a checkpoint
@@ -195,9 +195,9 @@ class TrainingData:
 
 # ---------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """setup() -> train() -> finish(): one run, in the shape of a torchtune recipe.
+    """setup() -> run_epochs() -> finish(): one run, in the shape of a torchtune recipe.
 
-    `train` runs epochs; an epoch runs `optimizer_step`s over its own schedule
+    `run_epochs` runs epochs; an epoch runs `optimizer_step`s over its own schedule
     (`epoch_schedule(seed, epoch)`); after its last step come `epoch_end` (evaluate valid/test,
     select, export the best) and a checkpoint. The loss of each micro-batch is `micro_batch_loss`.
     """
@@ -334,7 +334,7 @@ class Trainer:
         return evaluate
 
     # ------------------------------------------------------------------------------------ train
-    def train(self) -> None:
+    def run_epochs(self) -> None:
         """Epochs until train.max_steps or train.epochs; each epoch draws its own batch order."""
         while self.state.step < self.total_steps:
             self.train_epoch()
@@ -548,7 +548,7 @@ def train(cfg: Config) -> dict[str, Any]:
     """Train per `cfg` (single process or under accelerate / torchrun / deepspeed); return the summary."""
     trainer = Trainer(cfg)
     trainer.setup()
-    trainer.train()
+    trainer.run_epochs()
     return trainer.finish()
 
 
