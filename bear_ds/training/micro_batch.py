@@ -98,7 +98,9 @@ MicroBatchLossFn = Callable[[Any, MicroBatch, LossContext], contextlib.AbstractC
 class LossSpec:
     compute: MicroBatchLossFn
     extra_metrics: tuple[str, ...] = ()  # keys of `MicroBatchLoss.extras`, logged per step
-    setup: Callable[[Any, LossContext], Any] | None = None  # (model, ctx) -> ctx.loss_state, once
+    # (model, ctx) -> ctx.loss_state, once, after the model is built and before a resume restores
+    # weights: it sees the initial model (e.g. the reference policy of a preference loss)
+    setup: Callable[[Any, LossContext], Any] | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}

@@ -260,7 +260,7 @@ class Trainer:
         """Model, the examples fitted to its context, optimiser, schedule, all `accelerator.prepare`d."""
         from accelerate.utils import set_seed
 
-        from bear_ds.models import build_model
+        from bear_ds.models import build_model, is_zero3_partitioned
 
         cfg, data = self.cfg, self.data
         set_seed(cfg.train.seed)
@@ -285,7 +285,7 @@ class Trainer:
         self.loss = loss_spec(cfg.loss.name)
         self.loss_ctx = LossContext(
             cfg, data.catalog.trie.to(self.device), data.catalog, data.tokenizer, data.examples,
-            zero3=self.zero_stage == 3,
+            zero3=is_zero3_partitioned(self.model),
         )  # fmt: skip
         if self.loss.setup is not None:
             self.loss_ctx.loss_state = self.loss.setup(self.model, self.loss_ctx)
