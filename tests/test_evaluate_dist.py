@@ -66,3 +66,21 @@ def test_two_ranks_zero3_equal_replicated(folders):
     zero3, m3 = _read(root, "zero3")
     assert m3["decoding"]["zero3_partitioned"] and m3["decoding"]["synced"] and m3["decoding"]["world_size"] == 2
     _assert_same_predictions(single, zero3)
+
+
+def test_two_ranks_analysis_equals_one(folders, tmp_path):
+    from bear_ds.evaluation.analysis import analyze
+
+    root, base = folders
+    common = [*base, "eval.mask=after", "analyze.batch_items=6"]
+    analyze(load_config(None, [f"output_dir={tmp_path}/single", *common]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = torchrun_command(2, "-m", "bear_ds.cli", "analyze", f"output_dir={tmp_path}/two", *common)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = ([json.loads(line) for line in (tmp_path / d / "analysis.jsonl").read_text().splitlines()]
+                for d in ("single", "two"))  # fmt: skip
+    assert len(two) == 13 and [r["user_id"] for r in two] == [r["user_id"] for r in one]  # 7 + 6 users
+    for a, b in zip(one, two, strict=True):
+        assert (a["exhaustive_top"], a["beam_top"], a["global_rank"]) == (
+            b["exhaustive_top"], b["beam_top"], b["global_rank"]), (a, b)  # fmt: skip
