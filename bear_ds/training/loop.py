@@ -97,6 +97,9 @@ class EpochEvaluator:
 
         self.run, self.cfg = run_beam_evaluation, cfg
         self.splits: dict[str, tuple[list[list[int]], list[int | None]]] = {}
+        self.user_ids: dict[str, list[str]] = {}
+        # per user of the last evaluation of each split: {"user_id", "target_rank"} (for paired statistics)
+        self.last_ranks: dict[str, list[dict[str, Any]]] = {}
         for split, cap in (("valid", cfg.train.eval_max_users), ("test", cfg.eval.max_users)):
             rows = load_split(prepared, split)
             if cap is not None:
@@ -110,6 +113,7 @@ class EpochEvaluator:
                 logger.warning("%s: %d prompts lost oldest history items to fit the context", split,
                                fitted.truncated_examples)  # fmt: skip
             self.splits[split] = (fitted.prompt_ids, [catalog.group_of_item(t) for t in rows["target"]])
+            self.user_ids[split] = [str(u) for u in rows["user_id"]]
 
     def __call__(
         self, accelerator, model, tokenizer, catalog, splits: tuple[str, ...] = ("valid", "test")
@@ -120,11 +124,15 @@ class EpochEvaluator:
             if not prompts:  # an empty test split: nothing to report
                 results[split] = {}
                 continue
-            _, metrics = self.run(
+            predictions, metrics = self.run(
                 model, tokenizer, catalog, prompts, groups, self.cfg.eval, accelerator,
                 loss_name=self.cfg.loss.name, progress=accelerator.is_main_process,
             )  # fmt: skip
             results[split] = metrics
+            self.last_ranks[split] = [
+                {"user_id": u, "target_rank": p["target_rank"]}
+                for u, p in zip(self.user_ids[split], predictions, strict=True)
+            ]
         return results
 
 
@@ -437,10 +445,22 @@ def _epoch_end(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log
     if accelerator.is_main_process:
         logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
     record = {"epoch": epoch, "step": step, "valid": valid, "test": test}
+    if improved and test and accelerator.is_main_process:
+        _write_test_ranks(out / "test_predictions.jsonl", evaluate.last_ranks["test"], epoch)
     epochs_log.write(record)
     if improved:
         export_model(accelerator, model, out / "model", tokenizer=tokenizer, catalog=catalog, cfg=cfg,
                      extra={"epoch": epoch, "step": step, "selected_by": metric})  # fmt: skip
+
+
+def _write_test_ranks(path: Path, ranks: list[dict[str, Any]], epoch: int) -> None:
+    """Per-user test ranks of the best epoch so far (the selected one at the end), for paired
+    statistics across methods; written whole then renamed, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        for row in ranks:
+            fh.write(json.dumps({"epoch": epoch, **row}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def _metric_text(metrics: dict[str, Any]) -> str:
