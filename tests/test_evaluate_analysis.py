@@ -147,3 +147,40 @@ def test_trie_scoring_equals_teacher_forcing_fallback(monkeypatch):
             assert torch.allclose(scores.token_logp, forced.token_logp, atol=1e-4)
             assert torch.equal(scores.token_rank, forced.token_rank)
             assert torch.equal(scores.lengths, forced.lengths)
+
+
+@torch.no_grad()
+def test_bounded_walk_gives_the_same_records_as_the_full_walk():
+    # skipping subtrees below min(target's total, B-th best) must not change any pruning record
+    from bear_ds.evaluation.analysis import PruneBound, analyze_users
+
+    model = tiny_llama(VOCAB, seed=5, logit_scale=4.0)
+    titles = random_titles(80, VOCAB, seed=5, alphabet=4, max_len=6)
+    trie = trie_of(titles, VOCAB)
+    ids, attn = random_prompts(12, VOCAB, seed=5)
+    prompts = [ids[u][attn[u].bool()].tolist() for u in range(ids.shape[0])]
+    # targets: from the head, the middle and the tail of the ranking, and one not in the catalog
+    first = exhaustive_scores(model, prompts[0], CatalogTargets.build(titles, trie), trie, mask="before")
+    order = torch.argsort(first.total_logp, descending=True).tolist()
+    targets = [order[(u * 7) % 80] for u in range(11)] + [None]
+    for mask in ("after", "before"):
+        common = dict(num_beams=3, eos_token_id=EOS, pad_token_id=0, mask=mask, batch_items=16, batch_users=5)
+        full = analyze_users(model, prompts, targets, titles, trie, bounded=False, **common)
+        fast = analyze_users(model, prompts, targets, titles, trie, bounded=True, **common)
+        for a, b in zip(full, fast, strict=True):
+            floats = ("exhaustive_logp", "target_logp")
+            assert {k: v for k, v in a.items() if k not in floats} == {k: v for k, v in b.items() if k not in floats}
+            assert torch.allclose(torch.tensor(a["exhaustive_logp"]), torch.tensor(b["exhaustive_logp"]), atol=1e-5)
+            if "target_logp" in a:
+                assert abs(a["target_logp"] - b["target_logp"]) < 1e-5
+        assert any(r["in_top_b"] for r in full) and any(r["global_rank"] and r["global_rank"] > 20 for r in full)
+    # and it does skip: a head target leaves most groups unscored (-inf)
+    bounded = exhaustive_scores(
+        model, prompts[0], CatalogTargets.build(titles, trie), trie, mask="before",
+        bound=PruneBound(order[0], order[:3], 3),
+    )  # fmt: skip
+    skipped = int(torch.isinf(bounded.total_logp).sum())
+    assert 0 < skipped < 80
+    kept = ~torch.isinf(bounded.total_logp)
+    assert torch.allclose(bounded.total_logp[kept], first.total_logp[kept], atol=1e-5)
+    assert set(torch.argsort(bounded.total_logp, descending=True)[:3].tolist()) == set(order[:3])
