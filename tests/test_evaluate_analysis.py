@@ -184,3 +184,29 @@ def test_bounded_walk_gives_the_same_records_as_the_full_walk():
     kept = ~torch.isinf(bounded.total_logp)
     assert torch.allclose(bounded.total_logp[kept], first.total_logp[kept], atol=1e-5)
     assert set(torch.argsort(bounded.total_logp, descending=True)[:3].tolist()) == set(order[:3])
+
+
+@torch.no_grad()
+def test_rank_cap_keeps_every_record_below_the_cap():
+    # with rank_cap, ranks beyond the cap are lower bounds (>= cap); everything else is unchanged
+    from bear_ds.evaluation.analysis import analyze_users
+
+    model = tiny_llama(VOCAB, seed=6, logit_scale=4.0)
+    titles = random_titles(80, VOCAB, seed=6, alphabet=4, max_len=6)
+    trie = trie_of(titles, VOCAB)
+    ids, attn = random_prompts(10, VOCAB, seed=6)
+    prompts = [ids[u][attn[u].bool()].tolist() for u in range(ids.shape[0])]
+    targets = [(u * 13) % 80 for u in range(10)]
+    common = dict(num_beams=3, eos_token_id=EOS, pad_token_id=0, mask="after", batch_items=16, batch_users=5)
+    full = analyze_users(model, prompts, targets, titles, trie, bounded=False, **common)
+    capped = analyze_users(model, prompts, targets, titles, trie, rank_cap=5, **common)
+    assert aggregate_pruning(full, [1, 3, 5]) == aggregate_pruning(capped, [1, 3, 5])
+    for a, b in zip(full, capped, strict=True):
+        assert b["global_rank_exact"] == (a["global_rank"] < 5)
+        if b["global_rank_exact"]:
+            assert b["global_rank"] == a["global_rank"]
+        else:
+            assert 5 <= b["global_rank"] <= a["global_rank"]
+        same = ("exhaustive_top", "beam_top", "beam_rank", "in_top_b", "pruned", "condition_holds")
+        assert {k: a[k] for k in same} == {k: b[k] for k in same}
+    assert any(not r["global_rank_exact"] for r in capped) and any(r["global_rank_exact"] for r in capped)

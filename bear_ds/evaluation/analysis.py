@@ -87,12 +87,17 @@ class PruneBound:
     (groups scoring above it) and the top `num_beams` groups. Log-probabilities only fall along a
     trie path, so a node whose prefix log p is below both the target's total and the B-th best total
     holds no group that matters; its subtree is skipped. `candidates` (e.g. beam search's groups)
-    give a first B-th best total before any group is finished."""
+    give a first B-th best total before any group is finished.
+
+    `rank_cap` (>= num_beams): the target's rank is needed exactly only below it (HR@K for K <= cap);
+    a target below the cap-th best then no longer keeps the subtrees above its own total, and its
+    reported rank is a lower bound, still >= rank_cap. None: the rank is always exact."""
 
     target_group: int | None
     candidates: Sequence[int]
     num_beams: int
     slack: float = 1e-3  # nats: float noise between a teacher-forced total and the walk's
+    rank_cap: int | None = None
 
 
 def _teacher_forced_totals(
@@ -252,6 +257,7 @@ class _SubtreeFilter:
     num_beams: int
     slack: float
     trie: TokenTrie
+    rank_cap: int | None
 
     @classmethod
     def start(
@@ -278,13 +284,18 @@ class _SubtreeFilter:
             num_beams=bound.num_beams,
             slack=bound.slack,
             trie=trie,
+            rank_cap=bound.rank_cap,
         )
 
     def threshold(self) -> float:
-        """Nodes below it hold no group above the target nor in the top-B (given the slack)."""
+        """Nodes below it hold no group above the target (within the rank cap) nor in the top-B."""
         best = sorted(self.finished.values(), reverse=True)
-        kth = best[self.num_beams - 1] if len(best) >= self.num_beams else float("-inf")
-        return min(kth, self.target_total) - self.slack
+
+        def kth(k: int) -> float:  # a lower bound of the k-th best total
+            return best[k - 1] if len(best) >= k else float("-inf")
+
+        target = self.target_total if self.rank_cap is None else max(self.target_total, kth(self.rank_cap))
+        return min(kth(self.num_beams), target) - self.slack
 
     def update(
         self,
@@ -515,11 +526,16 @@ def analyze_users(
     batch_users: int = 16,
     progress: Any = None,
     bounded: bool = True,
+    rank_cap: int | None = None,
 ) -> list[dict[str, Any]]:
     """Per-user pruning records (one process, full model) for the given prompts, in input order.
 
     bounded: skip trie subtrees that cannot change a record (`PruneBound`, with beam search's groups
-    as the first top-B estimate); False walks the whole trie. Both give the same records."""
+    as the first top-B estimate); False walks the whole trie. Both give the same records.
+    rank_cap (bounded only): global ranks are exact below it; a record at or beyond it has
+    `global_rank_exact: false` and a global_rank that is a lower bound (>= rank_cap)."""
+    if rank_cap is not None and (not bounded or rank_cap < num_beams):
+        raise ValueError(f"rank_cap needs bounded=True and rank_cap >= num_beams ({num_beams}), got {rank_cap}")
     device = next(model.parameters()).device
     trie_dev = trie.to(device)
     targets = CatalogTargets.build(group_token_ids, trie)
@@ -543,14 +559,20 @@ def analyze_users(
         )
         for j, ids in enumerate(chunk):
             bound = (
-                PruneBound(target_groups[start + j], [g for g in beam.groups[j].tolist() if g >= 0], num_beams)
+                PruneBound(
+                    target_groups[start + j],
+                    [g for g in beam.groups[j].tolist() if g >= 0],
+                    num_beams,
+                    rank_cap=rank_cap,
+                )  # fmt: skip
                 if bounded
                 else None
             )
             scores = exhaustive_scores(model, ids, targets, trie_dev, mask=mask, batch_items=batch_items, bound=bound)
-            records.append(
-                user_pruning_record(target_groups[start + j], scores, beam, j, group_token_ids, trie, num_beams)
-            )
+            record = user_pruning_record(target_groups[start + j], scores, beam, j, group_token_ids, trie, num_beams)
+            if rank_cap is not None and record["global_rank"] is not None:
+                record["global_rank_exact"] = record["global_rank"] < rank_cap
+            records.append(record)
             if progress is not None:
                 progress.update(1)
     return records
@@ -614,6 +636,7 @@ def analyze(cfg) -> dict[str, Any]:
         batch_items=cfg.analyze.batch_items,
         batch_users=cfg.eval.batch_users,
         progress=bar,
+        rank_cap=max([*ks, cfg.eval.num_beams]),  # HR@K of the exhaustive ranking needs ranks below max K only
     )
     bar.close()
     gathered = ctx.gather(list(zip(mine, local, strict=True)))
@@ -628,6 +651,7 @@ def analyze(cfg) -> dict[str, Any]:
         length_penalty=cfg.eval.length_penalty,
         split=cfg.eval.split,
         global_rank_by="total log-probability (not length-normalised)",
+        global_rank_exact_below=max([*ks, cfg.eval.num_beams]),  # beyond: a lower bound (analysis.jsonl)
         elapsed_s=time.perf_counter() - started,
     )
     if ctx.is_main:
