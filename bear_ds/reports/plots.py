@@ -8,6 +8,7 @@ runs left out of a plot are listed in its notes.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,14 @@ def _draw_group_means(
         if not xs:
             outcome.notes.append(f"{label}: its runs share no {unit}; not drawn")
             continue
-        suffix = f" (mean of {len(present)} runs)" if len(present) > 1 else ""
+        suffix = f" (mean ± std of {len(present)} runs)" if len(present) > 1 else ""
         (line,) = ax.plot(xs, ys, linewidth=linewidth, marker=marker(len(xs)), label=f"{label}{suffix}")
+        if len(present) > 1:  # the spread over seeds, as a band
+            spread = [statistics.stdev(per_run[r][x] for r in present) for x in xs]
+            ax.fill_between(
+                xs, [y - s for y, s in zip(ys, spread, strict=True)], [y + s for y, s in zip(ys, spread, strict=True)],
+                color=line.get_color(), alpha=0.2, linewidth=0,
+            )  # fmt: skip
         drawn.append((present, line))
     return drawn
 
