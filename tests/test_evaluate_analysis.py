@@ -147,3 +147,68 @@ def test_trie_scoring_equals_teacher_forcing_fallback(monkeypatch):
             assert torch.allclose(scores.token_logp, forced.token_logp, atol=1e-4)
             assert torch.equal(scores.token_rank, forced.token_rank)
             assert torch.equal(scores.lengths, forced.lengths)
+
+
+def _bushy_setting(seed: int, users: int):
+    """A tiny model, 80 short titles over 4 tokens (a bushy trie) and `users` prompts."""
+    model = tiny_llama(VOCAB, seed=seed, logit_scale=4.0)
+    titles = random_titles(80, VOCAB, seed=seed, alphabet=4, max_len=6)
+    ids, attn = random_prompts(users, VOCAB, seed=seed)
+    return model, titles, trie_of(titles, VOCAB), [ids[u][attn[u].bool()].tolist() for u in range(users)]
+
+
+def _analysis_options(mask: str) -> dict:
+    return dict(num_beams=3, eos_token_id=EOS, pad_token_id=0, mask=mask, batch_items=16, batch_users=5)
+
+
+@torch.no_grad()
+def test_bounded_walk_gives_the_same_records_as_the_full_walk():
+    # skipping subtrees below min(target's total, B-th best) must not change any pruning record
+    from bear_ds.evaluation.analysis import PruneBound, analyze_users
+
+    model, titles, trie, prompts = _bushy_setting(seed=5, users=12)
+    # targets: from the head, the middle and the tail of the ranking, and one not in the catalog
+    first = exhaustive_scores(model, prompts[0], CatalogTargets.build(titles, trie), trie, mask="before")
+    order = torch.argsort(first.total_logp, descending=True).tolist()
+    targets = [order[(u * 7) % 80] for u in range(11)] + [None]
+    for mask in ("after", "before"):
+        full = analyze_users(model, prompts, targets, titles, trie, bounded=False, **_analysis_options(mask))
+        fast = analyze_users(model, prompts, targets, titles, trie, bounded=True, **_analysis_options(mask))
+        for a, b in zip(full, fast, strict=True):
+            floats = ("exhaustive_logp", "target_logp")
+            assert {k: v for k, v in a.items() if k not in floats} == {k: v for k, v in b.items() if k not in floats}
+            assert torch.allclose(torch.tensor(a["exhaustive_logp"]), torch.tensor(b["exhaustive_logp"]), atol=1e-5)
+            if "target_logp" in a:
+                assert abs(a["target_logp"] - b["target_logp"]) < 1e-5
+        assert any(r["in_top_b"] for r in full) and any(r["global_rank"] and r["global_rank"] > 20 for r in full)
+    # and it does skip: a head target leaves most groups unscored (-inf)
+    bounded = exhaustive_scores(
+        model, prompts[0], CatalogTargets.build(titles, trie), trie, mask="before",
+        bound=PruneBound(order[0], order[:3], 3),
+    )  # fmt: skip
+    skipped = int(torch.isinf(bounded.total_logp).sum())
+    assert 0 < skipped < 80
+    kept = ~torch.isinf(bounded.total_logp)
+    assert torch.allclose(bounded.total_logp[kept], first.total_logp[kept], atol=1e-5)
+    assert set(torch.argsort(bounded.total_logp, descending=True)[:3].tolist()) == set(order[:3])
+
+
+@torch.no_grad()
+def test_rank_cap_keeps_every_record_below_the_cap():
+    # with rank_cap, ranks beyond the cap are lower bounds (>= cap); everything else is unchanged
+    from bear_ds.evaluation.analysis import analyze_users
+
+    model, titles, trie, prompts = _bushy_setting(seed=6, users=10)
+    targets = [(u * 13) % 80 for u in range(10)]
+    full = analyze_users(model, prompts, targets, titles, trie, bounded=False, **_analysis_options("after"))
+    capped = analyze_users(model, prompts, targets, titles, trie, rank_cap=5, **_analysis_options("after"))
+    assert aggregate_pruning(full, [1, 3, 5]) == aggregate_pruning(capped, [1, 3, 5])
+    for a, b in zip(full, capped, strict=True):
+        assert b["global_rank_exact"] == (a["global_rank"] < 5)
+        if b["global_rank_exact"]:
+            assert b["global_rank"] == a["global_rank"]
+        else:
+            assert 5 <= b["global_rank"] <= a["global_rank"]
+        same = ("exhaustive_top", "beam_top", "beam_rank", "in_top_b", "pruned", "condition_holds")
+        assert {k: a[k] for k in same} == {k: b[k] for k in same}
+    assert any(not r["global_rank_exact"] for r in capped) and any(r["global_rank_exact"] for r in capped)

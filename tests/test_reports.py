@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-from test_reports_fakes import write_run, write_summary
+from test_reports_fakes import write_jsonl, write_run, write_summary
+from train_data import write_prepared
 
 from bear_ds.config import Config
 from bear_ds.reports import report, results_table
@@ -60,7 +61,7 @@ def test_report_single_run_skips_missing_inputs_with_reason(tmp_path: Path) -> N
     assert not (run / "plots" / "train_loss.png").exists() and not (run / "plots" / "pruning.png").exists()
     assert "### Training loss per step\n\nSkipped: no run has 'loss' in train_log.jsonl." in text
     assert "train_log.jsonl does not exist" in text
-    assert "Skipped: no run has an analysis.json with 'pruned_share'." in text
+    assert "Skipped: no run has an analysis.json with 'topb_positives' and 'pruned' counts." in text
     assert "no analysis.json in" in text
 
 
@@ -72,7 +73,9 @@ def test_report_tolerates_malformed_lines_and_missing_analysis_keys(tmp_path: Pa
     analysis.write_text(json.dumps({"num_beams": 10, "users": 5}))
     text = report(root).read_text()
     assert "train_log.jsonl line 13: invalid JSON" in text
-    assert "msl: analysis.json has no numeric 'pruned_share' (keys present: num_beams, users)" in text
+    assert (
+        "msl: analysis.json has no valid 'topb_positives' and 'pruned' counts (keys present: num_beams, users)" in text
+    )
     assert "msl: analysis.json lacks topb_positives, pruned, pruned_share" in text
     assert (root / "plots" / "pruning.png").is_file()  # lml and bear still have it
 
@@ -139,3 +142,49 @@ def test_report_sweep_with_no_finished_point(tmp_path: Path) -> None:
     assert "point train.seed=1: not done (train.seed=1/summary.json does not exist)" in text
     assert linked_images(tmp_path / "sweep" / "results.md") == {}
     assert not (tmp_path / "sweep" / "plots").exists()
+
+
+def test_report_sweep_has_most_popular_row_and_paired_comparisons(tmp_path: Path) -> None:
+    prepared = write_prepared(tmp_path / "data")  # 16 test users, targets among i0..i3 (the train targets)
+    # per-user test ranks of the selected epoch: LML never hits, MSL hits one user in four, BEAR 12 of 16
+    hits = {"lml": lambda i: False, "msl": lambda i: i % 4 == 0, "bear": lambda i: i < 12}
+    cfg = Config.model_validate(
+        {
+            "output_dir": str(tmp_path / "sweep"),
+            "sweep": {"grid": {"loss.name": ["lml", "msl", "bear"], "train.seed": [1, 2]}},
+        }
+    )
+
+    def fake_point(point_cfg: Config, out: Path) -> None:
+        name, seed = point_cfg.loss.name, point_cfg.train.seed
+        write_run(out, [f"loss.name={name}", f"train.seed={seed}", f"data.path={prepared}", "data.source=prepared"])
+        users = [f"u5_{r}" for r in range(16)]
+        write_jsonl(
+            out / "test_predictions.jsonl",
+            [{"epoch": 3, "user_id": u, "target_rank": 0 if hits[name](i) else None} for i, u in enumerate(users)],
+        )
+        items = [{"item_id": f"i{k}", "title": f"t{k}", "group": k, "token_ids": [k, 99]} for k in range(20)]
+        (out / "model").mkdir()
+        (out / "model" / "catalog.json").write_text(json.dumps({"items": items}))
+
+    run_sweep(cfg, fake_point)
+    text = report(tmp_path / "sweep").read_text()
+    # the reference row: every test target is one of the four items the training targets are
+    assert re.search(r"\| most-popular \(16 users\) \| [0-9.]+ \| 1\.0000 \| [0-9.]+ \| [0-9.]+ \|", text), text
+    pairs = re.findall(
+        r"\*\*(loss.name=\w+|most-popular) vs (loss.name=\w+)\*\*: pooled, over 2 seed\(s\) \(32 user pairs\): "
+        r"NDCG@10 difference ([+-][0-9.]+) \(95% interval \[([+-][0-9.]+), ([+-][0-9.]+)\], p = ([0-9.e-]+)\)",
+        text,
+    )
+    found = {(a, b): (float(d), float(lo), float(hi), float(p)) for a, b, d, lo, hi, p in pairs}
+    assert set(found) == {
+        ("loss.name=msl", "loss.name=lml"),
+        ("loss.name=bear", "loss.name=lml"),
+        ("most-popular", "loss.name=lml"),
+        ("loss.name=bear", "loss.name=msl"),
+    }
+    diff, low, high, p = found[("loss.name=bear", "loss.name=lml")]
+    assert diff == pytest.approx(0.75, abs=1e-4) and 0 < low < diff < high <= 1 and p < 0.001
+    assert "distinguishable from noise: loss.name=msl vs loss.name=lml" in text
+    assert text.count("  - seed ") == 2 * 4  # each pair per seed too
+    assert "| 32/40 / 32/40 | 64/80 = 80.0% [70.0%, 87.3%] |" in text  # two seeds pooled, Wilson interval

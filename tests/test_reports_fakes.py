@@ -104,6 +104,7 @@ def write_run(
             "users": 100,
             "topb_positives": 40,
             "pruned": 32,
+            "pruned_violating": 24,
             "pruned_violating_share": 0.75,
             "exhaustive": {"hr@10": 0.4},
             "beam": {"hr@10": 0.08},

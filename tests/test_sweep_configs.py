@@ -39,3 +39,36 @@ def test_example_sweeps_expand_as_documented() -> None:
         "loss.name=bear__train.seed=42",
     ]
     assert sweep_base(demo).data.source == "ml100k"
+
+
+@pytest.mark.slow
+def test_ml100k_evidence_sweep_runs_at_a_tiny_budget(tmp_path: Path) -> None:
+    # issue 14's contract: `bear-ds sweep --config configs/sweeps/ml100k_evidence.yaml` runs the main
+    # comparison; here the same file with one seed, 64 training windows and a few users per split
+    from bear_ds.pipeline import sweep
+
+    cfg = load_config(
+        CONFIGS / "sweeps" / "ml100k_evidence.yaml",
+        [
+            f"output_dir={tmp_path / 'sweep'}",
+            "sweep.grid.train.seed=[1]",
+            "data.train_sample=64",
+            "train.global_batch=32",
+            "train.eval_max_users=8",
+            "eval.max_users=8",
+            "analyze.max_users=4",
+        ],
+    )
+    points = [name for name, _ in expand_grid(cfg.sweep, sweep_base(cfg))]
+    assert points == [
+        "loss.name=lml__train.seed=1",
+        "loss.name=msl__train.seed=1",
+        "loss.name=bear__loss.form=reweight__train.seed=1",
+        "loss.name=bear__loss.form=regularizer__train.seed=1",
+    ]
+    sweep(cfg)
+    text = (tmp_path / "sweep" / "results.md").read_text()
+    assert "| most-popular (8 users) |" in text
+    for other in ("loss.name=msl", "loss.name=bear, loss.form=reweight", "loss.name=bear, loss.form=regularizer"):
+        assert f"**{other} vs loss.name=lml**: pooled, over 1 seed(s) (8 user pairs): NDCG@10 difference" in text
+    assert text.count(" p = ") >= 2 * 2 * 6  # NDCG and HR, pooled and per seed: 4 pairs against LML, 2 BEAR vs MSL

@@ -9,6 +9,7 @@ import torch
 from train_data import write_prepared
 
 from bear_ds.config import load_config
+from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.training import train
 
 
@@ -32,6 +33,12 @@ def test_on_improvement_decodes_test_only_after_better_epochs(tmp_path):
     best = max(epochs, key=lambda r: r["valid"]["ndcg@5"])
     assert summary["selected_epoch"] == best["epoch"] and summary["test"] == best["test"]
     assert summary["test"]["users"] == 16
+    # the selected epoch's per-user test ranks, which give back its test metrics
+    ranks = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(ranks) == 16 and {r["epoch"] for r in ranks} == {summary["selected_epoch"]}
+    assert rank_metrics([r["target_rank"] for r in ranks], [1, 5]) == {
+        k: v for k, v in summary["test"].items() if k.startswith(("hr@", "ndcg@"))
+    }
     assert "test_max_over_epochs" not in summary  # the released figure needs every epoch's test
     assert 0 < summary["optim_time_s"] <= summary["train_time_s"]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]

@@ -92,6 +92,44 @@ class ExhaustiveScores:
         return self.total_logp / self.lengths.float() ** length_penalty
 
 
+@dataclass
+class PruneBound:
+    """What the pruning analysis needs exactly from a user's exhaustive ranking: the target's rank
+    (groups scoring above it) and the top `num_beams` groups. Log-probabilities only fall along a
+    trie path, so a node whose prefix log p is below both the target's total and the B-th best total
+    holds no group that matters; its subtree is skipped. `candidates` (e.g. beam search's groups)
+    give a first B-th best total before any group is finished.
+
+    `rank_cap` (>= num_beams): the target's rank is needed exactly only below it (HR@K for K <= cap);
+    a target below the cap-th best then no longer keeps the subtrees above its own total, and its
+    reported rank is a lower bound, still >= rank_cap. None: the rank is always exact."""
+
+    target_group: int | None
+    candidates: Sequence[int]
+    num_beams: int
+    slack: float = 1e-3  # nats: float noise between a teacher-forced total and the walk's
+    rank_cap: int | None = None
+
+
+def _teacher_forced_totals(
+    model: torch.nn.Module, prompt_ids: Sequence[int], groups: Sequence[int], targets: CatalogTargets,
+    trie: TokenTrie, mask: str,
+) -> list[float]:  # fmt: skip
+    """Total log p of `groups` by one plain forward over prompt + title each (the bound's estimate)."""
+    from bear_ds.generation.beam import next_token_log_probs
+
+    device = targets.tokens.device
+    totals = []
+    for g in groups:
+        length = int(targets.lengths[g])
+        title = targets.tokens[g, :length]
+        ids = torch.cat([torch.tensor(list(prompt_ids), dtype=torch.int64, device=device), title[:-1]])[None]
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 :]  # [T, V]
+        logp = next_token_log_probs(logits, targets.states[g, :length], trie, mask)
+        totals.append(float(logp.gather(1, title[:, None]).sum()))
+    return totals
+
+
 def _gold_stats(
     logits: torch.Tensor, states: torch.Tensor, gold: torch.Tensor, trie: TokenTrie, mask: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,12 +158,16 @@ def exhaustive_scores(
     *,
     mask: str = "after",
     batch_items: int = 256,
+    bound: PruneBound | None = None,
 ) -> ExhaustiveScores:
     """Exact log p of every group's response given one prompt.
 
     The prompt is encoded once; then each trie node with children is one forward row (at most
     `batch_items` rows per forward), level by level, attending to the shared prompt cache and to its
     ancestors' keys; the per-edge log p and sibling rank are read from its logits.
+    With `bound`, subtrees that cannot hold the target's better nor a top-B group are skipped: the
+    groups in them get total_logp -inf (and token_logp -inf, token_rank -1 on unscored tokens);
+    the target's rank and the top-B (with their scores) are those of the full walk.
     """
     if len(prompt_ids) == 0:
         raise ValueError("empty prompt")
@@ -148,6 +190,7 @@ def exhaustive_scores(
     edge_logp = torch.zeros(num_edges, device=device)
     edge_rank = torch.zeros(num_edges, dtype=torch.int64, device=device)
     _edge_stats(first_logits, torch.zeros(1, dtype=torch.int64, device=device), trie, mask, edge_logp, edge_rank)
+    keep = _SubtreeFilter.start(model, prompt_ids, targets, trie, mask, bound) if bound is not None else None
     # one level: the nodes with children at depth d ([n]), their parents' rows and generated keys
     level_nodes = torch.zeros(1, dtype=torch.int64, device=device)
     level_keys = [(layer.keys, layer.values) for layer in cache.layers]  # per layer [n, Hkv, d, D]
@@ -158,6 +201,8 @@ def exhaustive_scores(
         )
         child = trie.edge_child[edges]
         has_children = trie.num_children(child) > 0
+        if keep is not None:
+            has_children &= keep.update(level_nodes, parent_row, edges, child, has_children, edge_logp)
         edges, parent_row, child = edges[has_children], parent_row[has_children], child[has_children]
         if child.numel() == 0:
             break
@@ -193,12 +238,88 @@ def exhaustive_scores(
     edge = torch.searchsorted(trie.edge_key, key).clamp(max=num_edges - 1)  # [G, T] the edge of each token
     token_logp = torch.where(valid, edge_logp[edge], torch.zeros_like(edge_logp[edge]))
     token_rank = torch.where(valid, edge_rank[edge], torch.full_like(edge, -1))
+    if keep is not None:  # tokens whose edge was never scored (a skipped subtree)
+        unscored = valid & ~keep.edge_scored[edge]
+        token_logp = token_logp.masked_fill(unscored, float("-inf"))
+        token_rank = token_rank.masked_fill(unscored, -1)
     return ExhaustiveScores(
         token_logp=token_logp.cpu(),
         token_rank=token_rank.cpu(),
         total_logp=token_logp.sum(dim=1).cpu(),
         lengths=targets.lengths.cpu(),
     )
+
+
+@dataclass
+class _SubtreeFilter:
+    """State of a bounded walk: each node's prefix log p, which edges were scored, the threshold."""
+
+    node_logp: torch.Tensor  # float32 [num_nodes]
+    edge_scored: torch.Tensor  # bool [E]
+    on_target_path: torch.Tensor  # bool [num_nodes]
+    target_total: float  # -inf without a target
+    finished: dict[int, float]  # group -> total: the candidates' (teacher-forced), then the walk's
+    num_beams: int
+    slack: float
+    trie: TokenTrie
+    rank_cap: int | None
+
+    @classmethod
+    def start(
+        cls, model, prompt_ids: Sequence[int], targets: CatalogTargets, trie: TokenTrie, mask: str, bound: PruneBound
+    ) -> _SubtreeFilter:
+        device = targets.tokens.device
+        target = bound.target_group
+        groups = list(dict.fromkeys([*bound.candidates, *([target] if target is not None else [])]))
+        totals = _teacher_forced_totals(model, prompt_ids, groups, targets, trie, mask) if groups else []
+        on_path = torch.zeros(trie.num_nodes, dtype=torch.bool, device=device)
+        target_total = float("-inf")
+        if target is not None:
+            length = int(targets.lengths[target])
+            on_path[targets.states[target, :length]] = True
+            target_total = totals[groups.index(target)]
+        edge_scored = torch.zeros(trie.edge_key.numel(), dtype=torch.bool, device=device)
+        edge_scored[_edges_of(torch.zeros(1, dtype=torch.int64, device=device), trie)] = True
+        return cls(
+            node_logp=torch.zeros(trie.num_nodes, device=device),
+            edge_scored=edge_scored,
+            on_target_path=on_path,
+            target_total=target_total,
+            finished=dict(zip(groups, totals, strict=True)),
+            num_beams=bound.num_beams,
+            slack=bound.slack,
+            trie=trie,
+            rank_cap=bound.rank_cap,
+        )
+
+    def threshold(self) -> float:
+        """Nodes below it hold no group above the target (within the rank cap) nor in the top-B."""
+        best = sorted(self.finished.values(), reverse=True)
+
+        def kth(k: int) -> float:  # a lower bound of the k-th best total
+            return best[k - 1] if len(best) >= k else float("-inf")
+
+        target = self.target_total if self.rank_cap is None else max(self.target_total, kth(self.rank_cap))
+        return min(kth(self.num_beams), target) - self.slack
+
+    def update(
+        self,
+        level_nodes: torch.Tensor,
+        parent_row: torch.Tensor,
+        edges: torch.Tensor,
+        child: torch.Tensor,
+        has_children: torch.Tensor,
+        edge_logp: torch.Tensor,
+    ) -> torch.Tensor:
+        """Prefix log p of this level's children, finished groups' totals; -> bool [E_d] children kept."""
+        self.node_logp[child] = self.node_logp[level_nodes[parent_row]] + edge_logp[edges]
+        leaves = child[~has_children]
+        self.finished.update(
+            zip(self.trie.terminal_group(leaves).tolist(), self.node_logp[leaves].tolist(), strict=True)
+        )
+        kept = (self.node_logp[child] >= self.threshold()) | self.on_target_path[child]
+        self.edge_scored[_edges_of(child[has_children & kept], self.trie)] = True  # scored by this level's rows
+        return kept
 
 
 def _edges_of(nodes: torch.Tensor, trie: TokenTrie) -> torch.Tensor:
@@ -403,8 +524,17 @@ def analyze_users(
     batch_items: int = 256,
     batch_users: int = 16,
     progress: Any = None,
+    bounded: bool = True,
+    rank_cap: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-user pruning records (one process, full model) for the given prompts, in input order."""
+    """Per-user pruning records (one process, full model) for the given prompts, in input order.
+
+    bounded: skip trie subtrees that cannot change a record (`PruneBound`, with beam search's groups
+    as the first top-B estimate); False walks the whole trie. Both give the same records.
+    rank_cap (bounded only): global ranks are exact below it; a record at or beyond it has
+    `global_rank_exact: false` and a global_rank that is a lower bound (>= rank_cap)."""
+    if rank_cap is not None and (not bounded or rank_cap < num_beams):
+        raise ValueError(f"rank_cap needs bounded=True and rank_cap >= num_beams ({num_beams}), got {rank_cap}")
     device = next(model.parameters()).device
     trie_dev = trie.to(device)
     targets = CatalogTargets.build(group_token_ids, trie)
@@ -427,10 +557,21 @@ def analyze_users(
             beam.groups.cpu(), beam.scores.cpu(), beam.steps.cpu(), [s.cpu() for s in beam.live_states or []]
         )
         for j, ids in enumerate(chunk):
-            scores = exhaustive_scores(model, ids, targets, trie_dev, mask=mask, batch_items=batch_items)
-            records.append(
-                user_pruning_record(target_groups[start + j], scores, beam, j, group_token_ids, trie, num_beams)
+            bound = (
+                PruneBound(
+                    target_groups[start + j],
+                    [g for g in beam.groups[j].tolist() if g >= 0],
+                    num_beams,
+                    rank_cap=rank_cap,
+                )  # fmt: skip
+                if bounded
+                else None
             )
+            scores = exhaustive_scores(model, ids, targets, trie_dev, mask=mask, batch_items=batch_items, bound=bound)
+            record = user_pruning_record(target_groups[start + j], scores, beam, j, group_token_ids, trie, num_beams)
+            if rank_cap is not None and record["global_rank"] is not None:
+                record["global_rank_exact"] = record["global_rank"] < rank_cap
+            records.append(record)
             if progress is not None:
                 progress.update(1)
     return records
@@ -472,6 +613,7 @@ def analyze(cfg) -> dict[str, Any]:
         batch_items=cfg.analyze.batch_items,
         batch_users=cfg.eval.batch_users,
         progress=bar,
+        rank_cap=max([*ks, cfg.eval.num_beams]),  # HR@K of the exhaustive ranking needs ranks below max K only
     )
     bar.close()
     records: list[dict[str, Any]] = [None] * num_users  # type: ignore[list-item]
@@ -484,6 +626,7 @@ def analyze(cfg) -> dict[str, Any]:
         length_penalty=cfg.eval.length_penalty,
         split=cfg.eval.split,
         global_rank_by="total log-probability (not length-normalised)",
+        global_rank_exact_below=max([*ks, cfg.eval.num_beams]),  # beyond: a lower bound (analysis.jsonl)
         elapsed_s=time.perf_counter() - started,
     )
     if accelerator.is_main_process:

@@ -8,6 +8,7 @@ runs left out of a plot are listed in its notes.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,14 @@ def _draw_group_means(
         if not xs:
             outcome.notes.append(f"{label}: its runs share no {unit}; not drawn")
             continue
-        suffix = f" (mean of {len(present)} runs)" if len(present) > 1 else ""
+        suffix = f" (mean ± std of {len(present)} runs)" if len(present) > 1 else ""
         (line,) = ax.plot(xs, ys, linewidth=linewidth, marker=marker(len(xs)), label=f"{label}{suffix}")
+        if len(present) > 1:  # the spread over seeds, as a band
+            spread = [statistics.stdev(per_run[r][x] for r in present) for x in xs]
+            ax.fill_between(
+                xs, [y - s for y, s in zip(ys, spread, strict=True)], [y + s for y, s in zip(ys, spread, strict=True)],
+                color=line.get_color(), alpha=0.2, linewidth=0,
+            )  # fmt: skip
         drawn.append((present, line))
     return drawn
 
@@ -226,56 +233,91 @@ def plot_metric_vs_param(
     return outcome
 
 
+def _count(analysis: dict[str, Any], key: str) -> int | None:
+    value = analysis.get(key)
+    return int(value) if _finite(value) and float(value) == int(value) and value >= 0 else None
+
+
 def plot_pruning(analyses: dict[str, dict[str, Any]], groups: dict[str, list[str]], *, out: Path) -> PlotOutcome:
-    """Bars per group (a run, or a sweep configuration averaged over its seeds): share of top-B
-    positives pruned by beam search, and share of those pruned whose per-token condition fails at
-    or before the pruning step (analysis.json)."""
-    title = "Beam-search pruning of top-B positives (analysis.json)"
+    """Bars per group (a run, or a sweep configuration with its seeds pooled): the share of top-B
+    positives pruned by beam search and the share of those pruned whose per-token condition fails
+    at or before the pruning step (analysis.json counts), each with its Wilson 95% interval and its
+    counts k/n. Every group is drawn: one without top-B positives as "n = 0", one without an
+    analysis as "no analysis"."""
+    from bear_ds.reports.stats import wilson_interval
+
+    title = "Beam-search pruning of top-B positives (analysis.json, Wilson 95% intervals)"
     outcome = PlotOutcome(title=title, file=None)
-    shares: dict[str, float] = {}
-    violating_of: dict[str, float] = {}
+    counts: dict[str, tuple[int, int, int | None]] = {}  # run -> (positives, pruned, pruned violating)
     for run, analysis in analyses.items():
-        share = analysis.get("pruned_share")
-        if not _finite(share):
+        positives, pruned = _count(analysis, "topb_positives"), _count(analysis, "pruned")
+        if positives is None or pruned is None or pruned > positives:
             keys = ", ".join(sorted(analysis)) or "none"
-            outcome.notes.append(f"{run}: analysis.json has no numeric 'pruned_share' (keys present: {keys})")
+            outcome.notes.append(
+                f"{run}: analysis.json has no valid 'topb_positives' and 'pruned' counts (keys present: {keys})"
+            )
             continue
-        shares[run] = float(share)
-        v = analysis.get("pruned_violating_share")
-        if _finite(v):
-            violating_of[run] = float(v)
-        else:
-            outcome.notes.append(f"{run}: analysis.json has no numeric 'pruned_violating_share'; that bar is left out")
-    names, pruned, violating = [], [], []
-    for label, runs in groups.items():
-        with_share = [shares[r] for r in runs if r in shares]
-        if not with_share:
-            continue
-        with_violating = [violating_of[r] for r in runs if r in violating_of]
-        tick = label.replace(", ", "\n")  # one grid key per line keeps tick labels apart
-        names.append(tick if len(with_share) == 1 else f"{tick}\n(mean of {len(with_share)})")
-        pruned.append(sum(with_share) / len(with_share))
-        violating.append(sum(with_violating) / len(with_violating) if with_violating else math.nan)
-    if not names:
-        outcome.skipped_because = "no run has an analysis.json with 'pruned_share'"
+        violating = _count(analysis, "pruned_violating")
+        if violating is None and pruned > 0:
+            outcome.notes.append(f"{run}: analysis.json has no 'pruned_violating' count; that bar is left out")
+        counts[run] = (positives, pruned, violating if violating is not None and violating <= pruned else None)
+    if not counts:
+        outcome.skipped_because = "no run has an analysis.json with 'topb_positives' and 'pruned' counts"
         return outcome
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(names) + 2), 4.6))
-    xs = list(range(len(names)))
-    width = 0.38
-    bars = ax.bar([x - width / 2 for x in xs], pruned, width, label="pruned by beam search (share of top-B positives)")
-    ax.bar_label(bars, fmt="%.2f", fontsize="x-small")
-    if any(not math.isnan(v) for v in violating):
-        bars = ax.bar(
-            [x + width / 2 for x in xs], violating, width, label="per-token condition violated (share of pruned)"
+    names: list[str] = []
+    shares: list[tuple[Any, Any]] = []  # (pruned Share, violating Share or None) per group
+    for label, runs in groups.items():
+        tick = label.replace(", ", "\n")  # one grid key per line keeps tick labels apart
+        present = [counts[r] for r in runs if r in counts]
+        missing = [r for r in runs if r not in counts]
+        if missing and present:
+            outcome.notes.append(f"{label}: pooled over {len(present)} runs; no counts for {', '.join(missing)}")
+        names.append(tick if len(present) <= 1 else f"{tick}\n({len(present)} runs pooled)")
+        if not present:
+            shares.append((None, None))
+            continue
+        positives, pruned = sum(c[0] for c in present), sum(c[1] for c in present)
+        with_violating = [c for c in present if c[2] is not None or c[1] == 0]
+        violating = (
+            wilson_interval(sum(c[2] or 0 for c in with_violating), sum(c[1] for c in with_violating))
+            if len(with_violating) == len(present)
+            else None
         )
-        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.2f}" for v in violating], fontsize="x-small")
+        shares.append((wilson_interval(pruned, positives), violating))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names) + 2), 4.8))
+    width = 0.38
+    for offset, which, label in (
+        (-width / 2, 0, "pruned by beam search (share of top-B positives)"),
+        (width / 2, 1, "per-token condition violated (share of pruned)"),
+    ):
+        xs, ys, err, texts = [], [], [[], []], []
+        for x, pair in enumerate(shares):
+            share = pair[which]
+            if share is None:
+                if which == 0:  # say why the group has no bar instead of leaving a gap
+                    ax.text(x, 0.02, "no analysis", ha="center", va="bottom", fontsize="x-small", rotation=90)
+                continue
+            if share.n == 0:
+                ax.text(x + offset, 0.02, "n = 0", ha="center", va="bottom", fontsize="x-small", rotation=90)
+                continue
+            xs.append(x + offset)
+            ys.append(share.share)
+            err[0].append(share.share - share.low)
+            err[1].append(share.high - share.share)
+            texts.append(f"{share.k}/{share.n}")
+        bars = ax.bar(xs, ys, width, yerr=err, capsize=3, label=label, color=f"C{which}")
+        ax.bar_label(bars, labels=texts, fontsize="x-small", padding=2)
     ax.set_xticks(
-        xs, names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center", fontsize="small"
+        range(len(names)),
+        names,
+        rotation=30 if len(names) > 6 else 0,
+        ha="right" if len(names) > 6 else "center",
+        fontsize="small",
     )
-    ax.set_ylim(0.0, 1.25)  # headroom for the legend above the bars
+    ax.set_ylim(0.0, 1.3)  # headroom for the legend above the bars
     ax.set_title(title)
-    ax.set_xlabel("run")
-    ax.set_ylabel("share (fraction, 0-1)")
+    ax.set_xlabel("run" if all(len(r) == 1 for r in groups.values()) else "configuration")
+    ax.set_ylabel("share (fraction, 0-1); k/n above each bar")
     _finish(fig, ax, out, 2)
     outcome.file = out
     return outcome

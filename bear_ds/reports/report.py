@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from bear_ds.reports.evidence import MOST_POPULAR, evidence_sections
 from bear_ds.reports.plots import PlotOutcome, plot_epoch_metric, plot_metric_vs_param, plot_pruning, plot_step_metric
 from bear_ds.runs import RunData, discover_runs, load_run
 from bear_ds.sweeps import (
@@ -62,7 +63,7 @@ def _test_metrics(run: RunData, notes: list[str]) -> dict[str, Any]:
     return {}
 
 
-def _results_table(runs: dict[str, RunData]) -> str:
+def _results_table(runs: dict[str, RunData], popular: dict[str, Any] | None = None) -> str:
     headers = ["run", *(m.upper() for m in TABLE_METRICS)]
     headers += ["selected epoch", "train time (s)", "optimiser steps (s)", "pruned share"]
     rows: list[list[str]] = []
@@ -92,6 +93,12 @@ def _results_table(runs: dict[str, RunData]) -> str:
                 _percent(pruned),
             ]
         )
+    if popular is not None:  # the reference every method has to beat: the same list for every test user
+        cells = [format_number(popular[m]) if _is_number(popular.get(m)) else "–" for m in TABLE_METRICS]
+        users = f" ({popular['users']} users)" if "users" in popular else ""
+        rows.append([f"{MOST_POPULAR}{users}", *cells, "–", "–", "–", "–"])
+        if "users" not in popular:
+            notes.append(f"{MOST_POPULAR}: not scored ({popular.get('why')})")
     text = markdown_table(headers, rows)
     if notes:
         text += "\n\n" + "\n".join(f"- {n}" for n in notes)
@@ -100,8 +107,11 @@ def _results_table(runs: dict[str, RunData]) -> str:
 
 def results_table(runs: dict[str, str | Path]) -> str:
     """Markdown table of HR@5/10, NDCG@5/10 (test at the selected epoch), selected epoch, training
-    time and pruned share for named run folders, with a note under it for each missing value."""
-    return _results_table({name: load_run(name, Path(folder)) for name, folder in runs.items()})
+    time and pruned share for named run folders, with a note under it for each missing value, and a
+    most-popular row when the runs' data and catalog are found (scored on an LML run's test users)."""
+    loaded = {name: load_run(name, Path(folder)) for name, folder in runs.items()}
+    _, popular = evidence_sections(loaded, {name: [name] for name in loaded}, statistics=False)
+    return _results_table(loaded, popular)
 
 
 def _analysis_recall(analysis: dict[str, Any], which: str, k: int | None) -> Any:
@@ -194,12 +204,19 @@ def report(run_or_sweep_dir: str | Path) -> Path:
         done = set(points.loc[points["status"] == "done", "point"])
         runs = {name: run for name, run in runs.items() if name in done}
 
-    lines += ["## Results (test at the selected epoch)", "", _results_table(runs) if runs else "No finished run.", ""]
+    groups = _groups(runs, points, group_keys or [])
+    statistics, popular = evidence_sections(runs, groups) if runs else ([], {})
+    lines += [
+        "## Results (test at the selected epoch)",
+        "",
+        _results_table(runs, popular) if runs else "No finished run.",
+        "",
+    ]
     pruning = _pruning_table(runs)
     if pruning:
         lines += ["## Pruning analysis (analysis.json)", "", pruning, ""]
+    lines += statistics
 
-    groups = _groups(runs, points, group_keys or [])
     widths = {run.config_value("loss.beam_width") for run in runs.values()} - {None}
     b_text = f"B={widths.pop()}" if len(widths) == 1 else "B = loss.beam_width"
     logs = {name: run.train_log for name, run in runs.items()}

@@ -122,6 +122,9 @@ class EpochEvaluator:
 
         self.run, self.cfg = run_beam_evaluation, cfg
         self.splits: dict[str, tuple[list[list[int]], list[int | None]]] = {}
+        self.user_ids: dict[str, list[str]] = {}
+        # per user of the last evaluation of each split: {"user_id", "target_rank"} (for paired statistics)
+        self.last_ranks: dict[str, list[dict[str, Any]]] = {}
         for split, cap in (("valid", cfg.train.eval_max_users), ("test", cfg.eval.max_users)):
             rows = load_split(prepared, split)
             if cap is not None:
@@ -135,6 +138,7 @@ class EpochEvaluator:
                 logger.warning("%s: %d prompts lost oldest history items to fit the context", split,
                                fitted.truncated_examples)  # fmt: skip
             self.splits[split] = (fitted.prompt_ids, [catalog.group_of_item(t) for t in rows["target"]])
+            self.user_ids[split] = [str(u) for u in rows["user_id"]]
 
     def __call__(
         self, accelerator, model, tokenizer, catalog, splits: tuple[str, ...] = ("valid", "test")
@@ -145,11 +149,15 @@ class EpochEvaluator:
             if not prompts:  # an empty test split: nothing to report
                 results[split] = {}
                 continue
-            _, metrics = self.run(
+            predictions, metrics = self.run(
                 model, tokenizer, catalog, prompts, groups, self.cfg.eval, accelerator,
                 loss_name=self.cfg.loss.name, progress=accelerator.is_main_process,
             )  # fmt: skip
             results[split] = metrics
+            self.last_ranks[split] = [
+                {"user_id": u, "target_rank": p["target_rank"]}
+                for u, p in zip(self.user_ids[split], predictions, strict=True)
+            ]
         return results
 
 
@@ -472,6 +480,8 @@ class Trainer:
         test = results.get("test", {})
         if self.main:
             logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
+        if improved and test and self.main:
+            _write_test_ranks(self.out / "test_predictions.jsonl", self.evaluate.last_ranks["test"], epoch)
         self.epochs_log.write({"epoch": epoch, "step": step, "valid": valid, "test": test})
         if improved:
             self.export("model", {"epoch": epoch, "step": step, "selected_by": metric})
@@ -593,6 +603,16 @@ def _stop_on_nonfinite(accelerator, unchecked: list[tuple[torch.Tensor, torch.Te
     raise NonFiniteLossError(
         f"non-finite loss {value} at {where}; set train.on_nonfinite=skip to drop such micro-batches"
     )
+
+
+def _write_test_ranks(path: Path, ranks: list[dict[str, Any]], epoch: int) -> None:
+    """Per-user test ranks of the best epoch so far (the selected one at the end), for paired
+    statistics across methods; written whole then renamed, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        for row in ranks:
+            fh.write(json.dumps({"epoch": epoch, **row}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def _metric_text(metrics: dict[str, Any]) -> str:

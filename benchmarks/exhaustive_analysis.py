@@ -1,0 +1,109 @@
+"""Pruning-analysis benchmark: seconds per user of the exhaustive ranking, side by side on the same
+users: the full trie walk; the bounded walk (subtrees below min(target's total, B-th best) skipped,
+every record identical); and the bounded walk with the rank cap `bear-ds analyze` uses (ranks exact
+below B only: subtrees below the B-th best skipped whatever the target's total).
+
+For each dataset: the paper's files prepared by bear_ds.data, a BPE trained on its titles and
+prompts, a tiny Llama trained for a few LML steps (as benchmarks/beam_search.py builds them), B = 10,
+mask after. Batches of users alternate between the two walks so that load from other processes hits
+all alike. Bounded records must equal the full walk's (every integer and flag, log p to 1e-4); capped
+records too, except global ranks at or beyond the cap (lower bounds there).
+
+    python benchmarks/exhaustive_analysis.py --data ../shared/data/Office ../shared/data/Clothing --users 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from beam_search import _build  # noqa: E402  (same catalog, tokenizer and model recipe)
+
+FLOAT_KEYS = ("exhaustive_logp", "target_logp")
+
+
+def _same(full: dict, fast: dict) -> bool:
+    skip = FLOAT_KEYS
+    if fast.get("global_rank_exact") is False:  # the capped walk: a lower bound beyond the cap
+        skip = (*FLOAT_KEYS, "global_rank")
+    fast = {k: v for k, v in fast.items() if k != "global_rank_exact"}
+    exact = {k: v for k, v in full.items() if k not in skip} == {k: v for k, v in fast.items() if k not in skip}
+    close = all(abs(a - b) < 1e-4 for a, b in zip(full["exhaustive_logp"], fast["exhaustive_logp"], strict=True))
+    return exact and close and abs(full.get("target_logp", 0.0) - fast.get("target_logp", 0.0)) < 1e-4
+
+
+def bench(data: str, args: argparse.Namespace) -> dict:
+    from bear_ds.evaluation.analysis import analyze_users
+
+    args.data, args.out = data, str(Path(args.out_root) / Path(data).name)
+    print(f"building {data} catalog, BPE and tiny Llama in {args.out} ...", flush=True)
+    model, tokenizer, catalog, prompt_ids, targets, _ = _build(args, torch.device("cpu"))
+    common = dict(
+        num_beams=args.num_beams,
+        eos_token_id=catalog.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        mask="after",
+        batch_items=args.batch_items,
+        batch_users=args.batch_users,
+    )
+    modes = {"full": {"bounded": False}, "bounded": {"bounded": True}, "capped": {"rank_cap": args.num_beams}}
+    clocks = {m: [0.0, 0.0] for m in modes}
+    records: dict[str, list[dict]] = {m: [] for m in modes}
+    for start in range(0, len(prompt_ids), args.batch_users):
+        chunk = slice(start, start + args.batch_users)
+        for mode, kwargs in modes.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            records[mode] += analyze_users(
+                model, prompt_ids[chunk], targets[chunk], catalog.group_token_ids, catalog.trie, **kwargs, **common,
+            )  # fmt: skip
+            clocks[mode][0] += time.perf_counter() - wall
+            clocks[mode][1] += time.process_time() - cpu
+        done = min(start + args.batch_users, len(prompt_ids))
+        print(f"  {done} users: " + ", ".join(f"{m} {c[0]:.1f} s wall {c[1]:.1f} s CPU" for m, c in clocks.items()))
+    n = len(prompt_ids)
+    return {
+        "dataset": Path(data).name,
+        "groups": catalog.num_groups,
+        "trie_nodes": catalog.trie.num_nodes,
+        "users": n,
+        "in_top_b": sum(bool(r["in_top_b"]) for r in records["full"]),
+        **{m: [c / n for c in clocks[m]] for m in modes},
+        **{
+            f"{m}_identical": sum(_same(a, b) for a, b in zip(records["full"], records[m], strict=True))
+            for m in ("bounded", "capped")
+        },
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", default=["../shared/data/Office", "../shared/data/Clothing"])
+    p.add_argument("--out-root", default="runs/bench_exhaustive")
+    p.add_argument("--users", type=int, default=32)
+    p.add_argument("--num-beams", type=int, default=10)
+    p.add_argument("--batch-users", type=int, default=8)
+    p.add_argument("--batch-items", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--train-steps", type=int, default=60, help="LML steps before the analysis (0: random model)")
+    args = p.parse_args()
+    rows = [bench(data, args) for data in args.data]
+    print()
+    print("| dataset | groups | trie nodes | users | top-B targets | s/user (wall, CPU): full | bounded | capped "
+          "| CPU speed-up bounded, capped | same records bounded, capped |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['dataset']} | {r['groups']:,} | {r['trie_nodes']:,} | {r['users']} | {r['in_top_b']} "
+            + "".join(f"| {r[m][0]:.2f}, {r[m][1]:.2f} " for m in ("full", "bounded", "capped"))
+            + f"| {r['full'][1] / r['bounded'][1]:.1f}x, {r['full'][1] / r['capped'][1]:.1f}x "
+            f"| {r['bounded_identical']}, {r['capped_identical']} of {r['users']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
