@@ -1,5 +1,6 @@
-"""LML, MSL and BEAR losses: pure functions, the chunked hidden-state head, and the model coupling."""
+"""LML, MSL, BEAR and beamsim losses: pure functions, the chunked hidden-state head, and the model coupling."""
 
+from bear_ds.losses.beamsim import SimulatedSearch, beamsim_loss, margin_pruned, prefix_log_probs, survival_terms
 from bear_ds.losses.functional import (
     BearDetails,
     LossSums,
@@ -21,8 +22,10 @@ __all__ = [
     "LMHead",
     "LossOutput",
     "LossSums",
+    "SimulatedSearch",
     "backbone_hidden_states",
     "beam_threshold",
+    "beamsim_loss",
     "bear_loss",
     "lm_head_context",
     "lml_loss",
@@ -30,10 +33,13 @@ __all__ = [
     "logit_transform",
     "loss_from_sums",
     "loss_sums",
+    "margin_pruned",
     "metrics_from_sums",
     "msl_loss",
     "position_terms",
+    "prefix_log_probs",
     "response_loss",
     "select_response",
+    "survival_terms",
     "unwrap_model",
 ]

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-LossName = Literal["lml", "msl", "bear"]
+LossName = Literal["lml", "msl", "bear", "beamsim"]
 BearForm = Literal["reweight", "regularizer"]
 
 WEIGHT_EPS = 1e-8  # added to the weight sum before normalising, as released
@@ -258,6 +258,10 @@ class LossSums:
     # ranking beam search applies, whatever the loss; with no mask: among all tokens).
     risk_positions: torch.Tensor
     outside_topb: torch.Tensor
+    # beamsim (`bear_ds.losses.beamsim`): examples whose gold item the simulated beam search prunes,
+    # out of the examples searched (0 for the other losses)
+    sim_pruned: torch.Tensor
+    sim_examples: torch.Tensor
 
     def __add__(self, other: LossSums) -> LossSums:
         return LossSums(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -268,7 +272,7 @@ class LossSums:
         return cls(**{f.name: zero for f in fields(cls)})
 
     def as_tensor(self) -> torch.Tensor:
-        """[9] float32 vector (detached) in field order, e.g. for an all-reduce of the metrics."""
+        """[one per field] float32 vector (detached) in field order, e.g. for an all-reduce of the metrics."""
         return torch.stack([getattr(self, f.name).detach().float() for f in fields(self)])
 
     @classmethod
@@ -291,12 +295,15 @@ def loss_sums(
     xi: float = 2.75,
     lam: float = 0.25,
     check: bool = True,
-) -> LossSums:
+    return_log_p_gold: bool = False,
+) -> LossSums | tuple[LossSums, torch.Tensor]:
     """Raw sums of one chunk of positions for loss `name` (LML's loss ignores valid and tau).
 
     The BEAR weights w_t are detached, so the normalised reweight loss of a micro-batch is
     sum_chunks(weighted_ce) / (sum_chunks(weight) + 1e-8), exactly, without a second pass.
     `valid`, when given, also defines the pruning-risk diagnostic for every loss, LML included.
+    beamsim: the CE sums of BEAR; its survival terms span whole responses, so `reg` is 0 here and
+    `return_log_p_gold=True` also returns log p[y] [N] (with gradient) to form them from.
     """
     risk_valid = valid
     if name == "lml":
@@ -315,23 +322,29 @@ def loss_sums(
             risk_outside = (better >= beam_width) & risk_counted
     else:  # same ranking as the loss's own softmax (order is unchanged by tau)
         risk_counted, risk_outside = counted, terms.outside_topb & counted
-    return LossSums(
+    zero = terms.ce.new_zeros(())
+    sums = LossSums(
         ce_all=terms.ce.sum(),
         ce_counted=torch.where(counted, terms.ce, 0.0).sum(),
         weighted_ce=torch.where(counted, w * terms.ce, 0.0).sum(),
-        reg=torch.where(counted, _bear_reg(terms, xi), 0.0).sum(),
+        reg=torch.where(counted, _bear_reg(terms, xi), 0.0).sum() if name != "beamsim" else zero,
         weight=torch.where(counted, w, 0.0).sum().detach(),
         positions=counted.new_tensor(counted.numel(), dtype=torch.float32),
         counted=counted.sum().float(),
         risk_positions=risk_counted.sum().float(),
         outside_topb=risk_outside.sum().float(),
+        sim_pruned=zero.detach(),
+        sim_examples=zero.detach(),
     )
+    return (sums, terms.log_p_gold) if return_log_p_gold else sums
 
 
 def loss_from_sums(sums: LossSums, *, name: LossName, form: BearForm = "reweight", lam: float = 0.25) -> torch.Tensor:
     """The loss of the positions summed in `sums` (same normalisation as the pure functions)."""
     if name in ("lml", "msl"):
         return sums.ce_all / sums.positions.clamp(min=1.0)
+    if name == "beamsim":  # BEAR's regulariser normalisation; reg holds the survival terms
+        return (sums.ce_counted + lam * sums.reg) / sums.counted.clamp(min=1.0)
     if form == "reweight":
         return sums.weighted_ce / (sums.weight + WEIGHT_EPS)
     if form == "regularizer":
@@ -348,7 +361,10 @@ def metrics_from_sums(sums: LossSums, *, name: LossName, form: BearForm = "rewei
         "counted": float(sums.counted),
         "positions": float(sums.positions),
     }
-    if name == "bear" and form == "regularizer":
+    if name == "beamsim":
+        out["reg"] = float(sums.reg.detach()) / counted
+        out["sim_pruned_frac"] = float(sums.sim_pruned) / max(float(sums.sim_examples), 1.0)
+    elif name == "bear" and form == "regularizer":
         out["reg"] = float(sums.reg.detach()) / counted
     elif name == "bear":
         out["weight_mean"] = float(sums.weight) / counted
