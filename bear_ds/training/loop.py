@@ -260,6 +260,7 @@ def train(cfg: Config) -> dict[str, Any]:
             loss_sum = torch.zeros((), device=device)
             step_sums = LossSums.zeros(loss_sum).as_tensor()  # [9]: the finite micro-batches' LossSums
             finite_micro = torch.zeros((), device=device)
+            search_s = 0.0  # beamsim: wall time of the simulated beam searches of this step
             unchecked: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # on_nonfinite=stop: checked after the step
             for round_index, indices in enumerate(rank_micro_batches(micro, rank, world)):
                 batch = {
@@ -270,10 +271,14 @@ def train(cfg: Config) -> dict[str, Any]:
                     f"{round_index}, examples {[int(i) for i in indices[:8]]} on rank {rank}"
                 )
                 with accelerator.accumulate(model):
+                    search = None
+                    if cfg.loss.name == "beamsim":  # before the forward: theta from the current weights
+                        search = _beamsim_search(cfg, accelerator, model, batch, trie, catalog.eos_token_id)
+                        search_s += search.search_s
                     hidden = backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
                     h, y, s = select_response(hidden, batch["labels"], trie)  # [N, H], [N], [N]
                     with lm_head_context(model) as head:
-                        result = response_loss(h, head, y, s, trie, cfg.loss)
+                        result = response_loss(h, head, y, s, trie, cfg.loss, search=search)
                         loss = result.loss
                         finite = torch.isfinite(loss.detach())
                         if cfg.train.on_nonfinite == "skip":  # decided before the backward, alike on every rank
@@ -333,6 +338,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 "lr": lr_used,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "step_time_s": step_time,
+                **({"search_time_frac": search_s / max(step_time, 1e-9)} if cfg.loss.name == "beamsim" else {}),
                 "tokens_per_s": real_tokens / max(step_time, 1e-9),
                 "padded_frac": padded_fraction(examples.lengths, micro),
                 "world_size": world,
@@ -373,6 +379,20 @@ def train(cfg: Config) -> dict[str, Any]:
         # leave together: a rank exiting while gloo still talks to it aborts the other ("terminate called")
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _beamsim_search(cfg: Config, accelerator, model, batch: dict[str, torch.Tensor], trie, eos_token_id: int):
+    """The beamsim loss's beam search on one micro-batch (no gradient, current weights, eval mode);
+    under ZeRO-3 every rank runs it once per micro-batch and the ranks' decoding steps are synced."""
+    from bear_ds.evaluation.evaluate import is_zero3_partitioned
+    from bear_ds.generation.survival import simulate_beam_search
+
+    net = accelerator.unwrap_model(model)
+    return simulate_beam_search(
+        net, batch["input_ids"], batch["attention_mask"], batch["labels"], trie,
+        beam_width=cfg.loss.beam_width, eos_token_id=eos_token_id, mask="before" if cfg.loss.masked else "after",
+        tau=cfg.loss.tau, synced=is_zero3_partitioned(net),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- epochs
