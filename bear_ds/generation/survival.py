@@ -158,7 +158,8 @@ def simulate_beam_search(
         raise ValueError(f"micro-batch row {row}: the gold response does not end a catalog title (no trie item)")
     pruned = ~(result.groups == gold[:, None]).any(dim=1)
     theta = survival_thresholds(result.live_thresholds, result.candidate_thresholds, result.scores, lengths)
-    return SimulatedSearch(theta, lengths, pruned, time.perf_counter() - started)
+    steps = int(result.steps.max()) if result.steps.numel() else 0
+    return SimulatedSearch(theta, lengths, pruned, time.perf_counter() - started, steps)
 
 
 __all__ = ["SimulatedSearch", "batch_prompts", "batch_responses", "simulate_beam_search", "survival_thresholds"]

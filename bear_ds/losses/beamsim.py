@@ -42,6 +42,7 @@ class SimulatedSearch:
     lengths: torch.Tensor  # int64 [U]: response length T_u (EOS included)
     pruned: torch.Tensor  # bool [U]: the search does not return the gold item
     search_s: float = 0.0  # wall time of the search
+    steps: int = 0  # decoding steps this process's search ran (the longest of its users)
 
 
 def prefix_log_probs(log_p_gold: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
