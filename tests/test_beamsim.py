@@ -14,9 +14,10 @@ from tiny_models import tiny_llama_kwargs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bear_ds.config import LossConfig
-from bear_ds.generation.survival import batch_prompts, simulate_beam_search
+from bear_ds.generation.survival import batch_prompts, prompt_ends, prompt_state_of_forward, simulate_beam_search
 from bear_ds.losses import (
     SimulatedSearch,
+    backbone_forward,
     backbone_hidden_states,
     beamsim_loss,
     lm_head_context,
@@ -261,3 +262,31 @@ def test_model_head_path_matches_pure_loss():
         out = response_loss(h, head, y, s, trie, cfg, search=search)
     pure = beamsim_loss(model.lm_head(h), y, trie.allowed_mask(s, V), search, tau=cfg.tau, xi=cfg.xi, lam=cfg.lam)
     torch.testing.assert_close(out.loss, pure, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+@pytest.mark.parametrize("mask", ["before", "after"])
+def test_search_from_the_training_forward_equals_its_own_prefill(shared_prefix, mask, monkeypatch):
+    """beamsim starts its search from the training forward's KV cache of the (right-padded) rows:
+    the same thresholds and verdicts as encoding the prompts again, on both cache paths."""
+    import bear_ds.generation.beam as beam_module
+
+    model = random_model(6, 5.0)
+    titles, groups = random_catalog(6, 12)
+    trie = TokenTrie.from_sequences(titles, V, groups)
+    rng = random.Random(6)
+    golds = [titles[rng.randrange(len(titles))] for _ in range(7)]
+    prompts = [[rng.randrange(4, V) for _ in range(rng.randint(2, 9))] for _ in golds]
+    batch = micro_batch(prompts, golds)
+    if not shared_prefix:
+        monkeypatch.setattr(beam_module, "_beam_cache", lambda *args: None)
+    kwargs = dict(trie=trie, beam_width=3, eos_token_id=EOS, mask=mask, tau=1.2)
+    own = simulate_beam_search(model, **batch, **kwargs)
+    out = backbone_forward(model, batch["input_ids"], batch["attention_mask"],
+                           prompt_ends(batch["attention_mask"], batch["labels"]))  # fmt: skip
+    state = prompt_state_of_forward(batch["attention_mask"], batch["labels"], out.prompt_logits, out.cache)
+    assert state is not None
+    reused = simulate_beam_search(model, **batch, **kwargs, prompt_state=state)
+    torch.testing.assert_close(reused.thresholds, own.thresholds, rtol=0, atol=1e-5)
+    assert torch.equal(reused.pruned, own.pruned) and 0 < int(own.pruned.sum()) < len(golds)
+    torch.testing.assert_close(out.hidden, backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"]))

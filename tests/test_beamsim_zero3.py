@@ -1,7 +1,8 @@
 """beamsim under real DeepSpeed ZeRO-3 on 2 CPU ranks (gloo) equals a single process.
 
-Each rank holds a partitioned tiny Llama and runs the simulated beam search (synced: the rank that
-stops decoding first runs dummy forwards) and the loss on its own micro-batch: step 1, rank 0 has
+Each rank holds a partitioned tiny Llama and runs, as the trainer does, the forward, the simulated
+beam search started from that forward's KV cache (synced: the rank that stops decoding first runs
+dummy forwards) and the loss on its own micro-batch; the reference encodes the prompts again: step 1, rank 0 has
 three long titles and rank 1 one short title that stops early; step 2 the other way round. Per
 rank, theta, the verdicts and the loss must equal a plain single-process computation on the same
 micro-batch (losses to 1e-6), and the gathered gradient their mean.
@@ -20,8 +21,14 @@ from tiny_models import tiny_llama_kwargs
 
 from bear_ds.config import LossConfig
 from bear_ds.distributed import torchrun_command
-from bear_ds.generation.survival import simulate_beam_search
-from bear_ds.losses import backbone_hidden_states, lm_head_context, response_loss, select_response
+from bear_ds.generation.survival import prompt_ends, prompt_state_of_forward, simulate_beam_search
+from bear_ds.losses import (
+    backbone_forward,
+    backbone_hidden_states,
+    lm_head_context,
+    response_loss,
+    select_response,
+)
 from bear_ds.trie import TokenTrie
 
 V, H, EOS = 40, 16, 2
@@ -71,7 +78,7 @@ result = {"partitioned": is_zero3_partitioned(engine.module), "steps": []}
 for step, batches in enumerate(case_batches()):
     ids, mask, labels = (torch.tensor(x) for x in batches[rank])
     loss, search = run_micro_batch(engine, engine.module, ids, mask, labels, trie, LossConfig(**LOSS), synced=True,
-                                   backward=engine.backward)
+                                   backward=engine.backward, reuse=True)
     grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
     result["steps"].append({
         "loss": float(loss.detach()),
@@ -108,11 +115,17 @@ def case_batches() -> list[list[list[list[list[int]]]]]:
     return [[long, short], [short, long]]
 
 
-def run_micro_batch(model, net, ids, mask, labels, trie, cfg: LossConfig, *, synced: bool, backward):
-    """The trainer's beamsim micro-batch: search (no gradient), forward, chunked loss, backward."""
+def run_micro_batch(model, net, ids, mask, labels, trie, cfg: LossConfig, *, synced: bool, backward, reuse: bool):
+    """A beamsim micro-batch: forward, search (no gradient), chunked loss, backward. reuse=True: the
+    trainer's way, the search starts from the forward's KV cache; False: it encodes the prompts."""
+    if reuse:
+        out = backbone_forward(model, ids, mask, prompt_ends(mask, labels))
+        hidden, state = out.hidden, prompt_state_of_forward(mask, labels, out.prompt_logits, out.cache)
+        assert state is not None
+    else:
+        hidden, state = backbone_hidden_states(model, ids, mask), None
     search = simulate_beam_search(net, ids, mask, labels, trie, beam_width=cfg.beam_width, eos_token_id=EOS,
-                                  mask="before", tau=cfg.tau, synced=synced)  # fmt: skip
-    hidden = backbone_hidden_states(model, ids, mask)
+                                  mask="before", tau=cfg.tau, synced=synced, prompt_state=state)  # fmt: skip
     h, y, s = select_response(hidden, labels, trie)
     with lm_head_context(model) as head:
         out = response_loss(h, head, y, s, trie, cfg, search=search)
@@ -151,7 +164,7 @@ def test_zero3_two_ranks_with_uneven_searches_match_one_process(tmp_path: Path):
         for r in range(2):
             ids, mask, labels = (torch.tensor(x) for x in batches[r])
             loss, search = run_micro_batch(model, model, ids, mask, labels, trie, cfg, synced=False,
-                                           backward=lambda loss: (loss / 2).backward())  # fmt: skip
+                                           backward=lambda loss: (loss / 2).backward(), reuse=False)  # fmt: skip
             got = ranks[r]["steps"][step]
             torch.testing.assert_close(torch.tensor(got["theta"]), search.thresholds, rtol=0, atol=1e-6)
             assert got["pruned"] == search.pruned.tolist()

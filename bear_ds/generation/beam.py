@@ -66,6 +66,19 @@ class BeamResult:
     candidate_thresholds: torch.Tensor | None = field(default=None)
 
 
+@dataclass
+class PromptState:
+    """Prompts already encoded by another forward (the training forward, for beamsim), in place of
+    the search's own prefill: logits [U, V] at each prompt's last position, the model's KV cache
+    [U, ..., L, ...] and its attention mask [U, L] with 1 exactly on the prompt's positions (other
+    columns, e.g. a response after a right-padded prompt, are masked out). The prompt of row u must
+    sit at positions 0 .. (mask[u].sum() - 1), as in a right-padded forward."""
+
+    logits: torch.Tensor
+    cache: object
+    attention_mask: torch.Tensor
+
+
 def lowest_of_best(sorted_scores: torch.Tensor, k: int) -> torch.Tensor:
     """[A, C] scores sorted best first -> [A]: the k-th, or the lowest finite one among the first k
     when fewer are finite; -inf when none is."""
@@ -354,6 +367,7 @@ def constrained_beam_search(
     return_trace: bool = False,
     temperature: float = 1.0,
     return_thresholds: bool = False,
+    prompt_state: PromptState | None = None,
 ) -> BeamResult:
     """Beam search of width `num_beams` over the titles in `trie`, for U left-padded prompts at once.
 
@@ -364,6 +378,8 @@ def constrained_beam_search(
     `temperature` scales the logits (z / temperature) before the mask and the log-softmax (the
     scoring of the MSL/BEAR/beamsim losses with loss.tau); `return_thresholds` fills the
     per-step thresholds of `BeamResult` (what the beamsim loss compares the gold prefix with).
+    `prompt_state` replaces the prefill (input_ids, attention_mask then only give U and are
+    checked); with `synced`, every rank must then pass one.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -389,13 +405,19 @@ def constrained_beam_search(
 
     if num_users == 0:
         if synced:
-            _dummy_forward(model, device)  # the prefill every other rank runs
+            if prompt_state is None:
+                _dummy_forward(model, device)  # the prefill every other rank runs
             while _others_still_working(False, device):
                 _dummy_forward(model, device)
         return result()
 
     # prefill: each prompt encoded once (beams are created from its cache after the first step)
-    logits, cache, attention_mask = _prefill(model, input_ids, attention_mask, share_prefix=not synced)
+    if prompt_state is None:
+        logits, cache, attention_mask = _prefill(model, input_ids, attention_mask, share_prefix=not synced)
+    else:
+        logits, cache, attention_mask = prompt_state.logits, prompt_state.cache, prompt_state.attention_mask
+        if logits.shape[0] != num_users or attention_mask.shape[0] != num_users:
+            raise ValueError(f"prompt_state holds {logits.shape[0]} prompts, input_ids {num_users}")
     vocab = logits.shape[-1]
     if vocab < trie.vocab_size:
         raise ValueError(f"model vocabulary {vocab} is smaller than the trie vocabulary {trie.vocab_size}")

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from bear_ds.generation.beam import NEG_INF, constrained_beam_search
+from bear_ds.generation.beam import NEG_INF, PromptState, constrained_beam_search
 from bear_ds.losses.beamsim import SimulatedSearch
 from bear_ds.trie import TokenTrie
 
@@ -57,8 +57,7 @@ def batch_prompts(
     if input_ids.shape[0] and not bool(is_response.any(dim=1).all()):
         row = int((~is_response.any(dim=1)).nonzero()[0, 0])
         raise ValueError(f"micro-batch row {row} has no response token (labels are all {IGNORE_INDEX})")
-    before_response = torch.cumsum(is_response.long(), dim=1) == 0  # [U, L]
-    in_prompt = before_response & (attention_mask != 0)
+    in_prompt = _prompt_positions(attention_mask, labels)  # [U, L]
     lengths = in_prompt.sum(dim=1)  # [U]
     width = int(lengths.max()) if lengths.numel() else 1
     cols = torch.arange(width, device=input_ids.device)[None, :]  # [1, P]
@@ -67,6 +66,29 @@ def batch_prompts(
     source = (cols - start).clamp(min=0)  # [U, P] column in input_ids (prompts start at column 0)
     ids = input_ids.gather(1, source.clamp(max=input_ids.shape[1] - 1)).masked_fill(mask == 0, 0)
     return ids, mask
+
+
+def _prompt_positions(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """bool [U, L]: the real tokens before each row's first response token."""
+    before_response = torch.cumsum((labels != IGNORE_INDEX).long(), dim=1) == 0
+    return before_response & (attention_mask != 0)
+
+
+def prompt_ends(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """int64 [U]: each row's last prompt position in a right-padded micro-batch (where the logits
+    that score the first response token are)."""
+    return _prompt_positions(attention_mask, labels).sum(dim=1) - 1
+
+
+def prompt_state_of_forward(
+    attention_mask: torch.Tensor, labels: torch.Tensor, prompt_logits: torch.Tensor, cache
+) -> PromptState | None:
+    """The search's starting point from the training forward of the same micro-batch
+    (`bear_ds.losses.model.backbone_forward` with `prompt_ends`): its logits at the prompt ends and
+    its KV cache with only the prompt positions unmasked. None when the forward kept no cache."""
+    if cache is None:
+        return None
+    return PromptState(prompt_logits, cache, _prompt_positions(attention_mask, labels).long())
 
 
 def batch_responses(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,12 +142,16 @@ def simulate_beam_search(
     mask: str,
     tau: float,
     synced: bool = False,
+    prompt_state: PromptState | None = None,
 ) -> SimulatedSearch:
     """Run the evaluator's beam search on a training micro-batch and return theta and the verdicts.
 
     model: the Hugging Face model (unwrapped; ZeRO-3 partitioned ones need `synced=True`, and every
     rank must call this once per micro-batch). Runs in eval mode without gradient; the model's
     mode is restored. input_ids, attention_mask, labels [U, L] right-padded as `collate` gives them.
+    `prompt_state` (`prompt_state_of_forward`): start from the training forward's encoding of the
+    prompts instead of encoding them again (the same weights; that forward's train-mode dropout,
+    if any, then also shapes theta, as it shapes g_s).
     """
     started = time.perf_counter()
     prompt_ids, prompt_mask = batch_prompts(input_ids, attention_mask, labels)
@@ -145,6 +171,7 @@ def simulate_beam_search(
             synced=synced,
             temperature=tau,
             return_thresholds=True,
+            prompt_state=prompt_state,
         )
     finally:
         model.train(was_training)
@@ -162,4 +189,12 @@ def simulate_beam_search(
     return SimulatedSearch(theta, lengths, pruned, time.perf_counter() - started, steps)
 
 
-__all__ = ["SimulatedSearch", "batch_prompts", "batch_responses", "simulate_beam_search", "survival_thresholds"]
+__all__ = [
+    "SimulatedSearch",
+    "batch_prompts",
+    "batch_responses",
+    "prompt_ends",
+    "prompt_state_of_forward",
+    "simulate_beam_search",
+    "survival_thresholds",
+]

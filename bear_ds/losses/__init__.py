@@ -15,14 +15,23 @@ from bear_ds.losses.functional import (
     position_terms,
 )
 from bear_ds.losses.head import LMHead, LossOutput, response_loss, select_response
-from bear_ds.losses.model import backbone_hidden_states, lm_head_context, logit_transform, unwrap_model
+from bear_ds.losses.model import (
+    BackboneOutput,
+    backbone_forward,
+    backbone_hidden_states,
+    lm_head_context,
+    logit_transform,
+    unwrap_model,
+)
 
 __all__ = [
+    "BackboneOutput",
     "BearDetails",
     "LMHead",
     "LossOutput",
     "LossSums",
     "SimulatedSearch",
+    "backbone_forward",
     "backbone_hidden_states",
     "beam_threshold",
     "beamsim_loss",

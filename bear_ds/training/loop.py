@@ -272,10 +272,11 @@ def train(cfg: Config) -> dict[str, Any]:
                 )
                 with accelerator.accumulate(model):
                     search = None
-                    if cfg.loss.name == "beamsim":  # before the forward: theta from the current weights
-                        search = _beamsim_search(cfg, accelerator, model, batch, trie, catalog.eos_token_id)
+                    if cfg.loss.name == "beamsim":  # the search starts from this forward's prompt encoding
+                        hidden, search = _beamsim_forward(cfg, accelerator, model, batch, trie, catalog.eos_token_id)
                         search_s += search.search_s
-                    hidden = backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
+                    else:
+                        hidden = backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
                     h, y, s = select_response(hidden, batch["labels"], trie)  # [N, H], [N], [N]
                     with lm_head_context(model) as head:
                         result = response_loss(h, head, y, s, trie, cfg.loss, search=search)
@@ -381,18 +382,25 @@ def train(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def _beamsim_search(cfg: Config, accelerator, model, batch: dict[str, torch.Tensor], trie, eos_token_id: int):
-    """The beamsim loss's beam search on one micro-batch (no gradient, current weights, eval mode);
-    under ZeRO-3 every rank runs it once per micro-batch and the ranks' decoding steps are synced."""
+def _beamsim_forward(cfg: Config, accelerator, model, batch: dict[str, torch.Tensor], trie, eos_token_id: int):
+    """beamsim's micro-batch forward: the training forward (hidden states [B, L, H], with gradient),
+    then the simulated beam search of its prompts started from that forward's KV cache (no
+    gradient, the current weights). Under ZeRO-3 every rank runs it once per micro-batch and the
+    ranks' decoding steps are synced. Returns (hidden, SimulatedSearch)."""
     from bear_ds.evaluation.evaluate import is_zero3_partitioned
-    from bear_ds.generation.survival import simulate_beam_search
+    from bear_ds.generation.survival import prompt_ends, prompt_state_of_forward, simulate_beam_search
+    from bear_ds.losses.model import backbone_forward
 
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    out = backbone_forward(model, ids, mask, prompt_ends(mask, labels))
     net = accelerator.unwrap_model(model)
-    return simulate_beam_search(
-        net, batch["input_ids"], batch["attention_mask"], batch["labels"], trie,
+    search = simulate_beam_search(
+        net, ids, mask, labels, trie,
         beam_width=cfg.loss.beam_width, eos_token_id=eos_token_id, mask="before" if cfg.loss.masked else "after",
         tau=cfg.loss.tau, synced=is_zero3_partitioned(net),
+        prompt_state=prompt_state_of_forward(mask, labels, out.prompt_logits, out.cache),
     )  # fmt: skip
+    return out.hidden, search
 
 
 # ---------------------------------------------------------------------------------------- epochs
