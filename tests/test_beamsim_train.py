@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_distributed import BIN, REPO, YAML, _run
+from launching import BIN, REPO, run_ok
 from train_data import write_prepared
 
 from bear_ds.distributed import free_port
 
 pytestmark = pytest.mark.slow
+
+YAML = REPO / "launchers" / "accelerate" / "cpu_zero3.yaml"
 
 STEPS = 6
 
@@ -28,7 +30,7 @@ def contract_run(tmp_path_factory) -> tuple[Path, Path]:
     prepared = write_prepared(tmp_path_factory.mktemp("data") / "prepared")
     out = tmp_path_factory.mktemp("beamsim")
     # the contract, literally (plus a free port for parallel test runs)
-    _run([str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port", str(free_port()),
+    run_ok([str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port", str(free_port()),
           "-m", "bear_ds.train", f"data.path={prepared}", "model.name=tiny", "loss.name=beamsim",
           "loss.beam_width=5", f"train.max_steps={STEPS}", f"output_dir={out}"], timeout=150)  # fmt: skip
     return prepared, out
@@ -45,7 +47,7 @@ def test_contract_log_and_model(contract_run, tmp_path):
         assert "frac_outside_topb" in r and "reg" in r
         assert (r["world_size"], r["zero_stage"]) == (2, 3)
     ev = tmp_path / "eval"
-    _run([str(BIN / "bear-ds"), "evaluate", f"model.path={out / 'model'}", f"data.path={prepared}",
+    run_ok([str(BIN / "bear-ds"), "evaluate", f"model.path={out / 'model'}", f"data.path={prepared}",
           f"output_dir={ev}", "eval.num_beams=5", "eval.top_k=[1,5]"])  # fmt: skip
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["decoding"]["mask"] == "before"  # eval.mask=auto: beamsim is scored like MSL/BEAR
@@ -55,7 +57,7 @@ def test_contract_log_and_model(contract_run, tmp_path):
 def test_one_process_with_accumulation_matches_two_ranks(contract_run, tmp_path):
     prepared, reference = contract_run
     out = tmp_path / "one"
-    _run([sys.executable, "-m", "bear_ds.train", f"data.path={prepared}", "model.name=tiny", "loss.name=beamsim",
+    run_ok([sys.executable, "-m", "bear_ds.train", f"data.path={prepared}", "model.name=tiny", "loss.name=beamsim",
           "loss.beam_width=5", f"train.max_steps={STEPS}", f"output_dir={out}",
           "train.ds_config=ds_configs/zero3_cpu.json"], timeout=150)  # fmt: skip
     one, two = _rows(out), _rows(reference)

@@ -258,10 +258,6 @@ class LossSums:
     # ranking beam search applies, whatever the loss; with no mask: among all tokens).
     risk_positions: torch.Tensor
     outside_topb: torch.Tensor
-    # beamsim (`bear_ds.losses.beamsim`): examples whose gold item the simulated beam search prunes,
-    # out of the examples searched (0 for the other losses)
-    sim_pruned: torch.Tensor
-    sim_examples: torch.Tensor
 
     def __add__(self, other: LossSums) -> LossSums:
         return LossSums(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -272,7 +268,7 @@ class LossSums:
         return cls(**{f.name: zero for f in fields(cls)})
 
     def as_tensor(self) -> torch.Tensor:
-        """[one per field] float32 vector (detached) in field order, e.g. for an all-reduce of the metrics."""
+        """[9] float32 vector (detached) in field order, e.g. for an all-reduce of the metrics."""
         return torch.stack([getattr(self, f.name).detach().float() for f in fields(self)])
 
     @classmethod
@@ -333,8 +329,6 @@ def loss_sums(
         counted=counted.sum().float(),
         risk_positions=risk_counted.sum().float(),
         outside_topb=risk_outside.sum().float(),
-        sim_pruned=zero.detach(),
-        sim_examples=zero.detach(),
     )
     return (sums, terms.log_p_gold) if return_log_p_gold else sums
 
@@ -361,10 +355,7 @@ def metrics_from_sums(sums: LossSums, *, name: LossName, form: BearForm = "rewei
         "counted": float(sums.counted),
         "positions": float(sums.positions),
     }
-    if name == "beamsim":
-        out["reg"] = float(sums.reg.detach()) / counted
-        out["sim_pruned_frac"] = float(sums.sim_pruned) / max(float(sums.sim_examples), 1.0)
-    elif name == "bear" and form == "regularizer":
+    if name == "beamsim" or (name == "bear" and form == "regularizer"):
         out["reg"] = float(sums.reg.detach()) / counted
     elif name == "bear":
         out["weight_mean"] = float(sums.weight) / counted

@@ -190,8 +190,6 @@ def response_loss(
     if search is not None:
         log_p_gold = torch.cat(gold_log_probs) if gold_log_probs else hidden.new_zeros(0, dtype=torch.float32)
         totals.reg = survival_terms(log_p_gold, search, loss_cfg.xi).sum()
-        totals.sim_pruned = search.pruned.float().sum().to(totals.reg.device)
-        totals.sim_examples = totals.reg.new_tensor(float(search.pruned.numel()))
     loss = loss_from_sums(totals, name=loss_cfg.name, form=loss_cfg.form, lam=loss_cfg.lam) + touch
     return LossOutput(loss=loss, sums=totals, loss_cfg=loss_cfg)
 
