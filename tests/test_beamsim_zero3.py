@@ -37,44 +37,22 @@ LOSS = dict(name="beamsim", beam_width=2, lam=0.5, xi=0.8, chunk_size=3)
 
 WORKER = r"""
 import json, os, sys
-from datetime import timedelta
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-from bear_ds.distributed import stub_deepspeed_shm_op
-stub_deepspeed_shm_op()
-
-import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.environ["BEAR_TEST_DIR"])
 from test_beamsim_zero3 import LOSS, TITLES, V, case_batches, run_micro_batch, tiny_config  # noqa: E402
+from zero3_worker import partitioned_engine  # noqa: E402
 
 from bear_ds.config import LossConfig
-from bear_ds.evaluation.evaluate import is_zero3_partitioned
 from bear_ds.trie import TokenTrie
 
 work = sys.argv[1]
-deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=40))
-rank = dist.get_rank()
-ds_config = {
-    "train_micro_batch_size_per_gpu": 1,
-    "gradient_accumulation_steps": 1,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    "zero_allow_untested_optimizer": True,
-}
-with deepspeed.zero.Init(config_dict_or_path=ds_config):
-    model = LlamaForCausalLM._from_config(LlamaConfig(**tiny_config()))
-reference = torch.load(os.path.join(work, "weights.pt"))
-for name, p in model.named_parameters():
-    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-        if rank == 0:
-            p.data.copy_(reference[name])
-engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.0), config=ds_config)
+engine, rank, partitioned = partitioned_engine(tiny_config(), os.path.join(work, "weights.pt"))
 trie = TokenTrie.from_sequences(TITLES, V)
-result = {"partitioned": is_zero3_partitioned(engine.module), "steps": []}
+result = {"partitioned": partitioned, "steps": []}
 for step, batches in enumerate(case_batches()):
     ids, mask, labels = (torch.tensor(x) for x in batches[rank])
     loss, search = run_micro_batch(engine, engine.module, ids, mask, labels, trie, LossConfig(**LOSS), synced=True,
