@@ -121,15 +121,23 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["lml", "msl", "bear"] = "bear"
-    tau: float = Field(1.0, gt=0.0, description="softmax temperature of MSL/BEAR")
-    xi: float = Field(2.75, gt=0.0, description="BEAR sigmoid temperature ('topk_tau' in the release)")
-    lam: float = Field(0.25, ge=0.0, description="BEAR weight ('topk_weight' in the release)")
-    beam_width: int = Field(10, ge=1, description="BEAR threshold rank B")
+    name: Literal["lml", "msl", "bear", "beamsim"] = Field(
+        "bear",
+        description="lml, msl, bear; beamsim: the direct beam-search survival objective (paper eq. 3.1), "
+        "a beam search of width loss.beam_width per micro-batch (bear_ds/losses/beamsim.py)",
+    )
+    tau: float = Field(1.0, gt=0.0, description="softmax temperature of MSL/BEAR/beamsim (beamsim: also of its search)")
+    xi: float = Field(2.75, gt=0.0, description="BEAR/beamsim sigmoid temperature ('topk_tau' in the release)")
+    lam: float = Field(0.25, ge=0.0, description="BEAR/beamsim weight ('topk_weight' in the release)")
+    beam_width: int = Field(10, ge=1, description="BEAR threshold rank B; beamsim: the width of its beam search")
     form: Literal["reweight", "regularizer"] = Field(
         "reweight", description="reweight: the released implementation; regularizer: the paper's equation"
     )
-    masked: bool = Field(True, description="BEAR: softmax over trie-valid tokens (as released); false = full softmax")
+    masked: bool = Field(
+        True,
+        description="BEAR/beamsim: softmax over trie-valid tokens (as released; beamsim's search masks before "
+        "the softmax); false = full softmax (beamsim's search masks after it)",
+    )
     chunk_size: int = Field(1024, ge=1, description="response positions per chunk of the loss head")
 
 

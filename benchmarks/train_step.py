@@ -1,10 +1,17 @@
-"""Whole training-step cost of LML vs MSL vs BEAR, measured side by side in one process.
+"""Whole training-step cost of LML vs MSL vs BEAR vs beamsim, measured side by side in one process.
 
 One optimiser step = backbone forward (hidden states only) -> response positions -> chunked loss
 head (trie-masked for MSL/BEAR) -> backward -> AdamW step, on the same random batches for every
-loss, interleaved round by round so that machine load hits all three alike. Prints the median
+loss, interleaved round by round so that machine load hits all of them alike. Prints the median
 step time, tokens/s, peak memory and the ratios BEAR/MSL and BEAR/LML (the issue's target:
 BEAR <= 1.05x MSL on a whole step); on a GPU also model FLOPs utilisation.
+beamsim (the direct beam-search objective) runs once per width in --beam-widths (lines
+`beamsim-B`), as the trainer runs it: the same forward (also keeping its KV cache), the simulated
+beam search of width B started from it (no gradient, mask before the softmax), then the same
+head/backward; its line also gives the search's share of the step, and beamsim/BEAR is printed per
+width. `--beamsim-own-prefill` makes the search encode the prompts again (the path without reuse).
+`--clock cpu` times with this process's CPU time (use OMP_NUM_THREADS=1): on a CPU machine shared
+with other jobs, wall time mostly measures the others.
 
     OMP_NUM_THREADS=2 python benchmarks/train_step.py                       # CPU: small Llama
     python benchmarks/train_step.py --device cuda --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \\
@@ -26,7 +33,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bear_ds.config import LossConfig
-from bear_ds.losses import backbone_hidden_states, lm_head_context, response_loss, select_response
+from bear_ds.generation.survival import prompt_ends, prompt_state_of_forward, simulate_beam_search
+from bear_ds.losses import (
+    backbone_forward,
+    backbone_hidden_states,
+    lm_head_context,
+    response_loss,
+    select_response,
+)
 from bear_ds.trie import TokenTrie
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from the vendors' sheets
@@ -86,6 +100,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6, help="timed rounds (each runs every loss once)")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--attn", default="sdpa")
+    p.add_argument("--beam-widths", type=int, nargs="*", default=[5, 10, 20], help="beamsim search widths B")
+    p.add_argument("--beamsim-own-prefill", action="store_true", help="beamsim's search encodes the prompts again")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (CPU runs)")
+    p.add_argument("--profile", metavar="LOSS", help="after the timing, profile one step of this loss (torch.profiler)")
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -110,26 +128,50 @@ def main() -> None:
     if not args.tie:
         n_body -= model.get_output_embeddings().weight.numel()
     losses = {name: LossConfig(name=name, chunk_size=args.chunk_size) for name in ("lml", "msl", "bear")}
+    for width in args.beam_widths:
+        losses[f"beamsim-{width}"] = LossConfig(name="beamsim", beam_width=width, chunk_size=args.chunk_size)
+    search_times: dict[str, list[float]] = {name: [] for name in losses}
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
     def step(name: str, batch: dict[str, torch.Tensor]) -> float:
+        cfg = losses[name]
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         sync()
-        start = time.perf_counter()
-        hidden = backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
+        start = clock()
+        search = None
+        if cfg.name == "beamsim":
+            reuse = not args.beamsim_own_prefill
+            out = backbone_forward(model, ids, mask, prompt_ends(mask, labels) if reuse else None)
+            hidden = out.hidden
+            sync()
+            started = clock()
+            search = simulate_beam_search(
+                model, ids, mask, labels, trie, beam_width=cfg.beam_width, eos_token_id=eos, mask="before",
+                tau=cfg.tau, prompt_state=prompt_state_of_forward(mask, labels, out.prompt_logits, out.cache)
+                if reuse else None,
+            )  # fmt: skip
+            del out
+            sync()
+            search_times[name].append(clock() - started)
+        else:
+            hidden = backbone_hidden_states(model, ids, mask)  # [B, L, H]
         h, y, s = select_response(hidden, batch["labels"], trie)  # [N, H], [N], [N]
         with lm_head_context(model) as head:
-            out = response_loss(h, head, y, s, trie, losses[name])
+            out = response_loss(h, head, y, s, trie, cfg, search=search)
             out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
-        return time.perf_counter() - start
+        return clock() - start
 
     for name in losses:  # warm-up (allocator, kernels)
         step(name, batches[0])
+    search_times = {name: [] for name in losses}
     times: dict[str, list[float]] = {name: [] for name in losses}
     peak: dict[str, float] = {}
     for r in range(args.rounds):
@@ -148,16 +190,56 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in card), None)
     print(f"device {card}, {n_params / 1e6:.1f}M params, {args.dtype}, vocab {args.vocab}, micro-batch "
-          f"{args.micro_batch} x {args.seq_len} tokens, {len(titles)} titles, {args.rounds} rounds")  # fmt: skip
-    print(f"{'loss':>5} | {'median step s':>13} | {'tokens/s':>9} | {'peak GiB':>8} | {'MFU':>6}")
+          f"{args.micro_batch} x {args.seq_len} tokens, {len(titles)} titles, {args.rounds} rounds, "
+          f"{args.clock} clock")  # fmt: skip
+    print(
+        f"{'loss':>10} | {'median step s':>13} | {'tokens/s':>9} | {'peak GiB':>8} | {'MFU':>6} | {'search share':>12}"
+    )
     median = {name: statistics.median(ts) for name, ts in times.items()}
     for name in losses:
         mfu = "-"
         if peak_tflops and dtype == torch.bfloat16:
             mfu = f"{step_flops / median[name] / (peak_tflops * 1e12):.1%}"
         mem = f"{peak[name]:.2f}" if name in peak else "-"
-        print(f"{name:>5} | {median[name]:13.4f} | {tokens / median[name]:9.0f} | {mem:>8} | {mfu:>6}")
+        # the search's share of the step, round by round (median of search_s / step_s)
+        share = (
+            f"{statistics.median(a / b for a, b in zip(search_times[name], times[name], strict=True)):.1%}"
+            if search_times[name]
+            else "-"
+        )
+        print(f"{name:>10} | {median[name]:13.4f} | {tokens / median[name]:9.0f} | {mem:>8} | {mfu:>6} | {share:>12}")
     print(f"BEAR/MSL step time {median['bear'] / median['msl']:.3f}x; BEAR/LML {median['bear'] / median['lml']:.3f}x")
+    for width in args.beam_widths:
+        name = f"beamsim-{width}"
+        # per round (same batch, same machine load), then the median of the ratios
+        ratio = statistics.median(a / b for a, b in zip(times[name], times["bear"], strict=True))
+        rest = statistics.median(
+            (a - s) / b for a, s, b in zip(times[name], search_times[name], times["bear"], strict=True)
+        )
+        print(
+            f"beamsim/BEAR at B={width}: {median[name] / median['bear']:.3f}x (median of per-round ratios "
+            f"{ratio:.3f}x; without the search {rest:.3f}x)"
+        )
+
+    if args.profile:  # after the timing: where one step's time goes, and (beamsim) its search alone
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step(args.profile, batches[0])
+        print(f"profile of one {args.profile} step:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        if losses[args.profile].name == "beamsim":
+            cfg, batch = losses[args.profile], batches[0]
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            with torch.no_grad():
+                out = backbone_forward(model, ids, mask, prompt_ends(mask, labels))
+            state = prompt_state_of_forward(mask, labels, out.prompt_logits, out.cache)
+            with profile(activities=activities) as prof:
+                search = simulate_beam_search(model, ids, mask, labels, trie, beam_width=cfg.beam_width,
+                                              eos_token_id=eos, mask="before", tau=cfg.tau, prompt_state=state)  # fmt: skip
+            print(f"profile of its search alone ({search.steps} decoding steps):")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

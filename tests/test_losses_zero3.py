@@ -27,45 +27,22 @@ TITLES = [[3, 4, 5, 2], [3, 4, 6, 2], [3, 7, 2], [8, 9, 2], [8, 4, 5, 6, 2], [10
 LOSS = dict(name="bear", beam_width=2, lam=0.5, chunk_size=3)
 
 WORKER = r"""
-import importlib, json, os, sys
-from datetime import timedelta
+import json, os, sys
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# skip the C++ shared-memory op build at process-group start (inference all-reduce only; 25-42 s)
-importlib.import_module("deepspeed.comm.torch")
-sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.environ["BEAR_TEST_DIR"])
 from test_losses_zero3 import LOSS, TITLES, V, case_batches, tiny_config  # noqa: E402
+from zero3_worker import partitioned_engine  # noqa: E402
 
 from bear_ds.config import LossConfig
 from bear_ds.losses import backbone_hidden_states, lm_head_context, response_loss, select_response
 from bear_ds.trie import TokenTrie
 
 work = sys.argv[1]
-deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=40))
-rank, world = dist.get_rank(), dist.get_world_size()
-ds_config = {
-    "train_micro_batch_size_per_gpu": 1,
-    "gradient_accumulation_steps": 1,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    "zero_allow_untested_optimizer": True,
-}
-with deepspeed.zero.Init(config_dict_or_path=ds_config):
-    model = LlamaForCausalLM._from_config(LlamaConfig(**tiny_config()))
-reference = torch.load(os.path.join(work, "weights.pt"))
-for name, p in model.named_parameters():
-    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-        if rank == 0:
-            p.data.copy_(reference[name])
-partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())
-engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.0), config=ds_config)
+engine, rank, partitioned = partitioned_engine(tiny_config(), os.path.join(work, "weights.pt"))
 trie = TokenTrie.from_sequences(TITLES, V)
 cfg = LossConfig(**LOSS)
 result = {"partitioned": partitioned, "steps": []}

@@ -52,12 +52,40 @@ class BeamResult:
     steps:  int64 [U] decoding steps run for each user.
     live_states: with `return_trace`, one int64 [U, B] tensor per step: the trie state of each live
         beam after that step's selection (-1 for dead beams and users already stopped).
+    live_thresholds, candidate_thresholds: with `return_thresholds`, float32 [U, S] (S = the step
+        limit): at each step, the cumulative log-prob (no length penalty) of the B-th best of the
+        step's unfinished candidates (the live beams kept), resp. of all its candidates (EOS ones
+        included); the lowest finite one where fewer than B are finite, -inf where none is, NaN at
+        steps the user's search did not run (it had stopped).
     """
 
     groups: torch.Tensor
     scores: torch.Tensor
     steps: torch.Tensor
     live_states: list[torch.Tensor] | None = field(default=None)
+    live_thresholds: torch.Tensor | None = field(default=None)
+    candidate_thresholds: torch.Tensor | None = field(default=None)
+
+
+@dataclass
+class PromptState:
+    """Prompts already encoded by another forward (the training forward, for beamsim), in place of
+    the search's own prefill: logits [U, V] at each prompt's last position, the model's KV cache
+    [U, ..., L, ...] and its attention mask [U, L] with 1 exactly on the prompt's positions (other
+    columns, e.g. a response after a right-padded prompt, are masked out). The prompt of row u must
+    sit at positions 0 .. (mask[u].sum() - 1), as in a right-padded forward."""
+
+    logits: torch.Tensor
+    cache: object
+    attention_mask: torch.Tensor
+
+
+def lowest_of_best(sorted_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[A, C] scores sorted best first -> [A]: the k-th, or the lowest finite one among the first k
+    when fewer are finite; -inf when none is."""
+    head = sorted_scores[:, :k]
+    lowest = head.masked_fill(~torch.isfinite(head), float("inf")).min(dim=1).values  # [A]
+    return torch.where(torch.isfinite(lowest), lowest, NEG_INF)
 
 
 def next_token_log_probs(logits: torch.Tensor, states: torch.Tensor, trie: TokenTrie, mask: str) -> torch.Tensor:
@@ -68,6 +96,17 @@ def next_token_log_probs(logits: torch.Tensor, states: torch.Tensor, trie: Token
     States with no valid continuation (INVALID) give an all -inf row.
     """
     return trie_log_softmax(logits, mask, allowed=trie.allowed_mask(states, logits.shape[-1]))  # [N, V]
+
+
+def _restricted_log_probs(logits: torch.Tensor, states: torch.Tensor, trie: TokenTrie) -> torch.Tensor:
+    """`next_token_log_probs(..., mask="before")` from the trie-valid (row, token) pairs only
+    (`trie_log_softmax`'s pair form): the normaliser is a sum over a few valid tokens per row instead
+    of an exp over the whole vocabulary (in beamsim's training-time search that exp was 15% of the
+    search). Same values up to float rounding; rows without a valid token stay all -inf."""
+    rows, tokens = trie.allowed_pairs(states)  # [P]
+    out = torch.full(logits.shape, NEG_INF, dtype=torch.float32, device=logits.device)  # [N, V]
+    out[rows, tokens] = trie_log_softmax(logits, "before", pairs=(rows, tokens))
+    return out
 
 
 SHARED_PREFIX_ATTENTION = "bear_ds_shared_prefix"
@@ -344,6 +383,9 @@ def constrained_beam_search(
     max_new_tokens: int | None = None,
     synced: bool = False,
     return_trace: bool = False,
+    temperature: float = 1.0,
+    return_thresholds: bool = False,
+    prompt_state: PromptState | None = None,
 ) -> BeamResult:
     """Beam search of width `num_beams` over the titles in `trie`, for U left-padded prompts at once.
 
@@ -351,7 +393,14 @@ def constrained_beam_search(
     (a smaller value makes longer titles unreachable). Returns `BeamResult` (see its docstring).
     With `synced=True` every rank of the default process group must call this the same number of
     times (U may be 0 on a rank that has run out of users).
+    `temperature` scales the logits (z / temperature) before the mask and the log-softmax (the
+    scoring of the MSL/BEAR/beamsim losses with loss.tau); `return_thresholds` fills the
+    per-step thresholds of `BeamResult` (what the beamsim loss compares the gold prefix with).
+    `prompt_state` replaces the prefill (input_ids, attention_mask then only give U and are
+    checked); with `synced`, every rank must then pass one.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     _validate(input_ids, attention_mask, trie, num_beams, eos_token_id, mask, length_penalty, max_new_tokens)
     device = input_ids.device
     if trie.device != device:
@@ -364,16 +413,29 @@ def constrained_beam_search(
     fin_groups = torch.full((num_users, beams), INVALID, dtype=torch.int64, device=device)
     steps_run = torch.zeros(num_users, dtype=torch.int64, device=device)
     trace: list[torch.Tensor] | None = [] if return_trace else None
+    live_thr = cand_thr = None
+    if return_thresholds:
+        live_thr = torch.full((num_users, max_steps), float("nan"), dtype=torch.float32, device=device)
+        cand_thr = torch.full_like(live_thr, float("nan"))
+
+    def result() -> BeamResult:
+        return BeamResult(fin_groups, fin_scores, steps_run, trace, live_thr, cand_thr)
 
     if num_users == 0:
         if synced:
-            _dummy_forward(model, device)  # the prefill every other rank runs
+            if prompt_state is None:
+                _dummy_forward(model, device)  # the prefill every other rank runs
             while _others_still_working(False, device):
                 _dummy_forward(model, device)
-        return BeamResult(fin_groups, fin_scores, steps_run, trace)
+        return result()
 
     # prefill: each prompt encoded once (beams are created from its cache after the first step)
-    logits, cache, attention_mask = _prefill(model, input_ids, attention_mask, share_prefix=not synced)
+    if prompt_state is None:
+        logits, cache, attention_mask = _prefill(model, input_ids, attention_mask, share_prefix=not synced)
+    else:
+        logits, cache, attention_mask = prompt_state.logits, prompt_state.cache, prompt_state.attention_mask
+        if logits.shape[0] != num_users or attention_mask.shape[0] != num_users:
+            raise ValueError(f"prompt_state holds {logits.shape[0]} prompts, input_ids {num_users}")
     vocab = logits.shape[-1]
     if vocab < trie.vocab_size:
         raise ValueError(f"model vocabulary {vocab} is smaller than the trie vocabulary {trie.vocab_size}")
@@ -387,7 +449,12 @@ def constrained_beam_search(
 
     for step in range(max_steps):
         n_active, cur_beams = beam_scores.shape
-        logp = next_token_log_probs(logits, beam_states.reshape(-1), trie, mask)  # [A*Bc, V]
+        if temperature != 1.0:
+            logits = logits.float() / temperature
+        if mask == "before":
+            logp = _restricted_log_probs(logits, beam_states.reshape(-1), trie)  # [A*Bc, V]
+        else:
+            logp = next_token_log_probs(logits, beam_states.reshape(-1), trie, mask)  # [A*Bc, V]
         cand = (logp.view(n_active, cur_beams, vocab) + beam_scores[..., None]).view(n_active, cur_beams * vocab)
         n_cand = min(2 * beams, cur_beams * vocab)
         top_scores, top_idx = cand.topk(n_cand, dim=1)  # [A, 2B], best first
@@ -420,6 +487,9 @@ def constrained_beam_search(
             snapshot = torch.full((num_users, beams), INVALID, dtype=torch.int64, device=device)
             snapshot[active, :n_live] = live_states
             trace.append(snapshot)
+        if return_thresholds:
+            live_thr[active, step] = lowest_of_best(live_scores, beams)
+            cand_thr[active, step] = lowest_of_best(top_scores, beams)
 
         # HF early_stopping=False heuristic: stop once B items are finished and the best live beam,
         # at the current length, cannot beat the worst of them
@@ -478,4 +548,4 @@ def constrained_beam_search(
         # this rank finished its steps; keep serving forwards while other ranks decode
         while _others_still_working(False, device):
             _dummy_forward(model, device)
-    return BeamResult(fin_groups, fin_scores, steps_run, trace)
+    return result()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from bear_ds.masking import trie_log_softmax
 
-LossName = Literal["lml", "msl", "bear"]
+LossName = Literal["lml", "msl", "bear", "beamsim"]
 BearForm = Literal["reweight", "regularizer"]
 
 WEIGHT_EPS = 1e-8  # added to the weight sum before normalising, as released
@@ -289,12 +289,15 @@ def loss_sums(
     xi: float = 2.75,
     lam: float = 0.25,
     check: bool = True,
-) -> LossSums:
+    return_log_p_gold: bool = False,
+) -> LossSums | tuple[LossSums, torch.Tensor]:
     """Raw sums of one chunk of positions for loss `name` (LML's loss ignores valid and tau).
 
     The BEAR weights w_t are detached, so the normalised reweight loss of a micro-batch is
     sum_chunks(weighted_ce) / (sum_chunks(weight) + 1e-8), exactly, without a second pass.
     `valid`, when given, also defines the pruning-risk diagnostic for every loss, LML included.
+    beamsim: the CE sums of BEAR; its survival terms span whole responses, so `reg` is 0 here and
+    `return_log_p_gold=True` also returns log p[y] [N] (with gradient) to form them from.
     """
     risk_valid = valid
     if name == "lml":
@@ -313,23 +316,27 @@ def loss_sums(
             risk_outside = (better >= beam_width) & risk_counted
     else:  # same ranking as the loss's own softmax (order is unchanged by tau)
         risk_counted, risk_outside = counted, terms.outside_topb & counted
-    return LossSums(
+    zero = terms.ce.new_zeros(())
+    sums = LossSums(
         ce_all=terms.ce.sum(),
         ce_counted=torch.where(counted, terms.ce, 0.0).sum(),
         weighted_ce=torch.where(counted, w * terms.ce, 0.0).sum(),
-        reg=torch.where(counted, _bear_reg(terms, xi), 0.0).sum(),
+        reg=torch.where(counted, _bear_reg(terms, xi), 0.0).sum() if name != "beamsim" else zero,
         weight=torch.where(counted, w, 0.0).sum().detach(),
         positions=counted.new_tensor(counted.numel(), dtype=torch.float32),
         counted=counted.sum().float(),
         risk_positions=risk_counted.sum().float(),
         outside_topb=risk_outside.sum().float(),
     )
+    return (sums, terms.log_p_gold) if return_log_p_gold else sums
 
 
 def loss_from_sums(sums: LossSums, *, name: LossName, form: BearForm = "reweight", lam: float = 0.25) -> torch.Tensor:
     """The loss of the positions summed in `sums` (same normalisation as the pure functions)."""
     if name in ("lml", "msl"):
         return sums.ce_all / sums.positions.clamp(min=1.0)
+    if name == "beamsim":  # BEAR's regulariser normalisation; reg holds the survival terms
+        return (sums.ce_counted + lam * sums.reg) / sums.counted.clamp(min=1.0)
     if form == "reweight":
         return sums.weighted_ce / (sums.weight + WEIGHT_EPS)
     if form == "regularizer":
@@ -346,7 +353,7 @@ def metrics_from_sums(sums: LossSums, *, name: LossName, form: BearForm = "rewei
         "counted": float(sums.counted),
         "positions": float(sums.positions),
     }
-    if name == "bear" and form == "regularizer":
+    if name == "beamsim" or (name == "bear" and form == "regularizer"):
         out["reg"] = float(sums.reg.detach()) / counted
     elif name == "bear":
         out["weight_mean"] = float(sums.weight) / counted

@@ -21,6 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from bear_ds.config import LossConfig
+from bear_ds.losses.beamsim import SimulatedSearch, survival_terms
 from bear_ds.losses.functional import LossSums, loss_from_sums, loss_sums, metrics_from_sums
 from bear_ds.trie import TokenTrie
 
@@ -82,14 +83,14 @@ def _chunk_sums(
     scale: float,
     softcap: float | None,
 ) -> tuple[torch.Tensor, ...]:
-    """One chunk's `LossSums` as a tuple (checkpoint needs tensors in, tensors out)."""
+    """One chunk's `LossSums` fields, then log p[y] [C] (checkpoint needs tensors in, tensors out)."""
     head = LMHead(weight, bias, scale, softcap)
     logits = head.logits(hidden)  # [C, V]
     vocab = logits.shape[-1]
-    use_mask = loss_cfg.name == "msl" or (loss_cfg.name == "bear" and loss_cfg.masked)
+    use_mask = loss_cfg.name == "msl" or (loss_cfg.name in ("bear", "beamsim") and loss_cfg.masked)
     # [C, V] bool, built on the device; LML uses it only for the pruning-risk diagnostic
     valid = trie.allowed_mask(states, vocab) if use_mask or loss_cfg.name == "lml" else None
-    sums = loss_sums(
+    sums, log_p_gold = loss_sums(
         logits,
         targets,
         valid,
@@ -99,8 +100,9 @@ def _chunk_sums(
         xi=loss_cfg.xi,
         lam=loss_cfg.lam,
         check=False,  # targets and states were checked once for the whole micro-batch
+        return_log_p_gold=True,
     )
-    return tuple(getattr(sums, name) for name in LossSums.__dataclass_fields__)
+    return (*(getattr(sums, name) for name in LossSums.__dataclass_fields__), log_p_gold)
 
 
 def _check_response(
@@ -142,6 +144,7 @@ def response_loss(
     states: torch.Tensor,
     trie: TokenTrie,
     loss_cfg: LossConfig,
+    search: SimulatedSearch | None = None,
 ) -> LossOutput:
     """The configured loss of one micro-batch from the hidden states of its response positions.
 
@@ -149,6 +152,8 @@ def response_loss(
     tokens; states [N]: the trie state before each target (`TokenTrie.states_along`). The loss is
     normalised over the whole micro-batch (LML/MSL: mean over N; BEAR reweight: weights normalised
     over every counted position; BEAR regularizer: mean over counted), whatever the chunk size.
+    beamsim needs `search` (`bear_ds.generation.survival.simulate_beam_search` on the same
+    micro-batch): its survival terms are formed from the chunks' log p[y] (`bear_ds.losses.beamsim`).
 
     With N == 0 the loss is 0 * (sum of hidden and head parameters): it still reaches every
     parameter, so gradient synchronisation (DDP, ZeRO) sees the same parameters on every rank.
@@ -156,10 +161,13 @@ def response_loss(
     head = _as_lm_head(lm_head)
     _check_response(hidden, head, targets, states, trie)
     trie = trie if trie.device == hidden.device else trie.to(hidden.device)
+    if (loss_cfg.name == "beamsim") != (search is not None):
+        raise ValueError(f"loss.name={loss_cfg.name}: `search` must be given exactly for the beamsim loss")
     touch = hidden.float().sum() * 0.0 + head.weight.float().sum() * 0.0  # a 0 that reaches every input
     if head.bias is not None:
         touch = touch + head.bias.float().sum() * 0.0
     totals = LossSums.zeros(hidden)
+    gold_log_probs: list[torch.Tensor] = []
     n = hidden.shape[0]
     chunk = loss_cfg.chunk_size
     for start in range(0, n, chunk):
@@ -177,7 +185,11 @@ def response_loss(
             head.softcap,
             use_reentrant=False,
         )
-        totals = totals + LossSums(*parts)
+        totals = totals + LossSums(*parts[:-1])
+        gold_log_probs.append(parts[-1])
+    if search is not None:
+        log_p_gold = torch.cat(gold_log_probs) if gold_log_probs else hidden.new_zeros(0, dtype=torch.float32)
+        totals.reg = survival_terms(log_p_gold, search, loss_cfg.xi).sum()
     loss = loss_from_sums(totals, name=loss_cfg.name, form=loss_cfg.form, lam=loss_cfg.lam) + touch
     return LossOutput(loss=loss, sums=totals, loss_cfg=loss_cfg)
 

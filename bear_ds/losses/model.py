@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,14 +36,38 @@ def backbone_hidden_states(
     `logits_to_keep=1` limits the output projection to one position ([B, 1, V]); the loss head
     projects only the response positions itself.
     """
+    return backbone_forward(model, input_ids, attention_mask).hidden
+
+
+@dataclass
+class BackboneOutput:
+    hidden: torch.Tensor  # [B, L, H] last hidden states (with gradient)
+    prompt_logits: torch.Tensor | None = None  # [B, V] detached logits at `prompt_ends`
+    cache: Any = None  # the model's KV cache of the whole rows (None when the model gave none)
+
+
+def backbone_forward(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    prompt_ends: torch.Tensor | None = None,
+) -> BackboneOutput:
+    """`backbone_hidden_states`, plus (with `prompt_ends` [B], each row's last prompt position) the
+    logits there and the KV cache of the same forward: what a beam search over the prompts starts
+    from (beamsim), without encoding the prompts a second time. The logits at one position per row
+    are the model's own (`logits_to_keep` as a [B, 1] index, so softcaps and scales apply)."""
+    keep: int | torch.Tensor = 1 if prompt_ends is None else prompt_ends.long()[:, None]
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
+        logits_to_keep=keep,
+        use_cache=prompt_ends is not None,
     )
-    return out.hidden_states[-1]  # transformers records the normed final output last
+    hidden = out.hidden_states[-1]  # transformers records the normed final output last
+    if prompt_ends is None:
+        return BackboneOutput(hidden)
+    return BackboneOutput(hidden, out.logits[:, -1, :].detach(), getattr(out, "past_key_values", None))
 
 
 def _output_projection(model: torch.nn.Module) -> torch.nn.Module:

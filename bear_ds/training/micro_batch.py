@@ -37,14 +37,17 @@ import torch
 
 from bear_ds.catalog import IGNORE_INDEX, Catalog
 from bear_ds.config import Config
+from bear_ds.generation.survival import prompt_ends, prompt_state_of_forward, simulate_beam_search
 from bear_ds.losses import (
     LossSums,
+    backbone_forward,
     backbone_hidden_states,
     lm_head_context,
     metrics_from_sums,
     response_loss,
     select_response,
 )
+from bear_ds.models import unwrap_model
 from bear_ds.training.batching import collate
 from bear_ds.training.examples import EncodedExamples
 from bear_ds.trie import TokenTrie
@@ -89,6 +92,9 @@ class MicroBatchLoss:
     sums: LossSums  # the LossSums diagnostics (ce, counted, positions, pruning risk, ...)
     zero: Callable[[], torch.Tensor]  # a 0 that reaches every parameter the loss reaches (a skipped batch)
     extras: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (num, den)
+    # seconds of named phases of this micro-batch (this rank); the trainer logs each phase's sum over
+    # the step's micro-batches divided by the step time as `{name}_time_frac` (rank 0's)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 MicroBatchLossFn = Callable[[Any, MicroBatch, LossContext], contextlib.AbstractContextManager[MicroBatchLoss]]
@@ -142,6 +148,39 @@ def token_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[Micr
 
 for _name in ("lml", "msl", "bear"):
     register_loss(_name, token_loss)
+
+
+@contextlib.contextmanager
+def beamsim_micro_batch_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
+    """beamsim (`bear_ds/losses/beamsim.py`): the training forward (also keeping its KV cache), the
+    simulated beam search of the micro-batch's prompts started from it (no gradient, the current
+    weights; under ZeRO-3 every rank runs it and the ranks' decoding steps are synced), then the
+    chunked head with the survival terms. Extra metric `sim_pruned_frac`: examples whose gold item
+    the search does not return / examples; timing `search`."""
+    cfg = ctx.cfg.loss
+    ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+    out = backbone_forward(model, ids, mask, prompt_ends(mask, labels))
+    search = simulate_beam_search(
+        unwrap_model(model), ids, mask, labels, ctx.trie,
+        beam_width=cfg.beam_width, eos_token_id=ctx.catalog.eos_token_id, mask="before" if cfg.masked else "after",
+        tau=cfg.tau, synced=ctx.zero3, prompt_state=prompt_state_of_forward(mask, labels, out.prompt_logits, out.cache),
+    )  # fmt: skip
+    hidden = out.hidden  # [B, L, H]
+    del out  # the forward's KV cache is no longer needed
+    h, y, s = select_response(hidden, labels, ctx.trie)  # [N, H], [N], [N]
+    with lm_head_context(model) as head:
+        result = response_loss(h, head, y, s, ctx.trie, cfg, search=search)
+        pruned = search.pruned.float().sum()
+        yield MicroBatchLoss(
+            loss=result.loss,
+            sums=result.sums,
+            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
+            extras={"sim_pruned_frac": (pruned, pruned.new_tensor(float(search.pruned.numel())))},
+            timings={"search": search.search_s},
+        )
+
+
+register_loss("beamsim", beamsim_micro_batch_loss, extra_metrics=("sim_pruned_frac",))
 
 
 def load_micro_batch(
@@ -210,6 +249,7 @@ __all__ = [
     "MicroBatch",
     "MicroBatchLoss",
     "StepTotals",
+    "beamsim_micro_batch_loss",
     "load_micro_batch",
     "loss_spec",
     "micro_batch_loss",

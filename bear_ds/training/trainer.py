@@ -377,6 +377,7 @@ class Trainer:
         t_step = time.time()
         state, accelerator = self.state, self.accelerator
         totals = StepTotals(self.device, self.loss.extra_metrics)
+        self.step_timings: dict[str, float] = {}  # the losses' named phases, summed over this rank's micro-batches
         unchecked: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # on_nonfinite=stop: checked after the step
         grad_norm = None
         for round_index, indices in enumerate(rank_micro_batches(step_micro_batches, self.rank, self.world)):
@@ -417,6 +418,7 @@ class Trainer:
             "lr": lr_used,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "step_time_s": step_time,
+            **{f"{name}_time_frac": seconds / max(step_time, 1e-9) for name, seconds in self.step_timings.items()},
             "tokens_per_s": real_tokens / max(step_time, 1e-9),
             "padded_frac": padded_fraction(lengths, step_micro_batches),
             "world_size": self.world,
@@ -441,6 +443,8 @@ class Trainer:
             else:
                 unchecked.append((finite, loss.detach(), batch.where))
             totals.add(out, loss, finite)
+            for name, seconds in out.timings.items():
+                self.step_timings[name] = self.step_timings.get(name, 0.0) + seconds
             self.accelerator.backward(loss)
 
     def log_step(self, record: dict[str, Any]) -> None:

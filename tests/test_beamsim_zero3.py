@@ -1,0 +1,154 @@
+"""beamsim under real DeepSpeed ZeRO-3 on 2 CPU ranks (gloo) equals a single process.
+
+Each rank holds a partitioned tiny Llama and runs, as the trainer does, the forward, the simulated
+beam search started from that forward's KV cache (synced: the rank that stops decoding first runs
+dummy forwards) and the loss on its own micro-batch; the reference encodes the prompts again: step 1, rank 0 has
+three long titles and rank 1 one short title that stops early; step 2 the other way round. Per
+rank, theta, the verdicts and the loss must equal a plain single-process computation on the same
+micro-batch (losses to 1e-6), and the gathered gradient their mean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_llama_kwargs
+
+from bear_ds.config import LossConfig
+from bear_ds.distributed import torchrun_command
+from bear_ds.generation.survival import prompt_ends, prompt_state_of_forward, simulate_beam_search
+from bear_ds.losses import (
+    backbone_forward,
+    backbone_hidden_states,
+    lm_head_context,
+    response_loss,
+    select_response,
+)
+from bear_ds.trie import TokenTrie
+
+V, H, EOS = 40, 16, 2
+TITLES = [[3, 4, 5, 2], [3, 4, 6, 2], [3, 7, 2], [8, 9, 2], [8, 4, 5, 6, 11, 12, 2], [10, 2], [3, 4, 5, 6, 13, 2]]
+LOSS = dict(name="beamsim", beam_width=2, lam=0.5, xi=0.8, chunk_size=3)
+
+WORKER = r"""
+import json, os, sys
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
+
+sys.path.insert(0, os.environ["BEAR_TEST_DIR"])
+from test_beamsim_zero3 import LOSS, TITLES, V, case_batches, run_micro_batch, tiny_config  # noqa: E402
+from zero3_worker import partitioned_engine  # noqa: E402
+
+from bear_ds.config import LossConfig
+from bear_ds.trie import TokenTrie
+
+work = sys.argv[1]
+engine, rank, partitioned = partitioned_engine(tiny_config(), os.path.join(work, "weights.pt"))
+trie = TokenTrie.from_sequences(TITLES, V)
+result = {"partitioned": partitioned, "steps": []}
+for step, batches in enumerate(case_batches()):
+    ids, mask, labels = (torch.tensor(x) for x in batches[rank])
+    loss, search = run_micro_batch(engine, engine.module, ids, mask, labels, trie, LossConfig(**LOSS), synced=True,
+                                   backward=engine.backward, reuse=True)
+    grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
+    result["steps"].append({
+        "loss": float(loss.detach()),
+        "theta": search.thresholds.tolist(),
+        "pruned": search.pruned.tolist(),
+        "search_steps": search.steps,
+        "grads": {n: g.tolist() for n, g in grads.items()} if rank == 0 else {},
+    })
+    engine.zero_grad()
+    engine.optimizer.zero_grad()
+with open(os.path.join(work, f"rank{rank}.json"), "w") as f:
+    json.dump(result, f)
+dist.barrier()
+"""
+
+
+def tiny_config() -> dict:
+    return tiny_llama_kwargs(V, H, tie_word_embeddings=True)
+
+
+def _batch(examples: list[tuple[list[int], list[int]]]) -> list[list[list[int]]]:
+    """[input_ids, attention_mask, labels] right-padded, as the trainer's collate gives them."""
+    width = max(len(p) + len(t) for p, t in examples)
+    ids = [p + t + [0] * (width - len(p) - len(t)) for p, t in examples]
+    labels = [[-100] * len(p) + t + [-100] * (width - len(p) - len(t)) for p, t in examples]
+    mask = [[1] * (len(p) + len(t)) + [0] * (width - len(p) - len(t)) for p, t in examples]
+    return [ids, mask, labels]
+
+
+def case_batches() -> list[list[list[list[list[int]]]]]:
+    """Per step, per rank: [input_ids, attention_mask, labels] as nested lists."""
+    long = _batch([([20, 21, 22], TITLES[4]), ([23, 24], TITLES[6]), ([25, 26, 27, 28, 29], TITLES[0])])
+    short = _batch([([30, 31, 32, 33, 34, 35, 36], TITLES[5])])
+    return [[long, short], [short, long]]
+
+
+def run_micro_batch(model, net, ids, mask, labels, trie, cfg: LossConfig, *, synced: bool, backward, reuse: bool):
+    """A beamsim micro-batch: forward, search (no gradient), chunked loss, backward. reuse=True: the
+    trainer's way, the search starts from the forward's KV cache; False: it encodes the prompts."""
+    if reuse:
+        out = backbone_forward(model, ids, mask, prompt_ends(mask, labels))
+        hidden, state = out.hidden, prompt_state_of_forward(mask, labels, out.prompt_logits, out.cache)
+        assert state is not None
+    else:
+        hidden, state = backbone_hidden_states(model, ids, mask), None
+    search = simulate_beam_search(net, ids, mask, labels, trie, beam_width=cfg.beam_width, eos_token_id=EOS,
+                                  mask="before", tau=cfg.tau, synced=synced, prompt_state=state)  # fmt: skip
+    h, y, s = select_response(hidden, labels, trie)
+    with lm_head_context(model) as head:
+        out = response_loss(h, head, y, s, trie, cfg, search=search)
+        backward(out.loss)
+    return out.loss, search
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_with_uneven_searches_match_one_process(tmp_path: Path):
+    pytest.importorskip("deepspeed")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**tiny_config()))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # tied: peaked distributions, so the searches prune and stop early
+    weights = model.state_dict()
+    torch.save(weights, tmp_path / "weights.pt")
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", BEAR_TEST_DIR=str(Path(__file__).parent))
+    cmd = torchrun_command(2, str(tmp_path / "worker.py"), str(tmp_path))
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"2-rank ZeRO-3 run timed out (hang?):\n{(exc.stdout or '')[-3000:]}{(exc.stderr or '')[-3000:]}")
+    assert proc.returncode == 0, f"2-rank run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["partitioned"] for r in ranks), "the model was not ZeRO-3 partitioned"
+
+    trie = TokenTrie.from_sequences(TITLES, V)
+    cfg = LossConfig(**LOSS)
+    for step, batches in enumerate(case_batches()):
+        steps = [ranks[r]["steps"][step]["search_steps"] for r in range(2)]
+        assert steps[0] != steps[1], f"step {step}: both ranks decoded {steps} steps; the case is not uneven"
+        model.zero_grad()
+        for r in range(2):
+            ids, mask, labels = (torch.tensor(x) for x in batches[r])
+            loss, search = run_micro_batch(model, model, ids, mask, labels, trie, cfg, synced=False,
+                                           backward=lambda loss: (loss / 2).backward(), reuse=False)  # fmt: skip
+            got = ranks[r]["steps"][step]
+            torch.testing.assert_close(torch.tensor(got["theta"]), search.thresholds, rtol=0, atol=1e-6)
+            assert got["pruned"] == search.pruned.tolist()
+            assert abs(got["loss"] - loss.item()) < 1e-6, (step, r, got["loss"], loss.item())
+        grads = ranks[0]["steps"][step]["grads"]
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    verdicts = [v for r in range(2) for step in ranks[r]["steps"] for v in step["pruned"]]
+    assert any(verdicts) and not all(verdicts), verdicts  # both a pruned and a returned gold
