@@ -118,10 +118,19 @@ class ModelConfig(_Section):
     )
     gradient_checkpointing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    reference_path: str | None = Field(
+        None,
+        description="loss.name=sdpo: the frozen reference model, a model folder exported by `bear-ds train` "
+        "(typically an LML run's OUT/model); its log-probabilities are computed once in a sharded pass before "
+        "training and stored in OUT/reference_logps/; unset: the reference is the model at the start of each "
+        "epoch (SPRec)",
+    )
 
 
 class LossConfig(_Section):
-    name: Literal["lml", "msl", "bear"] = "bear"
+    name: Literal["lml", "msl", "bear", "sdpo"] = Field(
+        "bear", description="lml, msl, bear, or sdpo (softmax-DPO over trie negatives; K=1 is DPO)"
+    )
     tau: float = Field(1.0, gt=0.0, description="softmax temperature of MSL/BEAR")
     xi: float = Field(2.75, gt=0.0, description="BEAR sigmoid temperature ('topk_tau' in the release)")
     lam: float = Field(0.25, ge=0.0, description="BEAR weight ('topk_weight' in the release)")
@@ -129,8 +138,26 @@ class LossConfig(_Section):
     form: Literal["reweight", "regularizer"] = Field(
         "reweight", description="reweight: the released implementation; regularizer: the paper's equation"
     )
-    masked: bool = Field(True, description="BEAR: softmax over trie-valid tokens (as released); false = full softmax")
+    masked: bool = Field(
+        True,
+        description="BEAR and SDPO: softmax over trie-valid tokens (as released; SDPO also divides by tau); "
+        "false = full softmax",
+    )
     chunk_size: int = Field(1024, ge=1, description="response positions per chunk of the loss head")
+    dpo_beta: float = Field(
+        0.1, gt=0.0, description="SDPO: reward scale, r(y) = dpo_beta * (log pi(y|x) - log pi_ref(y|x))"
+    )
+    num_negatives: int = Field(3, ge=1, le=256, description="SDPO: negatives per training example (1 = DPO)")
+    negative_source: Literal["random", "popular", "self"] = Field(
+        "random",
+        description="SDPO negatives: random (uniform over catalog items), popular (by training-target "
+        "frequency), self (the model's own top beam-search recommendations, regenerated each epoch); never the "
+        "target's title group",
+    )
+    exclude_history: bool = Field(
+        True, description="SDPO random/popular negatives: leave out the items of the user's history"
+    )
+    sft_weight: float = Field(0.0, ge=0.0, description="SDPO: weight of the positive's CE added to the loss")
 
 
 class TrainConfig(_Section):
@@ -245,6 +272,16 @@ class Config(_Section):
         bad = [k for k in self.eval.top_k if k < 1]
         if bad:
             raise ValueError(f"eval.top_k values must be >= 1, got {bad}")
+        if (
+            self.loss.name == "sdpo"
+            and self.loss.negative_source == "self"
+            and self.eval.num_beams < self.loss.num_negatives + 1
+        ):
+            raise ValueError(
+                f"loss.negative_source=self takes negatives from the top eval.num_beams={self.eval.num_beams} "
+                f"recommendations minus the target: set eval.num_beams >= loss.num_negatives + 1 "
+                f"({self.loss.num_negatives + 1})"
+            )
         return self
 
 

@@ -1,4 +1,4 @@
-"""LML, MSL and BEAR losses: pure functions, the chunked hidden-state head, and the model coupling."""
+"""LML, MSL, BEAR and S-DPO losses: pure functions, the chunked hidden-state head, and the model coupling."""
 
 from bear_ds.losses.functional import (
     BearDetails,
@@ -15,12 +15,24 @@ from bear_ds.losses.functional import (
 )
 from bear_ds.losses.head import LMHead, LossOutput, response_loss, select_response
 from bear_ds.losses.model import backbone_hidden_states, lm_head_context, logit_transform, unwrap_model
+from bear_ds.losses.preference import (
+    PreferenceOutput,
+    PreferenceSums,
+    preference_loss,
+    response_rows,
+    sdpo_loss,
+    sdpo_terms,
+    sequence_logps,
+    token_logps,
+)
 
 __all__ = [
     "BearDetails",
     "LMHead",
     "LossOutput",
     "LossSums",
+    "PreferenceOutput",
+    "PreferenceSums",
     "backbone_hidden_states",
     "beam_threshold",
     "bear_loss",
@@ -33,7 +45,13 @@ __all__ = [
     "metrics_from_sums",
     "msl_loss",
     "position_terms",
+    "preference_loss",
     "response_loss",
+    "response_rows",
+    "sdpo_loss",
+    "sdpo_terms",
     "select_response",
+    "sequence_logps",
+    "token_logps",
     "unwrap_model",
 ]
