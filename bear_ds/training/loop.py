@@ -137,13 +137,10 @@ def train(cfg: Config) -> dict[str, Any]:
     from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
     from bear_ds.losses import (
         LossSums,
-        PreferenceSums,
         backbone_hidden_states,
         lm_head_context,
         metrics_from_sums,
-        preference_loss,
         response_loss,
-        response_rows,
         select_response,
     )
     from bear_ds.models import build_model, pretrained_folder
@@ -202,9 +199,7 @@ def train(cfg: Config) -> dict[str, Any]:
     epochs_log = JsonlLog(out / "epochs.jsonl", main)
     step, epoch, step_in_epoch = 0, 0, 0
     counters = {"skipped_micro_batches": 0, "left_out_per_epoch": 0}
-    resumed = False
     if cfg.train.resume == "auto" and (ckpt := latest_checkpoint(out)) is not None:
-        resumed = True
         state = load_checkpoint(accelerator, ckpt)
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         counters.update(state.get("counters", {}))
@@ -230,11 +225,6 @@ def train(cfg: Config) -> dict[str, Any]:
         )  # fmt: skip
 
     pad_id = tokenizer.pad_token_id
-    preference = cfg.loss.name == "sdpo"
-    pairs = _preference_pairs(cfg, out, examples, histories, targets, catalog, tokenizer, accelerator, dtype,
-                              zero3=use_deepspeed and zero_stage == 3, model_folder=model_folder,
-                              context=max_length, fresh=not resumed) if preference else None  # fmt: skip
-    sums_type = PreferenceSums if preference else LossSums
     bar = ProgressBar(total_steps, step, main)
     evaluate = (
         EpochEvaluator(cfg, prepared, titles, builder, catalog, tokenizer, max_length)
@@ -261,8 +251,6 @@ def train(cfg: Config) -> dict[str, Any]:
             seed=cfg.train.seed, epoch=epoch, length_bucket=cfg.train.length_bucket,
         )  # fmt: skip
         counters["left_out_per_epoch"] = schedule.left_out
-        if pairs is not None:  # this epoch's negatives and reference log-probabilities (stored, or one pass)
-            pairs.start_epoch(epoch, model, step)
         model.train()
         while step_in_epoch < len(schedule.steps) and step < total_steps:
             t_step = time.time()
@@ -270,17 +258,13 @@ def train(cfg: Config) -> dict[str, Any]:
             # Per-micro-batch results stay on the device and are read once per step: every read waits for
             # the GPU, and a wait per micro-batch would leave it idle while the next one is launched.
             loss_sum = torch.zeros((), device=device)
-            step_sums = sums_type.zeros(loss_sum).as_tensor()  # the finite micro-batches' sums
+            step_sums = LossSums.zeros(loss_sum).as_tensor()  # [9]: the finite micro-batches' LossSums
             finite_micro = torch.zeros((), device=device)
             unchecked: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # on_nonfinite=stop: checked after the step
             for round_index, indices in enumerate(rank_micro_batches(micro, rank, world)):
-                if pairs is not None:  # 1 + K sequences per example: the positive, then its negatives
-                    batch = pairs.batch(indices, device)
-                else:
-                    batch = {
-                        k: v.to(device)
-                        for k, v in collate(examples.input_ids, examples.labels, indices, pad_id).items()
-                    }
+                batch = {
+                    k: v.to(device) for k, v in collate(examples.input_ids, examples.labels, indices, pad_id).items()
+                }
                 where = (
                     f"step {step + 1} (epoch {epoch}, step {step_in_epoch} of the epoch), accumulation round "
                     f"{round_index}, examples {[int(i) for i in indices[:8]]} on rank {rank}"
@@ -289,11 +273,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     hidden = backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
                     h, y, s = select_response(hidden, batch["labels"], trie)  # [N, H], [N], [N]
                     with lm_head_context(model) as head:
-                        if pairs is not None:
-                            rows = response_rows(batch["labels"])
-                            result = preference_loss(h, head, y, s, rows, batch["reference_logps"], trie, cfg.loss)
-                        else:
-                            result = response_loss(h, head, y, s, trie, cfg.loss)
+                        result = response_loss(h, head, y, s, trie, cfg.loss)
                         loss = result.loss
                         finite = torch.isfinite(loss.detach())
                         if cfg.train.on_nonfinite == "skip":  # decided before the backward, alike on every rank
@@ -335,14 +315,9 @@ def train(cfg: Config) -> dict[str, Any]:
             local = torch.cat([step_sums, loss_sum[None], finite_micro[None]]).double()
             total = accelerator.reduce(local, reduction="sum").cpu()
             n_finite = float(total[-1])
-            summed = sums_type.from_tensor(total[:-2])
             means = {
                 "loss": float(total[-2]) / max(n_finite, 1.0),  # mean of the micro-batch losses
-                **(
-                    summed.metrics()
-                    if preference
-                    else metrics_from_sums(summed, name=cfg.loss.name, form=cfg.loss.form)
-                ),
+                **metrics_from_sums(LossSums.from_tensor(total[:-2]), name=cfg.loss.name, form=cfg.loss.form),
             }
             if n_finite == 0:  # every micro-batch skipped (train.on_nonfinite=skip): nothing to average
                 means = dict.fromkeys(means, float("nan"))
@@ -398,23 +373,6 @@ def train(cfg: Config) -> dict[str, Any]:
         # leave together: a rank exiting while gloo still talks to it aborts the other ("terminate called")
         torch.distributed.destroy_process_group()
     return summary
-
-
-def _preference_pairs(
-    cfg, out, examples, histories, targets, catalog, tokenizer, accelerator, dtype, *, zero3, model_folder, context,
-    fresh,
-):  # fmt: skip
-    """loss.name=sdpo: the per-epoch negatives and reference log-probabilities (`training/preference.py`)."""
-    from bear_ds.training.preference import PreferencePairs, check_pair_lengths, prompt_ids_of
-
-    prompts = prompt_ids_of(examples.input_ids, examples.labels)
-    check_pair_lengths(prompts, catalog, context)
-    return PreferencePairs(
-        cfg, out, prompts=prompts, target_groups=[catalog.group_of_item(t) for t in targets],
-        history_groups=[[catalog.group_of_item(i) for i in h] for h in histories], item_groups=list(catalog.item_group),
-        catalog=catalog, tokenizer=tokenizer, accelerator=accelerator, dtype=dtype, zero3=zero3,
-        policy_folder=model_folder, fresh=fresh,
-    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- epochs
