@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from bear_ds.config import LossConfig
 from bear_ds.losses import (
     PreferenceSums,
+    loss_sums,
     preference_loss,
     response_rows,
     sdpo_loss,
@@ -85,7 +86,9 @@ def test_chunked_sdpo_equals_full_logits_formula(k, masked, tau, sft_weight, chu
     trie = TokenTrie.from_sequences(TITLES, V)
     hidden, weight, labels = preference_batch(k, examples=3, seed=k)
     ref = -3.0 * torch.rand(3, 1 + k, generator=torch.Generator().manual_seed(9)) - 2.0
-    cfg = LossConfig(name="sdpo", dpo_beta=0.7, masked=masked, tau=tau, sft_weight=sft_weight, chunk_size=chunk)
+    cfg = LossConfig(
+        name="sdpo", dpo_beta=0.7, masked=masked, tau=tau, sft_weight=sft_weight, chunk_size=chunk, beam_width=2
+    )
 
     h, y, s = select_response(hidden, labels, trie)
     out = preference_loss(h, weight, y, s, response_rows(labels), ref, trie, cfg)
@@ -96,6 +99,12 @@ def test_chunked_sdpo_equals_full_logits_formula(k, masked, tau, sft_weight, chu
     for g_got, g_want in zip(got, want, strict=True):
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
     assert out.policy_logps.shape == (3, 1 + k)
+    # the pruning-risk diagnostic over the positives' tokens is LML's (rank among the trie-valid tokens)
+    positive = response_rows(labels) % (1 + k) == 0
+    want_sums = loss_sums((h @ weight.T)[positive], y[positive], trie.allowed_mask(s[positive], V), name="lml",
+                          beam_width=cfg.beam_width)  # fmt: skip
+    assert float(out.sums.risk_positions) == float(want_sums.risk_positions) > 0
+    assert float(out.sums.outside_topb) == float(want_sums.outside_topb)
 
 
 def test_k1_is_the_dpo_formula():
@@ -119,6 +128,7 @@ def test_reward_metrics_and_sums():
     sums = PreferenceSums(
         pref=terms.loss.sum(), ce=torch.tensor(6.0), ce_positions=torch.tensor(4.0), examples=torch.tensor(2.0),
         margin=terms.margin.sum(), correct=terms.correct.sum().float(), negatives=torch.tensor(6.0),
+        risk_positions=torch.tensor(3.0), outside_topb=torch.tensor(1.0),
     )  # fmt: skip
     metrics = PreferenceSums.from_tensor(sums.as_tensor() + PreferenceSums.zeros(pi).as_tensor()).metrics()
     assert metrics["reward_accuracy"] == pytest.approx(4 / 6)

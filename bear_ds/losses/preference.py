@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bear_ds.config import LossConfig
-from bear_ds.losses.functional import log_probs
+from bear_ds.losses.functional import LossSums, log_probs
 from bear_ds.losses.head import LMHead, _as_lm_head, _check_response
 from bear_ds.trie import TokenTrie
 
@@ -92,6 +92,10 @@ class PreferenceSums:
     margin: torch.Tensor  # sum over examples of r(y) - mean_j r(y_j)
     correct: torch.Tensor  # negatives with r(y_j) < r(y)
     negatives: torch.Tensor  # negatives
+    # the pruning-risk diagnostic of `LossSums`, over the positives' tokens: positions with more than
+    # one trie-valid next token, and those whose gold token ranks outside the top loss.beam_width
+    risk_positions: torch.Tensor
+    outside_topb: torch.Tensor
 
     def __add__(self, other: PreferenceSums) -> PreferenceSums:
         return PreferenceSums(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -102,7 +106,7 @@ class PreferenceSums:
         return cls(**{f.name: zero for f in fields(cls)})
 
     def as_tensor(self) -> torch.Tensor:
-        """[7] float32 vector (detached) in field order, e.g. for an all-reduce of the metrics."""
+        """[9] float32 vector (detached) in field order, e.g. for an all-reduce of the metrics."""
         return torch.stack([getattr(self, f.name).detach().float() for f in fields(self)])
 
     @classmethod
@@ -111,6 +115,15 @@ class PreferenceSums:
         if vector.shape != (len(names),):
             raise ValueError(f"expected a [{len(names)}] vector ({', '.join(names)}), got shape {tuple(vector.shape)}")
         return cls(**dict(zip(names, vector.unbind(), strict=True)))
+
+    def token_sums(self) -> LossSums:
+        """The positives' tokens as `LossSums` (ce = their mean CE; the pruning-risk diagnostic)."""
+        zero = self.ce.new_zeros(()).detach()
+        return LossSums(
+            ce_all=self.ce, ce_counted=self.ce, weighted_ce=zero, reg=zero, weight=zero,
+            positions=self.ce_positions, counted=self.ce_positions, risk_positions=self.risk_positions,
+            outside_topb=self.outside_topb,
+        )  # fmt: skip
 
     def loss(self, sft_weight: float) -> torch.Tensor:
         """Mean S-DPO loss over the examples + sft_weight * mean CE over the positives' tokens."""
@@ -131,9 +144,18 @@ class PreferenceSums:
         }
 
 
-def preference_sums(terms: PreferenceTerms, positive_token_logps: torch.Tensor) -> PreferenceSums:
-    """The sums of a set of examples from their `sdpo_terms` and the log p of their positives' tokens [P]."""
+def preference_sums(
+    terms: PreferenceTerms,
+    positive_token_logps: torch.Tensor,
+    positive_risk: torch.Tensor | None = None,
+    positive_outside: torch.Tensor | None = None,
+) -> PreferenceSums:
+    """The sums of a set of examples from their `sdpo_terms` and the log p of their positives' tokens [P].
+
+    positive_risk, positive_outside [P] (bool): the pruning-risk diagnostic of those tokens (0 when None).
+    """
     correct = terms.correct
+    zero = terms.loss.new_zeros(()).detach()
     return PreferenceSums(
         pref=terms.loss.sum(),
         ce=-positive_token_logps.sum(),
@@ -142,6 +164,8 @@ def preference_sums(terms: PreferenceTerms, positive_token_logps: torch.Tensor) 
         margin=terms.margin.sum(),
         correct=correct.sum().float(),
         negatives=terms.loss.new_tensor(correct.numel()).detach(),
+        risk_positions=zero if positive_risk is None else positive_risk.float().sum(),
+        outside_topb=zero if positive_outside is None else positive_outside.float().sum(),
     )
 
 
@@ -155,13 +179,20 @@ def _chunk_token_logps(
     trie: TokenTrie,
     masked: bool,
     tau: float,
+    beam_width: int,
     scale: float,
     softcap: float | None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p of the gold tokens [C], and the pruning-risk flags [C] (counted, outside the top-B)."""
     logits = LMHead(weight, bias, scale, softcap).logits(hidden)  # [C, V]
-    valid = trie.allowed_mask(states, logits.shape[-1]) if masked else None  # [C, V] bool
-    log_p = log_probs(logits, valid, tau if masked else 1.0)  # [C, V] float32
-    return log_p.gather(1, targets[:, None]).squeeze(1)  # [C]
+    valid = trie.allowed_mask(states, logits.shape[-1])  # [C, V] bool
+    log_p = log_probs(logits, valid if masked else None, tau if masked else 1.0)  # [C, V] float32
+    with torch.no_grad():  # rank of the gold token among the trie-valid ones (unchanged by tau and the mask)
+        z = logits.float()
+        better = ((z > z.gather(1, targets[:, None])) & valid).sum(-1)  # [C]
+        risk = valid.sum(-1) > 1
+        outside = (better >= beam_width) & risk
+    return log_p.gather(1, targets[:, None]).squeeze(1), risk, outside
 
 
 def token_logps(
@@ -174,8 +205,10 @@ def token_logps(
     masked: bool,
     tau: float = 1.0,
     chunk_size: int = 1024,
-) -> torch.Tensor:
-    """log p of each gold token [N] (float32, with gradient) from hidden states [N, H], chunk by chunk.
+    beam_width: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p of each gold token [N] (float32, with gradient) from hidden states [N, H], chunk by chunk,
+    and the pruning-risk flags [N] (bool: more than one valid token; gold outside the top beam_width).
 
     masked: softmax(z restricted to the trie-valid tokens / tau) (MSL); else softmax(z) (LM).
     Responses must follow the trie (the same checks as `response_loss`).
@@ -197,14 +230,16 @@ def token_logps(
                 trie,
                 masked,
                 tau,
+                beam_width,
                 head.scale,
                 head.softcap,
                 use_reentrant=False,
-            )  # fmt: skip
+            )
         )
     if not parts:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(parts)
+        empty = torch.zeros(0, dtype=torch.bool, device=hidden.device)
+        return hidden.new_zeros(0, dtype=torch.float32), empty, empty
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
 def sequence_logps(token_logp: torch.Tensor, sequence_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
@@ -248,13 +283,14 @@ def preference_loss(
     b, width = reference_logps.shape
     if sequence_index.shape != targets.shape:
         raise ValueError(f"sequence_index must be [N]={targets.shape[0]}, got {tuple(sequence_index.shape)}")
-    logp = token_logps(
-        hidden, head, targets, states, trie, masked=loss_cfg.masked, tau=loss_cfg.tau, chunk_size=loss_cfg.chunk_size
-    )  # [N]
+    logp, risk, outside = token_logps(
+        hidden, head, targets, states, trie, masked=loss_cfg.masked, tau=loss_cfg.tau,
+        chunk_size=loss_cfg.chunk_size, beam_width=loss_cfg.beam_width,
+    )  # [N] each  # fmt: skip
     policy = sequence_logps(logp, sequence_index, b * width).view(b, width)  # [B, 1 + K]
     terms = sdpo_terms(policy, reference_logps.to(policy.device), beta=loss_cfg.dpo_beta)
     positive = sequence_index % width == 0  # [N]
-    sums = preference_sums(terms, logp[positive])
+    sums = preference_sums(terms, logp[positive], risk[positive], outside[positive])
     touch = hidden.float().sum() * 0.0 + head.weight.float().sum() * 0.0
     if head.bias is not None:
         touch = touch + head.bias.float().sum() * 0.0

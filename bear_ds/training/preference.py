@@ -38,6 +38,7 @@ import torch
 
 from bear_ds.catalog import IGNORE_INDEX, Catalog, encode_example
 from bear_ds.training.batching import collate
+from bear_ds.training.micro_batch import LossContext, MicroBatch, MicroBatchLoss, register_loss
 from bear_ds.training.negatives import group_weights, sample_negatives, self_negatives
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def item_logps_pass(
                 hidden = backbone_hidden_states(net, batch["input_ids"], batch["attention_mask"])
                 h, y, s = select_response(hidden, batch["labels"], trie)
                 with lm_head_context(net) as head:
-                    logp = token_logps(
+                    logp, _, _ = token_logps(
                         h, head, y, s, trie, masked=loss_cfg.masked, tau=loss_cfg.tau, chunk_size=loss_cfg.chunk_size
                     )
                 seq = sequence_logps(logp, response_rows(batch["labels"]), len(rows) * width).view(len(rows), width)
@@ -163,7 +164,7 @@ def _check_reference_catalog(folder: Path, catalog: Catalog) -> None:
 
 @contextlib.contextmanager
 def reference_network(
-    cfg: Any, accelerator: Any, tokenizer: Any, catalog: Catalog, dtype: torch.dtype, zero3: bool
+    cfg: Any, device: torch.device, tokenizer: Any, catalog: Catalog, dtype: torch.dtype, zero3: bool
 ) -> Iterator[torch.nn.Module]:
     """The frozen `model.reference_path` model for one pass, partitioned under ZeRO-3, then released."""
     from bear_ds.models import build_model
@@ -197,7 +198,7 @@ def reference_network(
             engine, *_ = deepspeed.initialize(model=model, config=ds_config)
             yield engine.module
         else:
-            yield model.to(accelerator.device)
+            yield model.to(device)
     finally:
         del model, engine
         gc.collect()
@@ -212,45 +213,41 @@ class PreferencePairs:
     def __init__(
         self,
         cfg: Any,
-        out: Path,
         *,
         prompts: list[list[int]],
         target_groups: list[int],
         history_groups: list[list[int]],
-        item_groups: list[int],
         catalog: Catalog,
         tokenizer: Any,
-        accelerator: Any,
-        dtype: torch.dtype,
         zero3: bool,
         policy_folder: Path | None,
-        fresh: bool,
     ) -> None:
+        from accelerate import PartialState
+
         self.cfg, self.loss_cfg = cfg, cfg.loss
-        self.folder = out / REFERENCE_DIR
+        self.folder = Path(cfg.output_dir) / REFERENCE_DIR
         self.prompts, self.target_groups = prompts, np.asarray(target_groups, dtype=np.int64)
-        self.history_groups, self.item_groups = history_groups, item_groups
-        self.catalog, self.tokenizer, self.accelerator = catalog, tokenizer, accelerator
-        self.dtype, self.zero3, self.policy_folder = dtype, zero3, policy_folder
+        self.history_groups = history_groups
+        self.catalog, self.tokenizer, self.zero3, self.policy_folder = catalog, tokenizer, zero3, policy_folder
+        self.process = PartialState()  # rank, device and barriers of the run's process group
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else catalog.eos_token_id
         self.static = cfg.model.reference_path is not None and cfg.loss.negative_source != "self"
         self.groups: np.ndarray | None = None  # [N, 1 + K]
         self.reference_logps: torch.Tensor | None = None  # [N, 1 + K]
         self.epoch: int | None = None
-        if fresh and accelerator.is_main_process and self.folder.is_dir():  # never reuse another run's pairs
-            for path in self.folder.glob("epoch_*.pt"):
-                path.unlink()
-        accelerator.wait_for_everyone()
 
     def file_for(self, epoch: int) -> Path:
         return self.folder / f"epoch_{0 if self.static else epoch}.pt"
 
     def start_epoch(self, epoch: int, policy: Any, step: int) -> None:
-        """Load this epoch's pairs from the run folder, or build them (negatives + reference pass) and store them."""
+        """This epoch's pairs: reloaded from the run folder on a resume (step > 0), else built and stored.
+
+        At step 0 nothing is reused: a file there comes from an earlier run that never checkpointed.
+        """
         path = self.file_for(epoch)
         if self.epoch is not None and path == self.file_for(self.epoch):
             return
-        if path.is_file():
+        if step > 0 and path.is_file():
             self._load(path)
         else:
             self._build(epoch, policy, step, path)
@@ -270,7 +267,7 @@ class PreferencePairs:
             )
         self.groups = np.concatenate([self.target_groups[:, None], negatives], axis=1)
         self.reference_logps = ref.float()
-        if self.accelerator.is_main_process:
+        if self.process.is_main_process:
             logger.info("reference log-probabilities and negatives loaded from %s", path)
 
     def _negatives(self, epoch: int, policy: Any) -> tuple[np.ndarray, int]:
@@ -280,13 +277,13 @@ class PreferencePairs:
 
             predictions, _ = run_beam_evaluation(
                 policy, self.tokenizer, self.catalog, self.prompts, list(self.target_groups), self.cfg.eval,
-                self.accelerator, loss_name=self.loss_cfg.name, progress=self.accelerator.is_main_process,
+                loss_name=self.loss_cfg.name, progress=self.process.is_main_process,
             )  # fmt: skip
             return self_negatives(
                 [p["groups"] for p in predictions], self.target_groups, self.catalog.num_groups, k,
                 seed=seed, epoch=epoch,
             )  # fmt: skip
-        weights = group_weights(self.item_groups, self.catalog.num_groups, source, self.target_groups)
+        weights = group_weights(self.catalog.item_group, self.catalog.num_groups, source, self.target_groups)
         history = self.history_groups if self.loss_cfg.exclude_history else None
         return sample_negatives(self.target_groups, history, weights, k, seed=seed), 0
 
@@ -303,20 +300,19 @@ class PreferencePairs:
             and self.policy_folder is not None
             and Path(reference).resolve() == self.policy_folder.resolve()
         )
+        device = self.process.device
         kwargs = dict(
-            batch_examples=self.cfg.train.micro_batch, pad_token_id=self.pad_id, device=self.accelerator.device,
-            synced=self.zero3,
-        )  # fmt: skip
+            batch_examples=self.cfg.train.micro_batch, pad_token_id=self.pad_id, device=device, synced=self.zero3
+        )
+        net = getattr(policy, "module", policy)  # the model inside a DeepSpeed / DDP wrapper
         if reference is None or own_start:  # the policy as it is now (before any step, or at the epoch's start)
-            net = self.accelerator.unwrap_model(policy)
             ref = item_logps_pass(net, self.prompts, groups, self.catalog, self.loss_cfg, **kwargs)
         else:
-            with reference_network(
-                self.cfg, self.accelerator, self.tokenizer, self.catalog, self.dtype, self.zero3
-            ) as net:
-                ref = item_logps_pass(net, self.prompts, groups, self.catalog, self.loss_cfg, **kwargs)
+            dtype = next(net.parameters()).dtype
+            with reference_network(self.cfg, device, self.tokenizer, self.catalog, dtype, self.zero3) as frozen:
+                ref = item_logps_pass(frozen, self.prompts, groups, self.catalog, self.loss_cfg, **kwargs)
         elapsed = time.perf_counter() - started
-        if self.accelerator.is_main_process:
+        if self.process.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             payload = {
@@ -334,7 +330,7 @@ class PreferencePairs:
                 "epoch %d: %s negatives (%d filled at random) and reference log-probabilities of %d pairs in %.1f s -> %s",
                 epoch, self.loss_cfg.negative_source, filled, groups.size, elapsed, path,
             )  # fmt: skip
-        self.accelerator.wait_for_everyone()
+        self.process.wait_for_everyone()
         self.groups, self.reference_logps = groups, ref
 
     def batch(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
@@ -345,6 +341,58 @@ class PreferencePairs:
         return {k: v.to(device) for k, v in batch.items()}
 
 
+# ---------------------------------------------------------------------------------------- the trainer's loss
+def _setup(model: Any, ctx: LossContext) -> PreferencePairs:
+    from bear_ds.models import pretrained_folder
+
+    rows, catalog = ctx.train_rows, ctx.catalog
+    prompts = prompt_ids_of(ctx.examples.input_ids, ctx.examples.labels)
+    context = int(getattr(getattr(model, "module", model).config, "max_position_embeddings", 0) or 10**9)
+    check_pair_lengths(prompts, catalog, context)
+    return PreferencePairs(
+        ctx.cfg, prompts=prompts, target_groups=[catalog.group_of_item(t) for t in rows["target"]],
+        history_groups=[[catalog.group_of_item(i) for i in h] for h in rows["history"]], catalog=catalog,
+        tokenizer=ctx.tokenizer, zero3=ctx.zero3, policy_folder=pretrained_folder(ctx.cfg.model),
+    )  # fmt: skip
+
+
+def _epoch_start(model: Any, ctx: LossContext, epoch: int, step: int) -> None:
+    ctx.loss_state.start_epoch(epoch, model, step)
+
+
+@contextlib.contextmanager
+def sdpo_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
+    """S-DPO of one micro-batch: its examples' 1 + K sequences through the backbone and the chunked head."""
+    from bear_ds.losses import backbone_hidden_states, lm_head_context, preference_loss, response_rows, select_response
+
+    pairs = ctx.loss_state.batch(batch.indices, batch.input_ids.device)
+    hidden = backbone_hidden_states(model, pairs["input_ids"], pairs["attention_mask"])  # [b(1+K), L, H]
+    h, y, s = select_response(hidden, pairs["labels"], ctx.trie)
+    rows = response_rows(pairs["labels"])  # [N]: the sequence of each response position
+    with lm_head_context(model) as head:
+        out = preference_loss(h, head, y, s, rows, pairs["reference_logps"], ctx.trie, ctx.cfg.loss)
+        sums = out.sums
+        yield MicroBatchLoss(
+            loss=out.loss,
+            sums=sums.token_sums(),
+            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
+            extras={
+                "pref_loss": (sums.pref.detach(), sums.examples),
+                "reward_margin": (sums.margin, sums.examples),
+                "reward_accuracy": (sums.correct, sums.negatives),
+            },
+        )
+
+
+register_loss(
+    "sdpo",
+    sdpo_loss,
+    extra_metrics=("pref_loss", "reward_margin", "reward_accuracy"),
+    setup=_setup,
+    epoch_start=_epoch_start,
+)
+
+
 __all__ = [
     "REFERENCE_DIR",
     "PreferencePairs",
@@ -352,4 +400,5 @@ __all__ = [
     "collate_pairs",
     "item_logps_pass",
     "prompt_ids_of",
+    "sdpo_loss",
 ]
