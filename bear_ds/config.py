@@ -205,6 +205,13 @@ class TrainConfig(_Section):
         ge=1,
         description="length grouping: examples are sorted by length within windows of this many global batches",
     )
+    self_play: bool = Field(
+        False,
+        description="loss.name=sdpo with loss.negative_source=self: SPRec's schedule, rounds of two epochs; at "
+        "the start of a round the model's own recommendations become the negatives and the model is the "
+        "reference, then an SFT epoch on the positives (the CE of loss.masked/tau), then an S-DPO epoch; "
+        "train.epochs counts both (2 per round)",
+    )
 
 
 class EvalConfig(_Section):
@@ -282,6 +289,19 @@ class Config(_Section):
                 f"recommendations minus the target: set eval.num_beams >= loss.num_negatives + 1 "
                 f"({self.loss.num_negatives + 1})"
             )
+        if self.train.self_play:
+            if self.loss.name != "sdpo" or self.loss.negative_source != "self":
+                raise ValueError("train.self_play=true needs loss.name=sdpo and loss.negative_source=self")
+            if self.model.reference_path is not None:
+                raise ValueError(
+                    "train.self_play=true takes the model at the start of each round as the reference: "
+                    "leave model.reference_path unset"
+                )
+            if self.train.max_steps is None and self.train.epochs % 2:
+                raise ValueError(
+                    f"train.self_play=true runs rounds of two epochs (SFT, then S-DPO): train.epochs="
+                    f"{self.train.epochs} is odd"
+                )
         return self
 
 

@@ -205,3 +205,38 @@ def test_self_negatives_are_what_evaluate_recommends(sft, tmp_path):
         assert titles[:n] == recommended[:n]
         exact += n == 3
     assert exact > 200  # almost every beam finished 5 items
+
+
+def test_self_play_rounds_sft_then_sdpo_with_the_round_start_reference(sft, tmp_path):
+    from bear_ds.config import LossConfig
+
+    out = tmp_path / "sprec"
+    train(load_config(None, [f"data.path={sft / 'prepared'}", f"output_dir={out}", "train.zero_stage=0",
+                             "train.epochs=2", "train.global_batch=64", "train.eval_every_epoch=false",
+                             "train.self_play=true", "model.name=hf", f"model.path={sft / 'SFT' / 'model'}",
+                             "loss.name=sdpo", "loss.num_negatives=1", "loss.negative_source=self",
+                             "eval.num_beams=4"]))  # fmt: skip
+    log = _log(out)
+    assert [r["epoch"] for r in log][3] == 1.0 and len(log) == 8  # 4 SFT steps, then 4 S-DPO steps
+    assert all(r["reward_accuracy"] == "nan" and r["pref_loss"] == "nan" for r in log[:4])  # SFT: no pairs
+    assert all(0.0 <= r["reward_accuracy"] <= 1.0 and np.isfinite(r["pref_loss"]) for r in log[4:])
+    assert sorted(p.name for p in (out / "reference_logps").iterdir()) == ["epoch_0.pt"]  # one round, one pass
+    saved = torch.load(out / "reference_logps" / "epoch_0.pt", weights_only=True)
+    prompts, groups, catalog = _pairs(sft / "prepared", "train", sft / "SFT" / "model", 1, seed=0)
+    groups[:, 1:] = saved["negatives"].numpy()
+    # the reference is the model at the start of the round (before its SFT epoch): the SFT model here
+    want = _item_logps(sft / "SFT" / "model", prompts, groups, catalog, LossConfig(name="sdpo"))
+    torch.testing.assert_close(saved["reference_logps"], want, rtol=1e-5, atol=1e-5)
+    assert log[4]["reward_margin"] != 0.0  # the SFT epoch moved the policy away from the reference
+
+
+def test_self_play_config_errors():
+    from bear_ds.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs loss.name=sdpo and loss.negative_source=self"):
+        load_config(None, ["train.self_play=true", "loss.name=sdpo"])
+    with pytest.raises(ConfigError, match="leave model.reference_path unset"):
+        load_config(None, ["train.self_play=true", "loss.name=sdpo", "loss.negative_source=self",
+                           "model.reference_path=SFT/model"])  # fmt: skip
+    with pytest.raises(ConfigError, match="train.epochs=3 is odd"):
+        load_config(None, ["train.self_play=true", "loss.name=sdpo", "loss.negative_source=self", "train.epochs=3"])

@@ -18,6 +18,9 @@ When the pass runs:
 - negative_source=self (the policy's own beam-search recommendations, regenerated each epoch) or no
   `model.reference_path` (the reference is the policy at the start of each epoch, as in SPRec):
   at the start of every epoch, epoch_E.pt.
+- train.self_play (SPRec's rounds): at the start of round r (epoch 2r), from the model as it is then
+  (negatives and reference alike), epoch_{2r}.pt; epoch 2r trains the positives' CE (SFT), epoch
+  2r + 1 S-DPO on those pairs.
 The frozen reference is loaded only for the pass (partitioned as it loads under ZeRO-3, wrapped
 in a DeepSpeed inference engine) and released after it. When it is the policy's own starting
 folder and no step has run, the pass uses the policy itself: no second load at all.
@@ -26,6 +29,7 @@ folder and no step has run, the pass uses the policy itself: no second load at a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -38,7 +42,7 @@ import torch
 
 from bear_ds.catalog import IGNORE_INDEX, Catalog, encode_example
 from bear_ds.training.batching import collate
-from bear_ds.training.micro_batch import LossContext, MicroBatch, MicroBatchLoss, register_loss
+from bear_ds.training.micro_batch import LossContext, MicroBatch, MicroBatchLoss, register_loss, token_loss
 from bear_ds.training.negatives import group_weights, sample_negatives, self_negatives
 
 logger = logging.getLogger(__name__)
@@ -232,12 +236,16 @@ class PreferencePairs:
         self.process = PartialState()  # rank, device and barriers of the run's process group
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else catalog.eos_token_id
         self.static = cfg.model.reference_path is not None and cfg.loss.negative_source != "self"
+        self.self_play = cfg.train.self_play  # SPRec rounds: epochs 2r (SFT) and 2r + 1 (S-DPO) share pairs
         self.groups: np.ndarray | None = None  # [N, 1 + K]
         self.reference_logps: torch.Tensor | None = None  # [N, 1 + K]
-        self.epoch: int | None = None
+        self.epoch: int | None = None  # the epoch whose pairs are loaded
+        self.sft_epoch = False  # self-play: the current epoch trains the positives' CE only
 
     def file_for(self, epoch: int) -> Path:
-        return self.folder / f"epoch_{0 if self.static else epoch}.pt"
+        if self.static:
+            return self.folder / "epoch_0.pt"
+        return self.folder / f"epoch_{epoch - epoch % 2 if self.self_play else epoch}.pt"
 
     def start_epoch(self, epoch: int, policy: Any, step: int) -> None:
         """This epoch's pairs: reloaded from the run folder on a resume (step > 0), else built and stored.
@@ -245,10 +253,16 @@ class PreferencePairs:
         At step 0 nothing is reused: a file there comes from an earlier run that never checkpointed.
         """
         path = self.file_for(epoch)
+        self.sft_epoch = self.self_play and epoch % 2 == 0
         if self.epoch is not None and path == self.file_for(self.epoch):
             return
         if step > 0 and path.is_file():
             self._load(path)
+        elif self.self_play and epoch % 2:
+            # the round's pairs were built at its start, from the model before its SFT epoch
+            raise FileNotFoundError(
+                f"{path} (the pairs of this self-play round) is missing: cannot resume epoch {epoch}"
+            )
         else:
             self._build(epoch, policy, step, path)
         self.epoch = epoch
@@ -365,6 +379,10 @@ def sdpo_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[Micro
     """S-DPO of one micro-batch: its examples' 1 + K sequences through the backbone and the chunked head."""
     from bear_ds.losses import backbone_hidden_states, lm_head_context, preference_loss, response_rows, select_response
 
+    if ctx.loss_state.sft_epoch:  # self-play: this round's SFT epoch
+        with _sft_loss(model, batch, ctx) as out:
+            yield out
+        return
     pairs = ctx.loss_state.batch(batch.indices, batch.input_ids.device)
     hidden = backbone_hidden_states(model, pairs["input_ids"], pairs["attention_mask"])  # [b(1+K), L, H]
     h, y, s = select_response(hidden, pairs["labels"], ctx.trie)
@@ -384,10 +402,25 @@ def sdpo_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[Micro
         )
 
 
+@contextlib.contextmanager
+def _sft_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
+    """The positives' CE with the loss's softmax (MSL with tau when loss.masked, else LML); no pairs."""
+    name = "msl" if ctx.cfg.loss.masked else "lml"
+    sft_ctx = dataclasses.replace(
+        ctx, cfg=ctx.cfg.model_copy(update={"loss": ctx.cfg.loss.model_copy(update={"name": name})})
+    )
+    with token_loss(model, batch, sft_ctx) as out:
+        none = out.loss.new_zeros(()).detach()  # logged as nan: no pairs in an SFT epoch
+        out.extras = {key: (none, none) for key in PREFERENCE_METRICS}
+        yield out
+
+
+PREFERENCE_METRICS = ("pref_loss", "reward_margin", "reward_accuracy")
+
 register_loss(
     "sdpo",
     sdpo_loss,
-    extra_metrics=("pref_loss", "reward_margin", "reward_accuracy"),
+    extra_metrics=PREFERENCE_METRICS,
     setup=_setup,
     epoch_start=_epoch_start,
 )
