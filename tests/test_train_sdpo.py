@@ -240,3 +240,25 @@ def test_self_play_config_errors():
                            "model.reference_path=SFT/model"])  # fmt: skip
     with pytest.raises(ConfigError, match="train.epochs=3 is odd"):
         load_config(None, ["train.self_play=true", "loss.name=sdpo", "loss.negative_source=self", "train.epochs=3"])
+
+
+def test_frozen_reference_under_two_rank_zero3_equals_one_process(sft, tmp_path):
+    # model.reference_path differs from model.path: the reference is loaded partitioned for the pass
+    # (the trainer raises if ZeRO-3 loaded it whole) and its stored log-probabilities match one process
+    other = tmp_path / "other"
+    train(load_config(None, [f"data.path={sft / 'prepared'}", f"output_dir={other}", "loss.name=lml",
+                             "train.zero_stage=0", "train.max_steps=3", "train.eval_every_epoch=false",
+                             "model.name=hf", f"model.path={sft / 'SFT' / 'model'}"]))  # fmt: skip
+    common = [f"data.path={sft / 'prepared'}", "model.name=hf", f"model.path={sft / 'SFT' / 'model'}",
+              f"model.reference_path={other / 'model'}", "loss.name=sdpo", "loss.num_negatives=2",
+              "loss.negative_source=popular", "train.max_steps=3", "train.eval_every_epoch=false"]  # fmt: skip
+    train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.zero_stage=0"]))
+    yaml = REPO / "launchers" / "accelerate" / "cpu_zero3.yaml"
+    _run([str(BIN / "accelerate"), "launch", "--config_file", str(yaml), "--main_process_port", str(free_port()),
+          "-m", "bear_ds.train", *common, f"output_dir={tmp_path / 'two'}", "train.pg_timeout_s=30"], cwd=REPO)  # fmt: skip
+    one, two = (torch.load(tmp_path / n / "reference_logps" / "epoch_0.pt", weights_only=True) for n in ("one", "two"))
+    assert torch.equal(one["negatives"], two["negatives"])
+    torch.testing.assert_close(one["reference_logps"], two["reference_logps"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two"), strict=True):
+        assert b["zero_stage"] == 3 and b["world_size"] == 2
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["reward_accuracy"] == a["reward_accuracy"]

@@ -194,6 +194,13 @@ def reference_network(
         if zero3:
             import deepspeed
 
+            from bear_ds.evaluation.evaluate import is_zero3_partitioned
+
+            if not is_zero3_partitioned(model):  # the ZeRO-3 config must be registered before the load
+                raise RuntimeError(
+                    f"model.reference_path={folder} was loaded whole under ZeRO-3 (no DeepSpeed config registered)"
+                )
+
             ds_config = {
                 "train_micro_batch_size_per_gpu": 1,
                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
