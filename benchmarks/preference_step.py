@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import random_catalog  # noqa: E402
+from train_step import add_model_arguments, llama_config, pad_rows, random_catalog  # noqa: E402
 
 from bear_ds.config import LossConfig  # noqa: E402
 from bear_ds.losses import (  # noqa: E402
@@ -42,31 +42,13 @@ from bear_ds.trie import TokenTrie  # noqa: E402
 
 
 def pair_batch(prompts: list[list[int]], items: list[list[list[int]]]) -> dict[str, torch.Tensor]:
-    """Right-padded sequences prompt_i + item_ij, row i * (1 + K) + j; labels on the items."""
-    rows = [(p, t) for p, ts in zip(prompts, items, strict=True) for t in ts]
-    length = max(len(p) + len(t) for p, t in rows)
-    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, (p, t) in enumerate(rows):
-        ids = p + t
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, len(p) : len(ids)] = torch.tensor(t)
-        mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    """Sequences prompt_i + item_ij at row i * (1 + K) + j (`train_step.pad_rows`)."""
+    return pad_rows([(p, t) for p, ts in zip(prompts, items, strict=True) for t in ts])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int)
-    p.add_argument("--intermediate", type=int)
-    p.add_argument("--tie", action="store_true")
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_arguments(p)
     p.add_argument("--items", type=int, default=5000)
     p.add_argument("--title-len", type=int, default=14)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per example (prompt + response)")
@@ -87,12 +69,7 @@ def main() -> None:
     for _ in range(args.micro_batch):
         items = [pick() for _ in range(1 + kmax)]
         examples.append((torch.randint(3, args.vocab, (args.seq_len - len(items[0]),), generator=gen).tolist(), items))
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
-        intermediate_size=args.intermediate or int(args.hidden * 2.6875),
-        max_position_embeddings=max(args.seq_len + 64, 512), tie_word_embeddings=args.tie,
-    )  # fmt: skip
+    config = llama_config(args, max(args.seq_len + 64, 512))
     torch.manual_seed(0)
     with device:
         model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)

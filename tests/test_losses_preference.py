@@ -12,6 +12,7 @@ from bear_ds.config import LossConfig
 from bear_ds.losses import (
     PreferenceSums,
     loss_sums,
+    metrics_from_sums,
     preference_loss,
     response_rows,
     sdpo_loss,
@@ -130,10 +131,12 @@ def test_reward_metrics_and_sums():
         margin=terms.margin.sum(), correct=terms.correct.sum().float(), negatives=torch.tensor(6.0),
         risk_positions=torch.tensor(3.0), outside_topb=torch.tensor(1.0),
     )  # fmt: skip
-    metrics = PreferenceSums.from_tensor(sums.as_tensor() + PreferenceSums.zeros(pi).as_tensor()).metrics()
+    metrics = sums.metrics()
     assert metrics["reward_accuracy"] == pytest.approx(4 / 6)
     assert metrics["ce"] == pytest.approx(1.5) and metrics["pref_loss"] == pytest.approx(sum(want) / 2)
     assert float(sums.loss(sft_weight=2.0)) == pytest.approx(sum(want) / 2 + 2.0 * 1.5)
+    token = metrics_from_sums(sums.token_sums(), name="sdpo")  # what the trainer logs as ce, frac_outside_topb
+    assert token["ce"] == pytest.approx(1.5) and token["frac_outside_topb"] == pytest.approx(1 / 3)
 
 
 def test_bad_shapes_are_named():

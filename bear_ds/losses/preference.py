@@ -19,7 +19,7 @@ pass of the frozen reference, `bear_ds.training.preference`), so this module has
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ def sdpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, *, beta
 # ---------------------------------------------------------------------------------------- sum form
 @dataclass
 class PreferenceSums:
-    """Raw sums of a micro-batch (or of a step's micro-batches and ranks, added): see `LossSums`.
+    """Raw sums of a micro-batch; the trainer logs them as `token_sums()` plus (numerator, denominator) extras.
 
     Tensors marked (grad) carry gradient; the others are detached float32 scalars.
     """
@@ -96,25 +96,6 @@ class PreferenceSums:
     # one trie-valid next token, and those whose gold token ranks outside the top loss.beam_width
     risk_positions: torch.Tensor
     outside_topb: torch.Tensor
-
-    def __add__(self, other: PreferenceSums) -> PreferenceSums:
-        return PreferenceSums(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
-
-    @classmethod
-    def zeros(cls, like: torch.Tensor) -> PreferenceSums:
-        zero = like.new_zeros((), dtype=torch.float32)
-        return cls(**{f.name: zero for f in fields(cls)})
-
-    def as_tensor(self) -> torch.Tensor:
-        """[9] float32 vector (detached) in field order, e.g. for an all-reduce of the metrics."""
-        return torch.stack([getattr(self, f.name).detach().float() for f in fields(self)])
-
-    @classmethod
-    def from_tensor(cls, vector: torch.Tensor) -> PreferenceSums:
-        names = [f.name for f in fields(cls)]
-        if vector.shape != (len(names),):
-            raise ValueError(f"expected a [{len(names)}] vector ({', '.join(names)}), got shape {tuple(vector.shape)}")
-        return cls(**dict(zip(names, vector.unbind(), strict=True)))
 
     def token_sums(self) -> LossSums:
         """The positives' tokens as `LossSums` (ce = their mean CE; the pruning-risk diagnostic)."""

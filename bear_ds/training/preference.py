@@ -76,19 +76,6 @@ def collate_pairs(
     return collate(input_ids, labels, np.arange(len(input_ids)), pad_token_id)
 
 
-def check_pair_lengths(prompts: Sequence[Sequence[int]], catalog: Catalog, context: int) -> None:
-    """Any title may be a negative: every prompt must leave room for the longest one."""
-    longest = catalog.trie.max_depth
-    too_long = [i for i, p in enumerate(prompts) if len(p) + longest > context]
-    if too_long:
-        i = too_long[0]
-        raise ValueError(
-            f"{len(too_long)} training prompts plus the longest title ({longest} tokens) exceed the model context "
-            f"of {context} positions (e.g. train row {i}, {len(prompts[i])} prompt tokens): loss.name=sdpo scores "
-            "any title as a negative; lower data.max_history"
-        )
-
-
 # ---------------------------------------------------------------------------------------- reference pass
 def item_logps_pass(
     net: torch.nn.Module,
@@ -364,12 +351,13 @@ class PreferencePairs:
 
 # ---------------------------------------------------------------------------------------- the trainer's loss
 def _setup(model: Any, ctx: LossContext) -> PreferencePairs:
+    from bear_ds.evaluation.evaluate import check_context
     from bear_ds.models import pretrained_folder
 
     rows, catalog = ctx.train_rows, ctx.catalog
     prompts = prompt_ids_of(ctx.examples.input_ids, ctx.examples.labels)
     context = int(getattr(getattr(model, "module", model).config, "max_position_embeddings", 0) or 10**9)
-    check_pair_lengths(prompts, catalog, context)
+    check_context(prompts, catalog.trie.max_depth, context, what="training row")  # any title may be a negative
     return PreferencePairs(
         ctx.cfg, prompts=prompts, target_groups=[catalog.group_of_item(t) for t in rows["target"]],
         history_groups=[[catalog.group_of_item(i) for i in h] for h in rows["history"]], catalog=catalog,
@@ -436,7 +424,6 @@ register_loss(
 __all__ = [
     "REFERENCE_DIR",
     "PreferencePairs",
-    "check_pair_lengths",
     "collate_pairs",
     "item_logps_pass",
     "prompt_ids_of",
