@@ -284,7 +284,7 @@ class Trainer:
         self.loss = loss_spec(cfg.loss.name)
         self.loss_ctx = LossContext(
             cfg, data.catalog.trie.to(self.device), data.catalog, data.tokenizer, data.examples,
-            zero3=self.zero_stage == 3, train_rows=self.rows,
+            zero3=self.zero_stage == 3, train_rows=self.rows, accelerator=self.accelerator,
         )  # fmt: skip
         if self.loss.setup is not None:
             self.loss_ctx.loss_state = self.loss.setup(self.model, self.loss_ctx)

@@ -82,6 +82,7 @@ class LossContext:
     zero3: bool  # parameters are ZeRO-3 partitioned: every rank must run the same collectives
     loss_state: Any = None  # what the loss's `setup` returned
     train_rows: Any = None  # the train split (`history`, `target` item ids), row i = example i
+    accelerator: Any = None  # the run's Accelerator (rank, device, gathers; the evaluator's beam search)
 
 
 @dataclass

@@ -88,13 +88,17 @@ def item_logps_pass(
     pad_token_id: int,
     device: torch.device,
     synced: bool,
+    accelerator: Any = None,
 ) -> torch.Tensor:
     """log pi(y|x) [N, 1 + K] float32 (CPU, every rank) of each example's items under `net`, no grad.
 
-    Examples are sharded i % world == rank and gathered; under ZeRO-3 (`synced`) every rank runs as
-    many forwards as the busiest one (extra ones score example 0 and are dropped).
+    Examples are sharded i % world == rank over the `accelerator`'s processes (None: one process)
+    and gathered; under ZeRO-3 (`synced`) every rank runs as many forwards as the busiest one (extra
+    ones score example 0 and are dropped).
     """
-    from bear_ds.evaluation.evaluate import DistContext, shard_indices
+    from accelerate.utils import gather_object
+
+    from bear_ds.evaluation.evaluate import shard_indices
     from bear_ds.losses import (
         backbone_hidden_states,
         lm_head_context,
@@ -104,11 +108,13 @@ def item_logps_pass(
         token_logps,
     )
 
-    ctx = DistContext.current(device)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     width = groups.shape[1]
-    mine = shard_indices(len(prompts), ctx.rank, ctx.world_size)
+    mine = shard_indices(len(prompts), rank, world)
     batches = [mine[s : s + batch_examples] for s in range(0, len(mine), batch_examples)]
-    n_calls = int(ctx.all_max(len(batches))) if synced else len(batches)
+    n_calls = len(batches)
+    if synced and world > 1:
+        n_calls = int(accelerator.gather(torch.tensor([n_calls], device=device)).max())
     trie = catalog.trie.to(device)
     local: list[tuple[int, list[float]]] = []
     was_training = net.training
@@ -131,9 +137,8 @@ def item_logps_pass(
     finally:
         net.train(was_training)
     out = torch.full((len(prompts), width), float("nan"), dtype=torch.float32)
-    for part in ctx.gather(local):
-        for i, values in part:
-            out[i] = torch.tensor(values)
+    for i, values in gather_object(local) if world > 1 else local:
+        out[i] = torch.tensor(values)
     if bool(torch.isnan(out).any()):
         raise RuntimeError("the reference pass left pairs unscored (a rank's shard was lost)")
     return out
@@ -181,9 +186,7 @@ def reference_network(
         if zero3:
             import deepspeed
 
-            from bear_ds.evaluation.evaluate import is_zero3_partitioned
-
-            if not is_zero3_partitioned(model):  # the ZeRO-3 config must be registered before the load
+            if not any(hasattr(p, "ds_id") for p in model.parameters()):  # partitioned as it loaded?
                 raise RuntimeError(
                     f"model.reference_path={folder} was loaded whole under ZeRO-3 (no DeepSpeed config registered)"
                 )
@@ -219,15 +222,14 @@ class PreferencePairs:
         tokenizer: Any,
         zero3: bool,
         policy_folder: Path | None,
+        accelerator: Any,
     ) -> None:
-        from accelerate import PartialState
-
         self.cfg, self.loss_cfg = cfg, cfg.loss
         self.folder = Path(cfg.output_dir) / REFERENCE_DIR
         self.prompts, self.target_groups = prompts, np.asarray(target_groups, dtype=np.int64)
         self.history_groups = history_groups
         self.catalog, self.tokenizer, self.zero3, self.policy_folder = catalog, tokenizer, zero3, policy_folder
-        self.process = PartialState()  # rank, device and barriers of the run's process group
+        self.accelerator = accelerator  # rank, device, barriers and gathers of the run's processes
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else catalog.eos_token_id
         self.static = cfg.model.reference_path is not None and cfg.loss.negative_source != "self"
         self.self_play = cfg.train.self_play  # SPRec rounds: epochs 2r (SFT) and 2r + 1 (S-DPO) share pairs
@@ -275,7 +277,7 @@ class PreferencePairs:
             )
         self.groups = np.concatenate([self.target_groups[:, None], negatives], axis=1)
         self.reference_logps = ref.float()
-        if self.process.is_main_process:
+        if self.accelerator.is_main_process:
             logger.info("reference log-probabilities and negatives loaded from %s", path)
 
     def _negatives(self, epoch: int, policy: Any) -> tuple[np.ndarray, int]:
@@ -285,7 +287,7 @@ class PreferencePairs:
 
             predictions, _ = run_beam_evaluation(
                 policy, self.tokenizer, self.catalog, self.prompts, list(self.target_groups), self.cfg.eval,
-                loss_name=self.loss_cfg.name, progress=self.process.is_main_process,
+                self.accelerator, loss_name=self.loss_cfg.name, progress=self.accelerator.is_main_process,
             )  # fmt: skip
             return self_negatives(
                 [p["groups"] for p in predictions], self.target_groups, self.catalog.num_groups, k,
@@ -308,9 +310,13 @@ class PreferencePairs:
             and self.policy_folder is not None
             and Path(reference).resolve() == self.policy_folder.resolve()
         )
-        device = self.process.device
+        device = self.accelerator.device
         kwargs = dict(
-            batch_examples=self.cfg.train.micro_batch, pad_token_id=self.pad_id, device=device, synced=self.zero3
+            batch_examples=self.cfg.train.micro_batch,
+            pad_token_id=self.pad_id,
+            device=device,
+            synced=self.zero3,
+            accelerator=self.accelerator,
         )
         net = getattr(policy, "module", policy)  # the model inside a DeepSpeed / DDP wrapper
         if reference is None or own_start:  # the policy as it is now (before any step, or at the epoch's start)
@@ -320,7 +326,7 @@ class PreferencePairs:
             with reference_network(self.cfg, device, self.tokenizer, self.catalog, dtype, self.zero3) as frozen:
                 ref = item_logps_pass(frozen, self.prompts, groups, self.catalog, self.loss_cfg, **kwargs)
         elapsed = time.perf_counter() - started
-        if self.process.is_main_process:
+        if self.accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             payload = {
@@ -338,7 +344,7 @@ class PreferencePairs:
                 "epoch %d: %s negatives (%d filled at random) and reference log-probabilities of %d pairs in %.1f s -> %s",
                 epoch, self.loss_cfg.negative_source, filled, groups.size, elapsed, path,
             )  # fmt: skip
-        self.process.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         self.groups, self.reference_logps = groups, ref
 
     def batch(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
@@ -362,6 +368,7 @@ def _setup(model: Any, ctx: LossContext) -> PreferencePairs:
         ctx.cfg, prompts=prompts, target_groups=[catalog.group_of_item(t) for t in rows["target"]],
         history_groups=[[catalog.group_of_item(i) for i in h] for h in rows["history"]], catalog=catalog,
         tokenizer=ctx.tokenizer, zero3=ctx.zero3, policy_folder=pretrained_folder(ctx.cfg.model),
+        accelerator=ctx.accelerator,
     )  # fmt: skip
 
 
