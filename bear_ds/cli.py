@@ -24,7 +24,7 @@ from bear_ds.config import Config, ConfigError, load_config
 
 SUBCOMMANDS: dict[str, str] = {
     "prepare": "build train/valid/test splits, the catalog and stats.json from a data source",
-    "train": "fine-tune a model with LML, MSL, BEAR or beamsim (single process or under accelerate/torchrun/deepspeed)",
+    "train": "fine-tune a model with LML, MSL, BEAR, beamsim or S-DPO/DPO (single process or under accelerate/torchrun/deepspeed)",
     "evaluate": "trie-constrained beam search on a split; predictions.jsonl and metrics.json",
     "analyze": "exhaustive ranking and the beam-search pruning analysis",
     "sweep": "expand a grid of overrides, run (or write job scripts for) each point, aggregate",

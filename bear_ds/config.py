@@ -118,15 +118,25 @@ class ModelConfig(_Section):
     )
     gradient_checkpointing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    reference_path: str | None = Field(
+        None,
+        description="loss.name=sdpo: the frozen reference model, a model folder exported by `bear-ds train` "
+        "(typically an LML run's OUT/model); its log-probabilities are computed once in a sharded pass before "
+        "training and stored in OUT/reference_logps/; unset: the reference is the model at the start of each "
+        "epoch (SPRec)",
+    )
 
 
 class LossConfig(_Section):
-    name: Literal["lml", "msl", "bear", "beamsim"] = Field(
+    name: Literal["lml", "msl", "bear", "beamsim", "sdpo"] = Field(
         "bear",
         description="lml, msl, bear; beamsim: the direct beam-search survival objective (paper eq. 3.1), "
-        "a beam search of width loss.beam_width per micro-batch (bear_ds/losses/beamsim.py)",
+        "a beam search of width loss.beam_width per micro-batch (bear_ds/losses/beamsim.py); sdpo: softmax-DPO "
+        "over trie negatives (K=1 is DPO)",
     )
-    tau: float = Field(1.0, gt=0.0, description="softmax temperature of MSL/BEAR/beamsim (beamsim: also of its search)")
+    tau: float = Field(
+        1.0, gt=0.0, description="softmax temperature of MSL/BEAR/beamsim/SDPO (beamsim: also of its search)"
+    )
     xi: float = Field(2.75, gt=0.0, description="BEAR/beamsim sigmoid temperature ('topk_tau' in the release)")
     lam: float = Field(0.25, ge=0.0, description="BEAR/beamsim weight ('topk_weight' in the release)")
     beam_width: int = Field(10, ge=1, description="BEAR threshold rank B; beamsim: the width of its beam search")
@@ -135,10 +145,24 @@ class LossConfig(_Section):
     )
     masked: bool = Field(
         True,
-        description="BEAR/beamsim: softmax over trie-valid tokens (as released; beamsim's search masks before "
-        "the softmax); false = full softmax (beamsim's search masks after it)",
+        description="BEAR/beamsim/SDPO: softmax over trie-valid tokens (as released; beamsim's search masks "
+        "before the softmax; SDPO also divides by tau); false = full softmax (beamsim's search masks after it)",
     )
     chunk_size: int = Field(1024, ge=1, description="response positions per chunk of the loss head")
+    dpo_beta: float = Field(
+        0.1, gt=0.0, description="SDPO: reward scale, r(y) = dpo_beta * (log pi(y|x) - log pi_ref(y|x))"
+    )
+    num_negatives: int = Field(3, ge=1, le=256, description="SDPO: negatives per training example (1 = DPO)")
+    negative_source: Literal["random", "popular", "self"] = Field(
+        "random",
+        description="SDPO negatives: random (uniform over catalog items), popular (by training-target "
+        "frequency), self (the model's own top beam-search recommendations, regenerated each epoch); never the "
+        "target's title group",
+    )
+    exclude_history: bool = Field(
+        True, description="SDPO random/popular negatives: leave out the items of the user's history"
+    )
+    sft_weight: float = Field(0.0, ge=0.0, description="SDPO: weight of the positive's CE added to the loss")
 
 
 class TrainConfig(_Section):
@@ -185,6 +209,13 @@ class TrainConfig(_Section):
         16,
         ge=1,
         description="length grouping: examples are sorted by length within windows of this many global batches",
+    )
+    self_play: bool = Field(
+        False,
+        description="loss.name=sdpo with loss.negative_source=self: SPRec's schedule, rounds of two epochs; at "
+        "the start of a round the model's own recommendations become the negatives and the model is the "
+        "reference, then an SFT epoch on the positives (the CE of loss.masked/tau), then an S-DPO epoch; "
+        "train.epochs counts both (2 per round)",
     )
 
 
@@ -253,6 +284,29 @@ class Config(_Section):
         bad = [k for k in self.eval.top_k if k < 1]
         if bad:
             raise ValueError(f"eval.top_k values must be >= 1, got {bad}")
+        if (
+            self.loss.name == "sdpo"
+            and self.loss.negative_source == "self"
+            and self.eval.num_beams < self.loss.num_negatives + 1
+        ):
+            raise ValueError(
+                f"loss.negative_source=self takes negatives from the top eval.num_beams={self.eval.num_beams} "
+                f"recommendations minus the target: set eval.num_beams >= loss.num_negatives + 1 "
+                f"({self.loss.num_negatives + 1})"
+            )
+        if self.train.self_play:
+            if self.loss.name != "sdpo" or self.loss.negative_source != "self":
+                raise ValueError("train.self_play=true needs loss.name=sdpo and loss.negative_source=self")
+            if self.model.reference_path is not None:
+                raise ValueError(
+                    "train.self_play=true takes the model at the start of each round as the reference: "
+                    "leave model.reference_path unset"
+                )
+            if self.train.max_steps is None and self.train.epochs % 2:
+                raise ValueError(
+                    f"train.self_play=true runs rounds of two epochs (SFT, then S-DPO): train.epochs="
+                    f"{self.train.epochs} is odd"
+                )
         return self
 
 

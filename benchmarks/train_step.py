@@ -60,6 +60,20 @@ def random_catalog(num_items: int, vocab: int, mean_len: int, eos: int, gen: tor
     return titles
 
 
+def pad_rows(rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask [R, L] of prompt + title rows; labels on the titles."""
+    length = max(len(p) + len(t) for p, t in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, (p, t) in enumerate(rows):
+        ids = p + t
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, len(p) : len(ids)] = torch.tensor(t)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
 def make_batches(titles, args, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
     batches = []
     for _ in range(args.batches):
@@ -68,21 +82,12 @@ def make_batches(titles, args, gen: torch.Generator) -> list[dict[str, torch.Ten
             title = titles[int(torch.randint(0, len(titles), (1,), generator=gen))]
             prompt = torch.randint(3, args.vocab, (args.seq_len - len(title),), generator=gen).tolist()
             rows.append((prompt, title))
-        length = max(len(p) + len(t) for p, t in rows)
-        input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, (p, t) in enumerate(rows):
-            ids = p + t
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, len(p) : len(ids)] = torch.tensor(t)
-            mask[i, : len(ids)] = 1
-        batches.append({"input_ids": input_ids, "labels": labels, "attention_mask": mask})
+        batches.append(pad_rows(rows))
     return batches
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The device, dtype and Llama shape options (shared with `preference_step.py`)."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--hidden", type=int, default=256)
@@ -92,6 +97,20 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, help="MLP width (default: 2.6875 x hidden)")
     p.add_argument("--tie", action="store_true", help="tie the input embedding and the head, as Llama-3.2-1B")
     p.add_argument("--vocab", type=int, default=32000)
+
+
+def llama_config(args: argparse.Namespace, max_positions: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
+        intermediate_size=args.intermediate or int(args.hidden * 2.6875),
+        max_position_embeddings=max_positions, tie_word_embeddings=args.tie,
+    )  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
     p.add_argument("--items", type=int, default=5000, help="catalog titles in the trie")
     p.add_argument("--title-len", type=int, default=14, help="mean response tokens (quoted title + EOS)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per example (prompt + response)")
@@ -113,12 +132,7 @@ def main() -> None:
     titles = random_catalog(args.items, args.vocab, args.title_len, eos, gen)
     trie = TokenTrie.from_sequences(titles, args.vocab).to(device)
     batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(titles, args, gen)]
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
-        intermediate_size=args.intermediate or int(args.hidden * 2.6875),
-        max_position_embeddings=max(args.seq_len, 512), tie_word_embeddings=args.tie,
-    )  # fmt: skip
+    config = llama_config(args, max(args.seq_len, 512))
     torch.manual_seed(0)
     with device:  # initialise on the device: a 1B model's random init on the host takes tens of seconds
         model = LlamaForCausalLM._from_config(config, attn_implementation=args.attn, dtype=dtype)

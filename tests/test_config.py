@@ -40,7 +40,7 @@ def test_defaults_chain_composes_relative_files(tmp_path):
     "override, fragments",
     [
         (["loss.lamb=1"], ["loss.lamb", "unknown key", "did you mean 'lam'"]),
-        (["loss.name=foo"], ["loss.name", "'foo'", "'lml', 'msl'", "'beamsim'"]),
+        (["loss.name=foo"], ["loss.name", "'foo'", "'lml', 'msl', 'bear'", "'beamsim'", "'sdpo'"]),
         (["train.lr=-1"], ["train.lr", "greater than 0"]),
         (["train.seed=abc"], ["train.seed", "integer"]),
         (["nosection.x=1"], ["nosection", "unknown key"]),

@@ -1,4 +1,4 @@
-"""LML, MSL, BEAR and beamsim losses: pure functions, the chunked hidden-state head, and the model coupling."""
+"""LML, MSL, BEAR, beamsim and S-DPO losses: pure functions, the chunked hidden-state head, and the model coupling."""
 
 from bear_ds.losses.beamsim import SimulatedSearch, beamsim_loss, margin_pruned, prefix_log_probs, survival_terms
 from bear_ds.losses.functional import (
@@ -22,6 +22,16 @@ from bear_ds.losses.model import (
     lm_head_context,
     logit_transform,
 )
+from bear_ds.losses.preference import (
+    PreferenceOutput,
+    PreferenceSums,
+    preference_loss,
+    response_rows,
+    sdpo_loss,
+    sdpo_terms,
+    sequence_logps,
+    token_logps,
+)
 
 __all__ = [
     "BackboneOutput",
@@ -29,6 +39,8 @@ __all__ = [
     "LMHead",
     "LossOutput",
     "LossSums",
+    "PreferenceOutput",
+    "PreferenceSums",
     "SimulatedSearch",
     "backbone_forward",
     "backbone_hidden_states",
@@ -45,8 +57,14 @@ __all__ = [
     "metrics_from_sums",
     "msl_loss",
     "position_terms",
+    "preference_loss",
     "prefix_log_probs",
     "response_loss",
+    "response_rows",
+    "sdpo_loss",
+    "sdpo_terms",
     "select_response",
+    "sequence_logps",
     "survival_terms",
+    "token_logps",
 ]

@@ -84,6 +84,8 @@ class LossContext:
     examples: EncodedExamples
     zero3: bool  # parameters are ZeRO-3 partitioned: every rank must run the same collectives
     loss_state: Any = None  # what the loss's `setup` returned
+    train_rows: Any = None  # the train split (`history`, `target` item ids), row i = example i
+    accelerator: Any = None  # the run's Accelerator (rank, device, gathers; the evaluator's beam search)
 
 
 @dataclass
@@ -107,6 +109,9 @@ class LossSpec:
     # (model, ctx) -> ctx.loss_state, once, after the model is built and before a resume restores
     # weights: it sees the initial model (e.g. the reference policy of a preference loss)
     setup: Callable[[Any, LossContext], Any] | None = None
+    # (model, ctx, epoch, step) at the start of every epoch (also a resumed one), before its first step;
+    # step = optimiser steps done so far
+    epoch_start: Callable[[Any, LossContext, int, int], None] | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -118,9 +123,10 @@ def register_loss(
     *,
     extra_metrics: tuple[str, ...] = (),
     setup: Callable[[Any, LossContext], Any] | None = None,
+    epoch_start: Callable[[Any, LossContext, int, int], None] | None = None,
 ) -> None:
     """Make `loss.name=name` train with `compute` (see the module docstring)."""
-    LOSSES[name] = LossSpec(compute, tuple(extra_metrics), setup)
+    LOSSES[name] = LossSpec(compute, tuple(extra_metrics), setup, epoch_start)
 
 
 def loss_spec(name: str) -> LossSpec:
@@ -256,3 +262,6 @@ __all__ = [
     "register_loss",
     "token_loss",
 ]
+
+# losses defined in their own modules register themselves on import
+import bear_ds.training.preference  # noqa: E402, F401  (loss.name=sdpo)

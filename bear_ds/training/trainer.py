@@ -293,7 +293,7 @@ class Trainer:
         self.loss = loss_spec(cfg.loss.name)
         self.loss_ctx = LossContext(
             cfg, data.catalog.trie.to(self.device), data.catalog, data.tokenizer, data.examples,
-            zero3=is_zero3_partitioned(self.model),
+            zero3=is_zero3_partitioned(self.model), train_rows=self.rows, accelerator=self.accelerator,
         )  # fmt: skip
         if self.loss.setup is not None:
             self.loss_ctx.loss_state = self.loss.setup(self.model, self.loss_ctx)
@@ -356,6 +356,8 @@ class Trainer:
             seed=train_cfg.seed, epoch=state.epoch, length_bucket=train_cfg.length_bucket,
         )  # fmt: skip
         state.counters["left_out_per_epoch"] = schedule.left_out
+        if self.loss.epoch_start is not None:
+            self.loss.epoch_start(self.model, self.loss_ctx, state.epoch, state.step)
         self.model.train()
         while state.step_in_epoch < len(schedule.steps) and state.step < self.total_steps:
             self.log_step(self.optimizer_step(schedule.steps[state.step_in_epoch]))
