@@ -15,12 +15,12 @@ Every subcommand takes `--config FILE.yaml` plus dotted overrides:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bear_ds.config import Config, ConfigError, load_config
+from bear_ds.config import Config, load_config
+from bear_ds.errors import BearDsError, report_user_error
 
 SUBCOMMANDS: dict[str, str] = {
     "prepare": "build train/valid/test splits, the catalog and stats.json from a data source",
@@ -133,19 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, preset=DEMO_PRESET if args.command == "demo" else None)
         RUNNERS[args.command](cfg)
         _leave_process_group()
-    except ConfigError as err:
-        print(f"bear-ds {args.command}: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        # RuntimeError only for our own SweepError: a torch RuntimeError keeps its traceback
-        if os.environ.get("BEAR_DS_TRACEBACK") or (
-            isinstance(err, RuntimeError) and type(err).__name__ != "SweepError"
-        ):
-            raise
-        # data, catalog and sweep errors name the file/line/key; a traceback would bury that
-        # (BEAR_DS_TRACEBACK=1 shows it)
-        print(f"bear-ds {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except BearDsError as err:  # names the key, file or value; anything else keeps its traceback (exit 1)
+        return report_user_error(f"bear-ds {args.command}", err)
     return 0
 
 

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bear_ds.errors import ConfigError  # noqa: F401  (re-exported: bear_ds.config.ConfigError)
+
 
 class _Section(BaseModel):
     # extra="forbid": a misspelled key is an error, never a silent fallback to the default
@@ -246,10 +248,6 @@ class Config(_Section):
         if bad:
             raise ValueError(f"eval.top_k values must be >= 1, got {bad}")
         return self
-
-
-class ConfigError(ValueError):
-    """A config problem; the message lists every offending key."""
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

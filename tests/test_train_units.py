@@ -12,6 +12,7 @@ from tiny_models import tiny_llama_kwargs
 
 from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.config import load_config
+from bear_ds.errors import RunStateError
 from bear_ds.training.batching import collate, epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import STATE_FILE, latest_checkpoint
 from bear_ds.training.distributed import DS_CONFIG_DIR, batch_plan, deepspeed_config
@@ -185,7 +186,7 @@ def test_jsonl_log_survives_a_line_cut_by_a_crash_and_names_other_bad_lines(tmp_
     log.truncate_after(2)  # what a resume does: must not fail on the cut line
     assert [r["step"] for r in log.read()] == [1, 2] and path.read_text().endswith("}\n")
     path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
-    with pytest.raises(ValueError, match=r"train_log.jsonl line 2: not valid JSON"):
+    with pytest.raises(RunStateError, match=r"train_log.jsonl line 2: not valid JSON"):
         log.read()
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from bear_ds.distributed import ensure_single_process_env, stub_deepspeed_shm_op
+from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputError
 from bear_ds.evaluation.analysis import left_pad
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import constrained_beam_search
@@ -139,7 +140,7 @@ def resolve_mask(mask: str, loss_name: str | None) -> str:
     if mask != "auto":
         raise ValueError(f"eval.mask must be 'auto', 'after' or 'before', got {mask!r}")
     if loss_name is None:
-        raise ValueError("eval.mask=auto needs the training loss (loss.name) to choose; set eval.mask=after or before")
+        raise ConfigError("eval.mask=auto needs the training loss (loss.name) to choose; set eval.mask=after or before")
     return "after" if loss_name == "lml" else "before"
 
 
@@ -162,7 +163,7 @@ def check_context(prompt_ids: Sequence[Sequence[int]], max_depth: int, context: 
     too_long = [i for i, p in enumerate(prompt_ids) if len(p) + max_depth > context]
     if too_long:
         i = too_long[0]
-        raise ValueError(
+        raise ModelInputError(
             f"{len(too_long)} prompts plus the longest title ({max_depth} tokens) exceed the model context of "
             f"{context} positions, e.g. {what} {i} ({len(prompt_ids[i])} prompt tokens); "
             f"lower data.max_history or use a model with a longer context"
@@ -325,10 +326,10 @@ def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
     from bear_ds.tokenization import load_tokenizer
 
     if not cfg.model.path:
-        raise ValueError("model.path is not set: evaluate needs a local model folder (the trainer's OUT/model)")
+        raise ConfigError("model.path is not set: evaluate needs a local model folder (the trainer's OUT/model)")
     model_dir = Path(cfg.model.path)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {model_dir} has no config.json (expected a Hugging Face model folder)")
+        raise MissingPathError(f"model.path {model_dir} has no config.json (expected a Hugging Face model folder)")
     ks, _ = metric_ks(cfg.eval.top_k, cfg.eval.num_beams, warn=False)  # fail before loading anything
     tokenizer = load_tokenizer(cfg.tokenizer.path or model_dir)
 
@@ -343,7 +344,7 @@ def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
     stats = load_stats(folder)
     domain = cfg.data.domain or stats.get("domain")
     if not domain:
-        raise ValueError(f"{folder}/stats.json has no 'domain' and data.domain is not set")
+        raise DataError(f"{folder}/stats.json has no 'domain' and data.domain is not set")
     builder = PromptBuilder(cfg.prompt, domain)
     if (model_dir / CATALOG_FILE).is_file():
         catalog = Catalog.load(model_dir)
@@ -354,14 +355,14 @@ def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
     split = load_split(folder, cfg.eval.split)
     n = len(split) if cfg.eval.max_users is None else min(cfg.eval.max_users, len(split))
     if n == 0:
-        raise ValueError(f"split {cfg.eval.split!r} of {folder} has no rows")
+        raise DataError(f"split {cfg.eval.split!r} of {folder} has no rows")
     rows = split.select(range(n))
     user_ids = [str(u) for u in rows["user_id"]]
     histories = rows["history"]
     targets = [str(t) for t in rows["target"]]
     unknown = sorted({h for hist in histories for h in hist if h not in titles})
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"{len(unknown)} history items of split {cfg.eval.split!r} are not in {folder}/catalog.parquet, e.g. {unknown[:3]}"
         )
     context = getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "max_position_embeddings", None)

@@ -24,6 +24,7 @@ import torch
 
 from bear_ds.config import TrainConfig
 from bear_ds.distributed import ensure_single_process_env, stub_deepspeed_shm_op
+from bear_ds.errors import ConfigError, MissingPathError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -50,7 +51,7 @@ def batch_plan(train_cfg: TrainConfig, world_size: int) -> BatchPlan:
     """
     per_step = train_cfg.micro_batch * world_size
     if train_cfg.global_batch % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch={train_cfg.global_batch} is not divisible by train.micro_batch={train_cfg.micro_batch} "
             f"x world size {world_size} = {per_step}; change train.global_batch or train.micro_batch"
         )
@@ -64,7 +65,7 @@ def _fill_auto(node: dict[str, Any], values: dict[str, Any], path: str = "") -> 
             _fill_auto(value, values, dotted + ".")
         elif value == "auto":
             if dotted not in values:
-                raise ValueError(f"DeepSpeed config key {dotted} is 'auto' but bear_ds has no value for it")
+                raise ConfigError(f"DeepSpeed config key {dotted} is 'auto' but bear_ds has no value for it")
             node[key] = values[dotted]
 
 
@@ -72,13 +73,13 @@ def deepspeed_config(path: str | Path, train_cfg: TrainConfig, plan: BatchPlan) 
     """The DeepSpeed JSON at `path` with its "auto" values filled from the `train` section."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (train.ds_config or the accelerate yaml)")
+        raise MissingPathError(f"DeepSpeed config {path} does not exist (train.ds_config or the accelerate yaml)")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"DeepSpeed config {path}: invalid JSON: {exc}") from exc
+        raise ConfigError(f"DeepSpeed config {path}: invalid JSON: {exc}") from exc
     if "optimizer" in config or "scheduler" in config:
-        raise ValueError(
+        raise ConfigError(
             f"DeepSpeed config {path} has an optimizer/scheduler block: bear_ds passes its own AdamW and schedule "
             "(train.lr, train.schedule); remove the block"
         )
@@ -100,7 +101,7 @@ def deepspeed_config(path: str | Path, train_cfg: TrainConfig, plan: BatchPlan) 
         ("gradient_accumulation_steps", plan.accumulation),
     ):
         if key in config and config[key] != want:
-            raise ValueError(
+            raise ConfigError(
                 f"DeepSpeed config {path}: {key}={config[key]} disagrees with train.global_batch/micro_batch "
                 f'(needs {want}); set it to "auto"'
             )

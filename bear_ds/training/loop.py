@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from bear_ds.config import Config, ConfigError, save_config
+from bear_ds.errors import BearDsError, RunStateError
 from bear_ds.training.batching import collate, epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from bear_ds.training.distributed import build_accelerator
@@ -36,7 +37,7 @@ from bear_ds.training.train_log import JsonlLog, ProgressBar
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(BearDsError, FloatingPointError):
     """A micro-batch produced a NaN/inf loss and train.on_nonfinite=stop."""
 
 
@@ -81,7 +82,7 @@ def _optimizer(cfg: Config, model):
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters (model.lora.target_modules matched nothing?)")
+        raise ConfigError("the model has no trainable parameters (model.lora.target_modules matched nothing?)")
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
@@ -188,7 +189,7 @@ def train(cfg: Config) -> dict[str, Any]:
     )  # fmt: skip
     steps_per_epoch = len(examples.lengths) // plan.global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(examples.lengths)} training examples < train.global_batch={plan.global_batch}")
+        raise ConfigError(f"{len(examples.lengths)} training examples < train.global_batch={plan.global_batch}")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
     optimizer = _optimizer(cfg, model)
@@ -209,7 +210,7 @@ def train(cfg: Config) -> dict[str, Any]:
             logger.info("resumed from %s: step %d, epoch %d, step %d of the epoch", ckpt, step, epoch, step_in_epoch)
     else:
         if latest_checkpoint(out) is not None:  # all ranks raise: never mix two runs' checkpoints
-            raise FileExistsError(
+            raise RunStateError(
                 f"{out / 'checkpoints'} holds checkpoints of an earlier run: add train.resume=auto to continue it, "
                 "or choose another output_dir"
             )
