@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bear_ds.config import Config, load_config
 from bear_ds.errors import BearDsError, report_user_error
+from bear_ds.runtime import configure_logging, run_scope
 
 SUBCOMMANDS: dict[str, str] = {
     "prepare": "build train/valid/test splits, the catalog and stats.json from a data source",
@@ -123,18 +124,24 @@ def _leave_process_group() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
-        if args.command == "report":
-            from bear_ds.reports import report
-
-            out = report(Path(args.run_dir))
-            print(f"report written to {out}")
-            return 0
-        cfg = load_config(args.config, args.overrides, preset=DEMO_PRESET if args.command == "demo" else None)
-        RUNNERS[args.command](cfg)
-        _leave_process_group()
+        with run_scope():
+            return _run_command(args)
     except BearDsError as err:  # names the key, file or value; anything else keeps its traceback (exit 1)
         return report_user_error(f"bear-ds {args.command}", err)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        from bear_ds.reports import report
+
+        out = report(Path(args.run_dir))
+        print(f"report written to {out}")
+        return 0
+    cfg = load_config(args.config, args.overrides, preset=DEMO_PRESET if args.command == "demo" else None)
+    RUNNERS[args.command](cfg)
+    _leave_process_group()
     return 0
 
 

@@ -16,6 +16,7 @@ import sys
 
 from bear_ds.config import load_config
 from bear_ds.errors import BearDsError, report_user_error
+from bear_ds.runtime import configure_logging, run_scope
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.lam=0.5 train.seed=3")
     args = parser.parse_args(argv)
+    configure_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         from bear_ds.training import train
 
-        train(cfg)
+        with run_scope():
+            train(cfg)
     except BearDsError as err:  # one line naming the key, file or value; anything else keeps its traceback
         return report_user_error("python -m bear_ds.train", err)
     return 0

@@ -99,3 +99,63 @@ def test_entry_point_processes_exit_2_without_traceback(tmp_path, module):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and str(missing) in errors[0], proc.stderr[-3000:]
+
+
+IMPORT_PROBE = r"""
+import json, logging, os, pkgutil, sys, warnings, importlib
+# the libraries bear_ds builds on, first: their own import-time effects are not ours
+import torch, transformers, accelerate, deepspeed, peft, datasets, matplotlib, pandas, pyarrow
+import transformers.cache_utils, transformers.integrations, peft.tuners.lora, accelerate.utils
+from transformers import AttentionInterface
+
+def snapshot():
+    return {
+        "environ": dict(os.environ),
+        "warnings": [repr(f) for f in warnings.filters],
+        "root_handlers": [repr(h) for h in logging.getLogger().handlers],
+        "root_level": logging.getLogger().level,
+        "bear_ds_level": logging.getLogger("bear_ds").level,
+        "attention": sorted(AttentionInterface._global_mapping),
+        "mpl_backend": matplotlib.rcParams._get_backend_or_none(),
+        "pyplot": "matplotlib.pyplot" in sys.modules,
+    }
+
+before = snapshot()
+import bear_ds
+names = [m.name for m in pkgutil.walk_packages(bear_ds.__path__, "bear_ds.") if not m.name.endswith("__main__")]
+for name in names:
+    importlib.import_module(name)
+after = snapshot()
+changed = {k: {"before": before[k], "after": after[k]} for k in before if before[k] != after[k]}
+print(json.dumps({"modules": names, "changed": changed}))
+"""
+
+
+@pytest.mark.slow
+def test_importing_any_bear_ds_module_changes_no_global_state():
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"bear_ds.cli", "bear_ds.generation.beam", "bear_ds.reports.plots", "bear_ds.training.loop"} <= set(
+        result["modules"]
+    )
+    assert result["changed"] == {}
+
+
+@pytest.mark.slow
+def test_analyze_and_sweep_messages_show_without_a_training(tmp_path):
+    # logging is configured by the entry point: a sweep writing job scripts reports it on stderr
+    from train_data import write_prepared
+
+    prepared = write_prepared(tmp_path / "data")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bear_ds", "sweep", "sweep.mode=scripts", "sweep.grid.train.seed=[1,2]",
+         "data.source=prepared", f"data.path={prepared}", f"output_dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "INFO bear_ds.reports.sweep: wrote 2 job scripts" in proc.stderr, proc.stderr[-3000:]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -137,8 +136,6 @@ def build_accelerator(train_cfg: TrainConfig, project_dir: str | Path | None = N
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
-    # DeepSpeed 0.19 calls torch.distributed collectives torch 2.13 deprecates: one warning per call
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     on_cuda = torch.cuda.is_available()
     if not on_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

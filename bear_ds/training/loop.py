@@ -155,11 +155,8 @@ def train(cfg: Config) -> dict[str, Any]:
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
-    if main:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if main:  # logging is configured by the entry points (bear_ds.runtime), not here
         save_config(cfg, out)
-    else:  # rank 0 reports; the others would repeat every line
-        logging.getLogger("bear_ds").setLevel(logging.ERROR)
 
     # ---- data, tokenizer, catalog (rank 0 writes what is shared; the others then read it)
     with accelerator.main_process_first():
