@@ -463,11 +463,10 @@ def analyze(cfg) -> dict[str, Any]:
     from bear_ds.config import save_config
     from bear_ds.evaluation.evaluate import (
         DistContext,
+        choose_mask,
         load_eval_inputs,
         load_model_replicated,
-        resolve_mask,
         shard_indices,
-        training_loss_name,
     )
 
     started = time.perf_counter()
@@ -476,7 +475,7 @@ def analyze(cfg) -> dict[str, Any]:
     model = load_model_replicated(Path(cfg.model.path), ctx.device)
     ks = inputs.ks
     catalog = inputs.catalog
-    mask = resolve_mask(cfg.eval.mask, training_loss_name(Path(cfg.model.path), cfg.loss.name))
+    mask, mask_reason = choose_mask(cfg.eval.mask, Path(cfg.model.path), cfg.loss.name)
     num_users = min(len(inputs.prompt_ids), cfg.analyze.max_users)  # the exhaustive ranking is costly
     mine = shard_indices(num_users, ctx.rank, ctx.world_size)
     mine.sort(key=lambda i: -len(inputs.prompt_ids[i]))
@@ -506,6 +505,7 @@ def analyze(cfg) -> dict[str, Any]:
     summary.update(
         num_beams=cfg.eval.num_beams,
         mask=mask,
+        mask_reason=mask_reason,
         length_penalty=cfg.eval.length_penalty,
         split=cfg.eval.split,
         global_rank_by="total log-probability (not length-normalised)",

@@ -156,6 +156,27 @@ def training_loss_name(model_dir: Path, fallback: str | None) -> str | None:
     return fallback
 
 
+def choose_mask(mask: str, model_dir: Path, configured_loss: str | None) -> tuple[str, str]:
+    """(mask decoded, why) for `bear-ds evaluate` / `analyze`, the why recorded in their outputs.
+
+    eval.mask=auto follows the loss the model was trained with (its config.yaml); a model that
+    records none falls back to this command's loss.name, and that is said in a warning, never silently.
+    """
+    if mask != "auto":
+        return resolve_mask(mask, None), f"eval.mask={mask} as configured"
+    recorded = training_loss_name(model_dir, None)
+    if recorded is not None:
+        chosen = resolve_mask(mask, recorded)
+        return chosen, f"eval.mask=auto: {model_dir}/config.yaml records loss.name={recorded} -> mask={chosen}"
+    chosen = resolve_mask(mask, configured_loss)
+    why = (
+        f"eval.mask=auto: {model_dir} records no training loss (no config.yaml with loss.name), so this "
+        f"command's loss.name={configured_loss} chose mask={chosen}; set eval.mask=after or before to decide"
+    )
+    logger.warning("%s", why)
+    return chosen, why
+
+
 def check_context(prompt_ids: Sequence[Sequence[int]], max_depth: int, context: int | None, what: str = "user") -> None:
     """Raise ValueError when a prompt plus the longest title does not fit the model's context."""
     if context is None:
@@ -447,17 +468,17 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     inputs = load_eval_inputs(cfg, ctx)
     if cfg.eval.weights == "replicated":
         model = load_model_replicated(Path(cfg.model.path), ctx.device)
+    mask, mask_reason = choose_mask(cfg.eval.mask, Path(cfg.model.path), cfg.loss.name)
     predictions, metrics = run_beam_evaluation(
         model,
         inputs.tokenizer,
         inputs.catalog,
         inputs.prompt_ids,
         inputs.target_groups,
-        cfg.eval,
+        cfg.eval.model_copy(update={"mask": mask}),
         synced=cfg.eval.weights == "zero3",
-        loss_name=training_loss_name(Path(cfg.model.path), cfg.loss.name),
     )
-    metrics["decoding"].update(weights=cfg.eval.weights, split=cfg.eval.split)
+    metrics["decoding"].update(weights=cfg.eval.weights, split=cfg.eval.split, mask_reason=mask_reason)
     metrics["prompts_truncated"] = inputs.truncated_prompts  # users whose oldest history items were dropped
     metrics["elapsed_s"] = time.perf_counter() - started
     if ctx.is_main:
