@@ -95,7 +95,9 @@ class LoraConfig(_Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     export: Literal["merged", "adapter"] = Field(
-        "merged", description="export LoRA merged into the model, or as an adapter"
+        "merged",
+        description="merged: OUT/model is the model with LoRA folded in; adapter: the same, plus the peft "
+        "adapter in OUT/model/adapter (OUT/model stays loadable by `bear-ds evaluate`)",
     )
 
 

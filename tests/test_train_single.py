@@ -86,3 +86,24 @@ def test_summary_flags_an_exported_model_that_is_not_the_selected_epoch(tmp_path
     resumed = train(load_config(None, [*overrides, "train.resume=auto"]))  # the finished run: only the summary
     assert f"holds epoch {info['epoch']}" in resumed["model"]["mismatch"]
     assert f"selected epoch is {summary['selected_epoch']}" in resumed["model"]["mismatch"]
+
+
+@pytest.mark.slow
+def test_lora_adapter_export_is_loadable_by_evaluate(tmp_path):
+    from bear_ds.evaluation.evaluate import evaluate
+
+    prepared = write_prepared(tmp_path / "data")
+    out = tmp_path / "run"
+    train(load_config(None, [
+        f"data.path={prepared}", f"output_dir={out}", "train.zero_stage=0", "train.max_steps=1",
+        "train.global_batch=16", "train.eval_every_epoch=false", "model.lora.enabled=true",
+        "model.lora.export=adapter",
+    ]))  # fmt: skip
+    model = out / "model"
+    assert json.loads((model / "export_info.json").read_text())["kind"] == "lora_merged+adapter"
+    assert (model / "config.json").is_file() and (model / "adapter" / "adapter_config.json").is_file()
+    metrics = evaluate(load_config(None, [
+        f"model.path={model}", f"data.path={prepared}", "data.source=prepared", f"output_dir={tmp_path / 'eval'}",
+        "eval.max_users=4", "eval.num_beams=5", "eval.top_k=[1,5]",
+    ]))  # fmt: skip
+    assert metrics["users"] == 4
