@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bear_ds import __version__
 from bear_ds.config import Config, load_config
 from bear_ds.errors import BearDsError, report_user_error
 from bear_ds.runtime import configure_logging, run_scope
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Overrides are dotted keys, e.g. loss.lam=0.5 train.seed=3 eval.num_beams=20. "
         "See configs/ and docs/architecture.md.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

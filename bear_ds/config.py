@@ -174,7 +174,8 @@ class TrainConfig(_Section):
     pg_timeout_s: int = Field(600, ge=5, description="process-group timeout in seconds")
     ds_config: str | None = Field(
         None,
-        description="DeepSpeed JSON used outside `accelerate launch` (default ds_configs/zero{zero_stage}.json); "
+        description="DeepSpeed JSON used outside `accelerate launch` (default: zero{zero_stage}.json shipped in "
+        "bear_ds/ds_configs, linked as ds_configs/ in a checkout); "
         'its "auto" values are filled from this section',
     )
     length_bucket: int = Field(

@@ -3,7 +3,7 @@
 Three ways in, one result:
 - `accelerate launch --config_file launchers/accelerate/X.yaml`: the yaml names a DeepSpeed JSON
   (ACCELERATE_DEEPSPEED_CONFIG_FILE) and the ZeRO-3 init flag; its stage wins over train.zero_stage.
-- `deepspeed ...` / `torchrun ...` / plain `python -m bear_ds.train`: ds_configs/zero{train.zero_stage}.json
+- `deepspeed ...` / `torchrun ...` / plain `python -m bear_ds.train`: bear_ds/ds_configs/zero{train.zero_stage}.json
   (or train.ds_config); train.zero_stage=0 means no DeepSpeed (plain DDP or one process).
 In both cases the JSON's "auto" values are filled here from the `train` section (micro batch,
 accumulation, clipping, bf16), because we feed batches ourselves and Accelerate could only infer
@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from bear_ds.config import TrainConfig
 from bear_ds.distributed import ensure_single_process_env, stub_deepspeed_shm_op
 from bear_ds.errors import ConfigError, MissingPathError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# package data, so an installed wheel finds them too (the checkout's ds_configs/ links to this folder)
+DS_CONFIG_DIR = Path(str(resources.files("bear_ds") / "ds_configs"))
 
 
 @dataclass(frozen=True)
