@@ -172,6 +172,11 @@ class TrainConfig(_Section):
         "test at the selected epoch at a fraction of the cost",
     )
     pg_timeout_s: int = Field(600, ge=5, description="process-group timeout in seconds")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none",
+        description="experiment tracker: per-step training scalars and per-epoch valid/test metrics "
+        "(tensorboard: OUT/tensorboard, needs the bear_ds[tensorboard] extra; wandb: bear_ds[wandb])",
+    )
     ds_config: str | None = Field(
         None,
         description="DeepSpeed JSON used outside `accelerate launch` (default: zero{zero_stage}.json shipped in "

@@ -107,3 +107,37 @@ def test_lora_adapter_export_is_loadable_by_evaluate(tmp_path):
         "eval.max_users=4", "eval.num_beams=5", "eval.top_k=[1,5]",
     ]))  # fmt: skip
     assert metrics["users"] == 4
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_writes_step_and_epoch_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prepared = write_prepared(tmp_path / "data")
+    out = tmp_path / "run"
+    summary = train(load_config(None, [
+        f"data.path={prepared}", f"output_dir={out}", "train.zero_stage=0", "train.epochs=2",
+        "train.global_batch=32", "train.eval_max_users=4", "eval.max_users=4", "eval.num_beams=5",
+        "eval.top_k=[1,5]", "train.select_metric=ndcg@5", "train.report_to=tensorboard",
+    ]))  # fmt: skip
+    (events,) = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
+    scalars = EventAccumulator(str(events)).Reload()
+    tags = set(scalars.Tags()["scalars"])
+    assert {"train/loss", "valid/ndcg@5", "valid/hr@1", "test/ndcg@5", "test/users"} <= tags, tags
+    assert len(scalars.Scalars("train/loss")) == summary["steps"]
+    epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
+    logged = [(e.step, e.value) for e in scalars.Scalars("valid/ndcg@5")]
+    assert logged == [(r["step"], pytest.approx(r["valid"]["ndcg@5"])) for r in epochs] and len(logged) == 2
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_an_error(monkeypatch):
+    import importlib.util
+
+    from bear_ds.config import ConfigError
+    from bear_ds.training.distributed import _tracker
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.report_to=wandb but wandb is not installed.*bear_ds\[wandb\]"):
+        _tracker("wandb")
+    assert _tracker("none") is None and _tracker("tensorboard") == "tensorboard"

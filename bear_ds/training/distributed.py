@@ -169,21 +169,30 @@ def build_accelerator(train_cfg: TrainConfig, project_dir: str | Path | None = N
         mixed_precision="bf16" if train_cfg.precision == "bf16" else "no",
         # one process without DeepSpeed has no process group to configure
         kwargs_handlers=[pg_kwargs] if (plugin is not None or world_size > 1) else [],
-        log_with="tensorboard" if _tensorboard_available() and project_dir is not None else None,
+        log_with=_tracker(train_cfg.report_to) if project_dir is not None else None,
         project_dir=str(project_dir) if project_dir is not None else None,
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimiser step
     )
-    if accelerator.log_with:
-        accelerator.init_trackers("tensorboard")
+    if accelerator.log_with:  # tensorboard: OUT/tensorboard; wandb: a run named after OUT in project bear_ds
+        name = "tensorboard" if train_cfg.report_to == "tensorboard" else "bear_ds"
+        accelerator.init_trackers(name, init_kwargs={"wandb": {"name": Path(project_dir).name}})
     if accelerator.num_processes != world_size:
         raise RuntimeError(f"WORLD_SIZE={world_size} but the process group has {accelerator.num_processes} processes")
     return accelerator, plan, zero_stage
 
 
-def _tensorboard_available() -> bool:
+def _tracker(report_to: str) -> str | None:
+    """train.report_to as Accelerate's `log_with`; a tracker that is not installed is an error, not skipped."""
     import importlib.util
 
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+    if report_to == "none":
+        return None
+    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[report_to]
+    if all(importlib.util.find_spec(m) is None for m in modules):
+        raise ConfigError(
+            f"train.report_to={report_to} but {modules[0]} is not installed: pip install 'bear_ds[{report_to}]'"
+        )
+    return report_to
 
 
 def is_zero3(model) -> bool:

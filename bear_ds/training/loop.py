@@ -436,6 +436,10 @@ def _epoch_end(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log
         logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
     record = {"epoch": epoch, "step": step, "valid": valid, "test": test}
     epochs_log.write(record)
+    if accelerator.trackers:  # train.report_to: the epoch's metrics beside the per-step scalars
+        scalars = {f"{split}/{k}": v for split in ("valid", "test") for k, v in record[split].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+        accelerator.log({**scalars, "epoch": epoch}, step=step)
     if improved:
         export_model(accelerator, model, out / "model", tokenizer=tokenizer, catalog=catalog, cfg=cfg,
                      extra={"epoch": epoch, "step": step, "selected_by": metric})  # fmt: skip
