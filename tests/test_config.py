@@ -117,3 +117,29 @@ def test_cli_config_error_exit_code(capsys):
 def test_sweep_grid_keys_are_dotted_keys_themselves():
     cfg = load_config(None, ["sweep.grid.train.seed=[1,2,3]", "sweep.grid.loss.name=[lml,bear]"])
     assert cfg.sweep.grid == {"train.seed": [1, 2, 3], "loss.name": ["lml", "bear"]}
+
+
+def test_config_command_prints_every_key_with_its_description(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text('loss: {name: msl}\nprompt: {template: "### Instruction:\\n{instruction}\\n\\n{input}\\n"}\n')
+    assert main(["config", "--config", str(f), "loss.lam=0.5", "eval.top_k=[1,5]"]) == 0
+    out = capsys.readouterr().out
+    expected = load_config(f, ["loss.lam=0.5", "eval.top_k=[1,5]"])
+    assert yaml.safe_load(out) == expected.model_dump()  # the printout is the resolved config itself
+    assert "  lam: 0.5  # BEAR weight ('topk_weight' in the release)" in out.splitlines()
+    for line in out.splitlines():
+        if line.split("  # ")[0].endswith(":"):  # a section
+            continue
+        assert "  # " in line, f"a key without a description: {line}"
+
+
+def test_report_takes_config_like_the_others(tmp_path, capsys):
+    from report_fakes import write_run
+
+    write_run(tmp_path / "runs" / "a", ["loss.name=bear"])
+    f = tmp_path / "c.yaml"
+    f.write_text(f"output_dir: {tmp_path / 'runs'}\n")
+    assert main(["report", "--config", str(f)]) == 0
+    assert (tmp_path / "runs" / "results.md").is_file()
+    assert main(["report", str(tmp_path / "runs" / "a")]) == 0  # a folder as the first argument still works
+    assert "report written to" in capsys.readouterr().out
