@@ -13,7 +13,21 @@ from bear_ds.training import train
 
 
 @pytest.mark.slow
-def test_on_improvement_decodes_test_only_after_better_epochs(tmp_path):
+def test_on_improvement_decodes_test_only_after_better_epochs(tmp_path, monkeypatch):
+    from bear_ds.training import loop
+
+    # the tiny data's valid ndcg@5 settles in the first epoch (the marginal is learnt at once), so a real
+    # run never improves later: the validation metric is scripted (worse, better, worse) to take every branch
+    scripted = iter([0.2, 0.5, 0.4])
+    evaluate_epoch = loop.EpochEvaluator.__call__
+
+    def scripted_valid(self, accelerator, model, tokenizer, catalog, splits=("valid", "test")):
+        results = evaluate_epoch(self, accelerator, model, tokenizer, catalog, splits)
+        if "valid" in splits:
+            results["valid"]["ndcg@5"] = next(scripted)
+        return results
+
+    monkeypatch.setattr(loop.EpochEvaluator, "__call__", scripted_valid)
     prepared = write_prepared(tmp_path / "data")
     out = tmp_path / "run"
     cfg = load_config(None, [
@@ -29,6 +43,8 @@ def test_on_improvement_decodes_test_only_after_better_epochs(tmp_path):
         improved = record["valid"]["ndcg@5"] > best_so_far
         best_so_far = max(best_so_far, record["valid"]["ndcg@5"])
         assert bool(record["test"]) == improved, record
+    assert [bool(r["test"]) for r in epochs] == [True, True, False]  # improved at 0 and 1, not at 2
+    assert json.loads((out / "model" / "export_info.json").read_text())["epoch"] == 1
     best = max(epochs, key=lambda r: r["valid"]["ndcg@5"])
     assert summary["selected_epoch"] == best["epoch"] and summary["test"] == best["test"]
     assert summary["test"]["users"] == 16
