@@ -159,3 +159,12 @@ def test_analyze_and_sweep_messages_show_without_a_training(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "INFO bear_ds.reports.sweep: wrote 2 job scripts" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_missing_paper_data_says_where_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("BEAR_DS_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)  # no data/bear/ here
+    assert cli.main(["prepare", "--config", str(REPO / "configs" / "office" / "bear.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.path data/bear/Office does not exist" in err
+    assert "https://github.com/Tiny-Snow/BEAR-SIGIR-2026 (MIT)" in err and "data/README.md" in err
