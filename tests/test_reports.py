@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_reports_fakes import write_run, write_summary
+from report_fakes import write_run, write_summary
 
 from bear_ds.config import Config
 from bear_ds.reports import report, results_table
