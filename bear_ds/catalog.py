@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
+from bear_ds.errors import MissingPathError
 from bear_ds.trie import TokenTrie
 
 logger = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class Catalog:
         """Read `catalog.json` written by `save`; the trie is rebuilt identically (same group order)."""
         path = Path(folder) / CATALOG_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist (write it with Catalog.save)")
+            raise MissingPathError(f"{path} does not exist (write it with Catalog.save)")
         try:
             payload = json.loads(path.read_text())
             if payload.get("format") != CATALOG_FORMAT:

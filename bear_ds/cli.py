@@ -8,19 +8,22 @@ Every subcommand takes `--config FILE.yaml` plus dotted overrides:
     bear-ds evaluate model.path=runs/x/model data.path=runs/office_data eval.num_beams=10 output_dir=runs/x/eval
     bear-ds analyze model.path=runs/x/model data.path=runs/office_data output_dir=runs/x/analysis
     bear-ds sweep --config configs/sweeps/office_ablation.yaml
-    bear-ds report runs/demo
+    bear-ds report runs/demo          # or: bear-ds report --config configs/sweeps/office_ablation.yaml
+    bear-ds config --config configs/paper/office_bear.yaml loss.lam=0.5   # every key, value and meaning
     bear-ds demo                      # the embedded default: ML-100k, tiny Llama, LML vs MSL vs BEAR
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bear_ds.config import Config, ConfigError, load_config
+from bear_ds import __version__
+from bear_ds.config import Config, load_config
+from bear_ds.errors import BearDsError, report_user_error
+from bear_ds.runtime import configure_logging, run_scope
 
 SUBCOMMANDS: dict[str, str] = {
     "prepare": "build train/valid/test splits, the catalog and stats.json from a data source",
@@ -28,7 +31,8 @@ SUBCOMMANDS: dict[str, str] = {
     "evaluate": "trie-constrained beam search on a split; predictions.jsonl and metrics.json",
     "analyze": "exhaustive ranking and the beam-search pruning analysis",
     "sweep": "expand a grid of overrides, run (or write job scripts for) each point, aggregate",
-    "report": "plots and results.md for a run, a folder of runs, or a sweep",
+    "report": "plots and results.md for a run, a folder of runs, or a sweep (RUN_DIR, else output_dir)",
+    "config": "print the resolved config (--config file + overrides) with each key's description",
     "demo": "the embedded default end to end: ML-100k -> tiny Llama -> LML, MSL, BEAR -> results.md",
 }
 
@@ -64,6 +68,44 @@ def _run_sweep(cfg: Config) -> None:
     sweep(cfg)
 
 
+def _run_report(cfg: Config) -> None:
+    from bear_ds.reports import report
+
+    out = report(Path(cfg.output_dir))
+    print(f"report written to {out}")
+
+
+def _run_config(cfg: Config) -> None:
+    print(describe_config(cfg), end="")
+
+
+def describe_config(cfg: Config) -> str:
+    """The resolved config as YAML (it loads back to the same config), each key commented with its description."""
+    import json
+
+    import yaml
+    from pydantic import BaseModel
+
+    lines: list[str] = []
+
+    def walk(section: BaseModel, depth: int) -> None:
+        for name, field in type(section).model_fields.items():
+            value = getattr(section, name)
+            comment = f"  # {field.description}" if field.description else ""
+            if isinstance(value, BaseModel):
+                lines.append(f"{'  ' * depth}{name}:{comment}")
+                walk(value, depth + 1)
+                continue
+            if isinstance(value, str) and "\n" in value:  # one line: a JSON string is a YAML double-quoted one
+                text = json.dumps(value)
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+            lines.append(f"{'  ' * depth}{name}: {text}{comment}")
+
+    walk(cfg, 0)
+    return "\n".join(lines) + "\n"
+
+
 def _run_demo(cfg: Config) -> None:
     from bear_ds.pipeline import demo
 
@@ -89,6 +131,8 @@ RUNNERS: dict[str, Callable[[Config], None]] = {
     "analyze": _run_analyze,
     "sweep": _run_sweep,
     "demo": _run_demo,
+    "report": _run_report,
+    "config": _run_config,
 }
 
 
@@ -100,12 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Overrides are dotted keys, e.g. loss.lam=0.5 train.seed=3 eval.num_beams=20. "
         "See configs/ and docs/architecture.md.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "report":
-            p.add_argument("run_dir", help="a run folder, a folder of runs, or a sweep folder")
-            continue
         p.add_argument("--config", "-c", default=None, help="YAML config (may compose others via `defaults:`)")
         # the `deepspeed` launcher passes --local_rank; the rank is read from the environment instead
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -115,28 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
-        if args.command == "report":
-            from bear_ds.reports import report
+        with run_scope():
+            return _run_command(args)
+    except BearDsError as err:  # names the key, file or value; anything else keeps its traceback (exit 1)
+        return report_user_error(f"bear-ds {args.command}", err)
 
-            out = report(Path(args.run_dir))
-            print(f"report written to {out}")
-            return 0
-        cfg = load_config(args.config, args.overrides, preset=DEMO_PRESET if args.command == "demo" else None)
-        RUNNERS[args.command](cfg)  # each command leaves its process group itself (end_distributed)
-    except ConfigError as err:
-        print(f"bear-ds {args.command}: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        # RuntimeError only for our own SweepError: a torch RuntimeError keeps its traceback
-        if os.environ.get("BEAR_DS_TRACEBACK") or (
-            isinstance(err, RuntimeError) and type(err).__name__ != "SweepError"
-        ):
-            raise
-        # data, catalog and sweep errors name the file/line/key; a traceback would bury that
-        # (BEAR_DS_TRACEBACK=1 shows it)
-        print(f"bear-ds {args.command}: error: {err}", file=sys.stderr)
-        return 1
+
+def _run_command(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.command == "report" and overrides and "=" not in overrides[0]:
+        overrides[0] = f"output_dir={overrides[0]}"  # `bear-ds report RUN_DIR`: the folder to report on
+    cfg = load_config(args.config, overrides, preset=DEMO_PRESET if args.command == "demo" else None)
+    RUNNERS[args.command](cfg)  # each command leaves its process group itself (end_distributed)
     return 0
 
 

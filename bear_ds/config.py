@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bear_ds.errors import ConfigError  # noqa: F401  (re-exported: bear_ds.config.ConfigError)
+
 
 class _Section(BaseModel):
     # extra="forbid": a misspelled key is an error, never a silent fallback to the default
@@ -87,13 +89,17 @@ class TokenizerConfig(_Section):
 
 
 class LoraConfig(_Section):
-    enabled: bool = False
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    enabled: bool = Field(False, description="train LoRA adapters on model.lora.target_modules instead of every weight")
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="module names that get LoRA adapters"
+    )
     export: Literal["merged", "adapter"] = Field(
-        "merged", description="export LoRA merged into the model, or as an adapter"
+        "merged",
+        description="merged: OUT/model is the model with LoRA folded in; adapter: the same, plus the peft "
+        "adapter in OUT/model/adapter (OUT/model stays loadable by `bear-ds evaluate`)",
     )
 
 
@@ -116,7 +122,7 @@ class ModelConfig(_Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto: flash_attention_2 when flash-attn is installed and on GPU, else sdpa"
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     reference_path: str | None = Field(
         None,
@@ -130,7 +136,7 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     name: Literal["lml", "msl", "bear", "beamsim", "sdpo"] = Field(
         "bear",
-        description="lml, msl, bear; beamsim: the direct beam-search survival objective (paper eq. 3.1), "
+        description="lml: token cross-entropy; msl: softmax over trie-valid tokens; bear: MSL + beam regulariser; beamsim: the direct beam-search survival objective (paper eq. 3.1), "
         "a beam search of width loss.beam_width per micro-batch (bear_ds/losses/beamsim.py); sdpo: softmax-DPO "
         "over trie negatives (K=1 is DPO)",
     )
@@ -166,24 +172,28 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training examples")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (overrides epochs)")
     global_batch: int = Field(
         32, ge=1, description="examples per optimiser step = micro_batch x accumulation x world size"
     )
     micro_batch: int = Field(16, ge=1, description="examples per rank per forward")
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(20, ge=0)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    lr: float = Field(1e-3, gt=0.0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_steps: int = Field(20, ge=0, description="optimiser steps of linear warm-up")
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="learning-rate decay after the warm-up"
+    )
     grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
-    seed: int = 42
-    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = Field(42, description="seed of the model initialisation and the batch order")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="training precision (bf16: mixed, fp32 master weights)"
+    )
     zero_stage: Literal[0, 2, 3] = Field(3, description="DeepSpeed ZeRO stage when launched with DeepSpeed")
     save_every: int = Field(0, ge=0, description="save a checkpoint every N optimiser steps (0: only at epoch ends)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     resume: Literal["none", "auto"] = Field("none", description="auto: continue from the newest complete checkpoint")
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="write train_log.jsonl every N optimiser steps")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="non-finite loss: stop naming the batch, or skip it (counted)"
     )
@@ -200,9 +210,15 @@ class TrainConfig(_Section):
         "test at the selected epoch at a fraction of the cost",
     )
     pg_timeout_s: int = Field(600, ge=5, description="process-group timeout in seconds")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none",
+        description="experiment tracker: per-step training scalars and per-epoch valid/test metrics "
+        "(tensorboard: OUT/tensorboard, needs the bear_ds[tensorboard] extra; wandb: bear_ds[wandb])",
+    )
     ds_config: str | None = Field(
         None,
-        description="DeepSpeed JSON used outside `accelerate launch` (default ds_configs/zero{zero_stage}.json); "
+        description="DeepSpeed JSON used outside `accelerate launch` (default: zero{zero_stage}.json shipped in "
+        "bear_ds/ds_configs, linked as ds_configs/ in a checkout); "
         'its "auto" values are filled from this section',
     )
     length_bucket: int = Field(
@@ -220,8 +236,8 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    split: Literal["valid", "test"] = "test"
-    num_beams: int = Field(10, ge=1)
+    split: Literal["valid", "test"] = Field("test", description="split decoded by `bear-ds evaluate` / `analyze`")
+    num_beams: int = Field(10, ge=1, description="beam width of the constrained beam search (items returned)")
     top_k: list[int] = Field(
         default_factory=lambda: [1, 5, 10, 20], description="K of HR@K and NDCG@K, capped at num_beams"
     )
@@ -231,7 +247,7 @@ class EvalConfig(_Section):
         "before: restrict then log-softmax (the release for MSL/BEAR); auto: the released protocol, "
         "after for loss.name=lml and before for msl/bear",
     )
-    length_penalty: float = 1.0
+    length_penalty: float = Field(1.0, description="finished items score sum log p / length ** length_penalty")
     max_users: int | None = Field(None, ge=1, description="evaluate only the first N examples of the split")
     batch_users: int = Field(16, ge=1, description="users decoded together per forward")
     truncate_history: bool = Field(
@@ -266,7 +282,7 @@ class SweepConfig(_Section):
 
 
 class Config(_Section):
-    output_dir: str = "runs/default"
+    output_dir: str = Field("runs/default", description="folder the command writes (run folder, eval or sweep)")
     data: DataConfig = Field(default_factory=DataConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -308,10 +324,6 @@ class Config(_Section):
                     f"{self.train.epochs} is odd"
                 )
         return self
-
-
-class ConfigError(ValueError):
-    """A config problem; the message lists every offending key."""
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -71,8 +70,6 @@ def make_accelerator(
 
     global _environment_before
     _environment_before = {k: v for k, v in os.environ.items() if _set_for_the_group(k)}
-    # DeepSpeed 0.19 calls torch.distributed collectives torch 2.13 deprecates: one warning per call
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     on_cuda = torch.cuda.is_available()
     if not on_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bear_ds.errors import ConfigError
+
 MASK_MODES = ("after", "before")
 NEG_INF = float("-inf")
 
@@ -23,6 +25,18 @@ def check_mask_mode(mask: str) -> str:
     if mask not in MASK_MODES:
         raise ValueError(f"mask must be 'after' or 'before', got {mask!r}")
     return mask
+
+
+def resolve_mask(mask: str, loss_name: str | None) -> str:
+    """eval.mask as decoded: "auto" is the released protocol, "after" for LML and "before" for MSL/BEAR
+    (`bear_ds.evaluation.evaluate.choose_mask` adds why, for the outputs of evaluate and analyze)."""
+    if mask == "auto":
+        if loss_name is None:
+            raise ConfigError(
+                "eval.mask=auto needs the training loss (loss.name) to choose; set eval.mask=after or before"
+            )
+        return "after" if loss_name == "lml" else "before"
+    return check_mask_mode(mask)
 
 
 def trie_log_softmax(
@@ -63,4 +77,4 @@ def trie_log_softmax(
     return F.log_softmax(z, dim=-1).masked_fill(~allowed, NEG_INF)
 
 
-__all__ = ["MASK_MODES", "check_mask_mode", "trie_log_softmax"]
+__all__ = ["MASK_MODES", "check_mask_mode", "resolve_mask", "trie_log_softmax"]

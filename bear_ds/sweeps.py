@@ -39,6 +39,7 @@ import pandas as pd
 import yaml
 
 from bear_ds.config import Config, ConfigError, SweepConfig, build_config, load_config, with_overrides
+from bear_ds.errors import MissingPathError, RunStateError
 from bear_ds.runs import SWEEP_CONFIG, SWEEP_MANIFEST, flatten, read_config_yaml, read_json
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ POINT_CONFIGS = "point_configs"
 BASE_CONFIG = "base.yaml"
 
 
-class SweepError(RuntimeError):
+class SweepError(RunStateError):
     """A sweep could not continue; the message names the point and the folder."""
 
 
@@ -367,7 +368,7 @@ def collect_points(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]
     sweep_dir = Path(sweep_dir)
     manifest, why = read_json(sweep_dir / SWEEP_MANIFEST)
     if manifest is None:
-        raise FileNotFoundError(f"{sweep_dir} is not a sweep folder: {why}")
+        raise MissingPathError(f"{sweep_dir} is not a sweep folder: {why}")
     grid_keys: list[str] = list(manifest.get("grid", []))
     names = [p["name"] for p in manifest.get("points", [])]
     param_keys = list(dict.fromkeys([*METHOD_KEYS, *grid_keys]))

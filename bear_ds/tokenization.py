@@ -26,6 +26,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputError
+
 logger = logging.getLogger(__name__)
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -45,7 +47,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     """
     minimum = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer.vocab_size={vocab_size} is too small: a byte-level BPE needs at least {minimum} "
             f"({BYTE_ALPHABET_SIZE} bytes + {len(SPECIAL_TOKENS)} special tokens)"
         )
@@ -64,7 +66,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     )
     bpe.train_from_iterator(counted, trainer=trainer)
     if counted.count == 0:
-        raise ValueError("cannot train a BPE tokenizer on no texts (the catalog and prompts are empty)")
+        raise DataError("cannot train a BPE tokenizer on no texts (the catalog and prompts are empty)")
     bos_id = bpe.token_to_id(BOS)
     bpe.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, bos_id)]
@@ -94,10 +96,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {folder} does not exist (tokenizer.path must be a local folder)")
+        raise MissingPathError(f"tokenizer folder {folder} does not exist (tokenizer.path must be a local folder)")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         present = sorted(p.name for p in folder.iterdir())[:20]
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"tokenizer folder {folder} has none of {', '.join(TOKENIZER_FILES)}; "
             f"it holds: {', '.join(present) or 'nothing'}"
         )
@@ -119,7 +121,7 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
             tokenizer.pad_token = token
             logger.info("tokenizer %s has no pad token: padding with its %s %r", tokenizer.name_or_path, name, token)
             return True
-    raise ValueError(
+    raise ModelInputError(
         f"tokenizer {tokenizer.name_or_path!r} has no pad, eos or unk token to pad with; "
         "use a tokenizer with an eos token"
     )

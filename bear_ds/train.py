@@ -5,7 +5,8 @@
     deepspeed --num_gpus 8 --module bear_ds.train --config configs/x.yaml train.zero_stage=3
     torchrun --nproc_per_node 8 -m bear_ds.train --config configs/x.yaml
 
-An exception on any rank propagates (non-zero exit), so the launcher stops the other ranks.
+An error on any rank exits non-zero (2 for the tool's own errors, printed as one line; 1 with the
+traceback for anything else), so the launcher stops the other ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bear_ds.config import ConfigError, load_config
+from bear_ds.config import load_config
+from bear_ds.errors import BearDsError, report_user_error
+from bear_ds.runtime import configure_logging, run_scope
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.lam=0.5 train.seed=3")
     args = parser.parse_args(argv)
+    configure_logging()
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    from bear_ds.training import train
+        from bear_ds.training import train
 
-    train(cfg)
+        with run_scope():
+            train(cfg)
+    except BearDsError as err:  # one line naming the key, file or value; anything else keeps its traceback
+        return report_user_error("python -m bear_ds.train", err)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_decoding_mask_auto_follows_the_released_protocol():
-    from bear_ds.evaluation.evaluate import resolve_mask
+    from bear_ds.masking import resolve_mask
 
     def decoding_mask(cfg):
         return resolve_mask(cfg.eval.mask, cfg.loss.name)
@@ -105,8 +106,11 @@ def test_cli_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for name in ["prepare", "train", "evaluate", "analyze", "sweep", "report", "demo"]:
-        assert name in out
+    # the command list itself (a word at the start of an indented help row), not words anywhere in the text
+    listed = re.findall(r"^ {4}([a-z]+) {2,}\S", out, flags=re.MULTILINE)
+    assert listed == ["prepare", "train", "evaluate", "analyze", "sweep", "report", "config", "demo"]
+    for name in listed:  # and each parses as a subcommand
+        assert build_parser().parse_args([name]).command == name
 
 
 def test_cli_config_error_exit_code(capsys):
@@ -117,3 +121,29 @@ def test_cli_config_error_exit_code(capsys):
 def test_sweep_grid_keys_are_dotted_keys_themselves():
     cfg = load_config(None, ["sweep.grid.train.seed=[1,2,3]", "sweep.grid.loss.name=[lml,bear]"])
     assert cfg.sweep.grid == {"train.seed": [1, 2, 3], "loss.name": ["lml", "bear"]}
+
+
+def test_config_command_prints_every_key_with_its_description(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text('loss: {name: msl}\nprompt: {template: "### Instruction:\\n{instruction}\\n\\n{input}\\n"}\n')
+    assert main(["config", "--config", str(f), "loss.lam=0.5", "eval.top_k=[1,5]"]) == 0
+    out = capsys.readouterr().out
+    expected = load_config(f, ["loss.lam=0.5", "eval.top_k=[1,5]"])
+    assert yaml.safe_load(out) == expected.model_dump()  # the printout is the resolved config itself
+    assert "  lam: 0.5  # BEAR weight ('topk_weight' in the release)" in out.splitlines()
+    for line in out.splitlines():
+        if line.split("  # ")[0].endswith(":"):  # a section
+            continue
+        assert "  # " in line, f"a key without a description: {line}"
+
+
+def test_report_takes_config_like_the_others(tmp_path, capsys):
+    from report_fakes import write_run
+
+    write_run(tmp_path / "runs" / "a", ["loss.name=bear"])
+    f = tmp_path / "c.yaml"
+    f.write_text(f"output_dir: {tmp_path / 'runs'}\n")
+    assert main(["report", "--config", str(f)]) == 0
+    assert (tmp_path / "runs" / "results.md").is_file()
+    assert main(["report", str(tmp_path / "runs" / "a")]) == 0  # a folder as the first argument still works
+    assert "report written to" in capsys.readouterr().out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -11,9 +13,10 @@ from eval_fixtures import EOS, PAD, random_titles, tiny_llama, trie_of, write_mo
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bear_ds.config import load_config
-from bear_ds.evaluation.evaluate import evaluate, metric_ks, resolve_mask, run_beam_evaluation, shard_indices
+from bear_ds.config import load_config, save_config, with_overrides
+from bear_ds.evaluation.evaluate import evaluate, metric_ks, run_beam_evaluation, shard_indices
 from bear_ds.generation.beam import constrained_beam_search
+from bear_ds.masking import resolve_mask
 
 VOCAB = 2000
 
@@ -122,3 +125,26 @@ def test_evaluate_writes_the_run_folder(run_folders):
 def test_evaluate_rejects_top_k_above_beams(run_folders):
     with pytest.raises(ValueError, match="every K exceeds eval.num_beams=5"):
         evaluate(_cfg(run_folders, "bad", "eval.top_k=[10,20]"))
+
+
+def test_mask_auto_says_which_mask_it_used_and_why(run_folders, caplog):
+    # the fixture's model folder records no training loss: the fallback is logged and saved, not silent
+    assert not (run_folders / "model" / "config.yaml").exists()
+    with caplog.at_level(logging.WARNING, logger="bear_ds.evaluation.evaluate"):
+        evaluate(_cfg(run_folders, "fallback", "loss.name=msl"))
+    decoding = json.loads((run_folders / "fallback" / "metrics.json").read_text())["decoding"]
+    assert decoding["mask"] == "before"
+    assert "records no training loss" in decoding["mask_reason"] and "loss.name=msl" in decoding["mask_reason"]
+    assert decoding["mask_reason"] in caplog.text
+
+    # a model that records its loss: auto follows it whatever this command's loss.name says
+    recorded = run_folders / "model_lml"
+    shutil.copytree(run_folders / "model", recorded)
+    save_config(load_config(None, ["loss.name=lml"]), recorded)
+    cfg = _cfg(run_folders, "recorded", f"model.path={recorded}", "loss.name=bear")
+    evaluate(cfg)
+    decoding = json.loads((run_folders / "recorded" / "metrics.json").read_text())["decoding"]
+    assert decoding["mask"] == "after" and "records loss.name=lml" in decoding["mask_reason"]
+    evaluate(with_overrides(cfg, ["eval.mask=before", f"output_dir={run_folders / 'explicit'}"]))
+    decoding = json.loads((run_folders / "explicit" / "metrics.json").read_text())["decoding"]
+    assert decoding == {**decoding, "mask": "before", "mask_reason": "eval.mask=before as configured"}

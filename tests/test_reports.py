@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_reports_fakes import write_jsonl, write_run, write_summary
+from report_fakes import write_jsonl, write_run, write_summary
 from train_data import write_prepared
 
 from bear_ds.config import Config

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_reports_fakes import write_summary
+from report_fakes import write_summary
 
 from bear_ds.config import Config, ConfigError, SweepConfig, load_config, save_config, with_overrides
 from bear_ds.sweeps import SweepError, aggregate, expand_grid, run_sweep

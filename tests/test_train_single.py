@@ -14,7 +14,21 @@ from bear_ds.training import train
 
 
 @pytest.mark.slow
-def test_on_improvement_decodes_test_only_after_better_epochs(tmp_path):
+def test_on_improvement_decodes_test_only_after_better_epochs(tmp_path, monkeypatch):
+    from bear_ds.training import trainer
+
+    # the tiny data's valid ndcg@5 settles in the first epoch (the marginal is learnt at once), so a real
+    # run never improves later: the validation metric is scripted (worse, better, worse) to take every branch
+    scripted = iter([0.2, 0.5, 0.4])
+    evaluate_epoch = trainer.EpochEvaluator.__call__
+
+    def scripted_valid(self, accelerator, model, tokenizer, catalog, splits=("valid", "test")):
+        results = evaluate_epoch(self, accelerator, model, tokenizer, catalog, splits)
+        if "valid" in splits:
+            results["valid"]["ndcg@5"] = next(scripted)
+        return results
+
+    monkeypatch.setattr(trainer.EpochEvaluator, "__call__", scripted_valid)
     prepared = write_prepared(tmp_path / "data")
     out = tmp_path / "run"
     cfg = load_config(None, [
@@ -30,6 +44,8 @@ def test_on_improvement_decodes_test_only_after_better_epochs(tmp_path):
         improved = record["valid"]["ndcg@5"] > best_so_far
         best_so_far = max(best_so_far, record["valid"]["ndcg@5"])
         assert bool(record["test"]) == improved, record
+    assert [bool(r["test"]) for r in epochs] == [True, True, False]  # improved at 0 and 1, not at 2
+    assert json.loads((out / "model" / "export_info.json").read_text())["epoch"] == 1
     best = max(epochs, key=lambda r: r["valid"]["ndcg@5"])
     assert summary["selected_epoch"] == best["epoch"] and summary["test"] == best["test"]
     assert summary["test"]["users"] == 16
@@ -93,3 +109,58 @@ def test_summary_flags_an_exported_model_that_is_not_the_selected_epoch(tmp_path
     resumed = train(load_config(None, [*overrides, "train.resume=auto"]))  # the finished run: only the summary
     assert f"holds epoch {info['epoch']}" in resumed["model"]["mismatch"]
     assert f"selected epoch is {summary['selected_epoch']}" in resumed["model"]["mismatch"]
+
+
+@pytest.mark.slow
+def test_lora_adapter_export_is_loadable_by_evaluate(tmp_path):
+    from bear_ds.evaluation.evaluate import evaluate
+
+    prepared = write_prepared(tmp_path / "data")
+    out = tmp_path / "run"
+    train(load_config(None, [
+        f"data.path={prepared}", f"output_dir={out}", "train.zero_stage=0", "train.max_steps=1",
+        "train.global_batch=16", "train.eval_every_epoch=false", "model.lora.enabled=true",
+        "model.lora.export=adapter",
+    ]))  # fmt: skip
+    model = out / "model"
+    assert json.loads((model / "export_info.json").read_text())["kind"] == "lora_merged+adapter"
+    assert (model / "config.json").is_file() and (model / "adapter" / "adapter_config.json").is_file()
+    metrics = evaluate(load_config(None, [
+        f"model.path={model}", f"data.path={prepared}", "data.source=prepared", f"output_dir={tmp_path / 'eval'}",
+        "eval.max_users=4", "eval.num_beams=5", "eval.top_k=[1,5]",
+    ]))  # fmt: skip
+    assert metrics["users"] == 4
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_writes_step_and_epoch_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prepared = write_prepared(tmp_path / "data")
+    out = tmp_path / "run"
+    summary = train(load_config(None, [
+        f"data.path={prepared}", f"output_dir={out}", "train.zero_stage=0", "train.epochs=2",
+        "train.global_batch=32", "train.eval_max_users=4", "eval.max_users=4", "eval.num_beams=5",
+        "eval.top_k=[1,5]", "train.select_metric=ndcg@5", "train.report_to=tensorboard",
+    ]))  # fmt: skip
+    (events,) = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
+    scalars = EventAccumulator(str(events)).Reload()
+    tags = set(scalars.Tags()["scalars"])
+    assert {"train/loss", "valid/ndcg@5", "valid/hr@1", "test/ndcg@5", "test/users"} <= tags, tags
+    assert len(scalars.Scalars("train/loss")) == summary["steps"]
+    epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
+    logged = [(e.step, e.value) for e in scalars.Scalars("valid/ndcg@5")]
+    assert logged == [(r["step"], pytest.approx(r["valid"]["ndcg@5"])) for r in epochs] and len(logged) == 2
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_an_error(monkeypatch):
+    import importlib.util
+
+    from bear_ds.config import ConfigError
+    from bear_ds.training.accelerator import _tracker
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.report_to=wandb but wandb is not installed.*bear_ds\[wandb\]"):
+        _tracker("wandb")
+    assert _tracker("none") is None and _tracker("tensorboard") == "tensorboard"

@@ -4,6 +4,7 @@ example encoding, LoRA merge, checkpoint discovery, logs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from tiny_models import tiny_llama_kwargs
 
 from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.config import load_config
+from bear_ds.errors import RunStateError
 from bear_ds.training.accelerator import DS_CONFIG_DIR, batch_plan, deepspeed_config
 from bear_ds.training.batching import collate, epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import STATE_FILE, latest_checkpoint
@@ -185,7 +187,7 @@ def test_jsonl_log_survives_a_line_cut_by_a_crash_and_names_other_bad_lines(tmp_
     log.truncate_after(2)  # what a resume does: must not fail on the cut line
     assert [r["step"] for r in log.read()] == [1, 2] and path.read_text().endswith("}\n")
     path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
-    with pytest.raises(ValueError, match=r"train_log.jsonl line 2: not valid JSON"):
+    with pytest.raises(RunStateError, match=r"train_log.jsonl line 2: not valid JSON"):
         log.read()
 
 
@@ -202,3 +204,32 @@ def test_select_metric_that_evaluation_cannot_compute_fails_before_training(tmp_
     with pytest.raises(ConfigError, match=r"train.select_metric='ndcg@10'.*hr@1, hr@5, ndcg@1, ndcg@5"):
         train(cfg)
     assert not out.exists()  # nothing trained
+
+
+def test_a_failed_checkpoint_deletion_is_reported(tmp_path, monkeypatch, caplog):
+    import logging
+    import shutil
+    from types import SimpleNamespace
+
+    from bear_ds.training import checkpoints
+
+    def save_state(folder):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "weights.bin").write_bytes(b"0")
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    real_rmtree = shutil.rmtree
+
+    def failing_rmtree(path, *args, **kwargs):
+        if Path(path).name == "step_1":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", failing_rmtree)
+    with caplog.at_level(logging.WARNING, logger="bear_ds.training.checkpoints"):
+        for step in (1, 2, 3):
+            checkpoints.save_checkpoint(accelerator, tmp_path, step, {"epoch": 0}, keep_last=2)
+    old = tmp_path / "checkpoints" / "step_1"
+    assert f"could not delete the old checkpoint {old}" in caplog.text and "Permission denied" in caplog.text
+    # the half-deleted folder is not a complete checkpoint any more: never resumed from
+    assert [step for step, _ in checkpoints.complete_checkpoints(tmp_path)] == [2, 3]

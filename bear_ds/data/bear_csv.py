@@ -173,10 +173,18 @@ def read_window_csv(
     return examples, rows_read, truncated
 
 
+PAPER_DATA_HINT = (
+    "The paper's processed datasets (Office, Clothing, Toy: id2name4Rec.json, train_10000.csv, test_5000.csv) "
+    "are released with the authors' code, https://github.com/Tiny-Snow/BEAR-SIGIR-2026 (MIT); put each in "
+    "data/bear/<Dataset>/ where bear-ds runs (see data/README.md), or set data.path to its folder"
+)
+
+
 def load_bear_csv(cfg: DataConfig) -> SourceData:
     folder = Path(cfg.path)
     if not folder.is_dir():
-        raise DataError(f"data.path {folder} is not a folder")
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"data.path {folder} {what}. {PAPER_DATA_HINT}")
     problems = Problems(cfg.drop_malformed)
     catalog = read_catalog(folder / cfg.catalog_file, problems)
     catalog_ids = pa.array(list(catalog), pa.string())

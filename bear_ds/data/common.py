@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bear_ds.errors import DataError  # noqa: F401  (re-exported: bear_ds.data.common.DataError)
+
 SPLITS = ("train", "valid", "test")
 EXAMPLE_SCHEMA = pa.schema(
     [
@@ -26,10 +28,6 @@ EXAMPLE_SCHEMA = pa.schema(
 )
 CATALOG_SCHEMA = pa.schema([("item_id", pa.string()), ("title", pa.string())])
 MAX_EXAMPLES_PER_PROBLEM = 3
-
-
-class DataError(ValueError):
-    """A problem with input data; the message names the file and line, or the key or id."""
 
 
 @dataclass

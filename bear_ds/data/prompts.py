@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 
 from bear_ds.config import PromptConfig
+from bear_ds.errors import ConfigError
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -91,7 +92,7 @@ class PromptBuilder:
         self.template = prompt_cfg.template if prompt_cfg.template is not None else ALPACA_TEMPLATE
         missing = [p for p in PLACEHOLDERS if p not in self.template]
         if missing:
-            raise ValueError(f"prompt.template must contain {' and '.join(missing)} (got {self.template!r})")
+            raise ConfigError(f"prompt.template must contain {' and '.join(missing)} (got {self.template!r})")
         self.instruction = prompt_cfg.instruction if prompt_cfg.instruction is not None else instruction
         self.history_phrase = prompt_cfg.history_phrase if prompt_cfg.history_phrase is not None else history_phrase
 

@@ -33,13 +33,7 @@ from accelerate.utils import gather_object
 
 from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.distributed import end_distributed, make_accelerator
-from bear_ds.evaluation.evaluate import (
-    load_eval_inputs,
-    load_eval_model,
-    resolve_mask,
-    shard_indices,
-    training_loss_name,
-)
+from bear_ds.evaluation.evaluate import choose_mask, load_eval_inputs, load_eval_model, shard_indices
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import (
     BeamResult,
@@ -594,7 +588,7 @@ def analyze(cfg) -> dict[str, Any]:
     model = load_eval_model(Path(cfg.model.path), accelerator)
     ks = inputs.ks
     catalog = inputs.catalog
-    mask = resolve_mask(cfg.eval.mask, training_loss_name(Path(cfg.model.path), cfg.loss.name))
+    mask, mask_reason = choose_mask(cfg.eval.mask, Path(cfg.model.path), cfg.loss.name)
     num_users = min(len(inputs.prompt_ids), cfg.analyze.max_users)  # the exhaustive ranking is costly
     mine = shard_indices(num_users, accelerator.process_index, accelerator.num_processes)
     mine.sort(key=lambda i: -len(inputs.prompt_ids[i]))
@@ -623,6 +617,7 @@ def analyze(cfg) -> dict[str, Any]:
     summary.update(
         num_beams=cfg.eval.num_beams,
         mask=mask,
+        mask_reason=mask_reason,
         length_penalty=cfg.eval.length_penalty,
         split=cfg.eval.split,
         global_rank_by="total log-probability (not length-normalised)",

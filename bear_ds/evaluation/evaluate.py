@@ -29,8 +29,10 @@ import torch
 from accelerate.utils import gather_object
 
 from bear_ds.distributed import all_max, end_distributed, make_accelerator
+from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputError
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import constrained_beam_search, left_pad
+from bear_ds.masking import resolve_mask
 from bear_ds.models import is_zero3_partitioned, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -59,17 +61,6 @@ def metric_ks(top_k: Sequence[int], num_beams: int, *, warn: bool = True) -> tup
     return used, skipped
 
 
-def resolve_mask(mask: str, loss_name: str | None) -> str:
-    """eval.mask as decoded: "auto" is the released protocol, "after" for LML and "before" for MSL/BEAR."""
-    if mask in ("after", "before"):
-        return mask
-    if mask != "auto":
-        raise ValueError(f"eval.mask must be 'auto', 'after' or 'before', got {mask!r}")
-    if loss_name is None:
-        raise ValueError("eval.mask=auto needs the training loss (loss.name) to choose; set eval.mask=after or before")
-    return "after" if loss_name == "lml" else "before"
-
-
 def training_loss_name(model_dir: Path, fallback: str | None) -> str | None:
     """loss.name of the run that exported `model_dir` (its config.yaml), else `fallback`."""
     import yaml
@@ -82,6 +73,27 @@ def training_loss_name(model_dir: Path, fallback: str | None) -> str | None:
     return fallback
 
 
+def choose_mask(mask: str, model_dir: Path, configured_loss: str | None) -> tuple[str, str]:
+    """(mask decoded, why) for `bear-ds evaluate` / `analyze`, the why recorded in their outputs.
+
+    eval.mask=auto follows the loss the model was trained with (its config.yaml); a model that
+    records none falls back to this command's loss.name, and that is said in a warning, never silently.
+    """
+    if mask != "auto":
+        return resolve_mask(mask, None), f"eval.mask={mask} as configured"
+    recorded = training_loss_name(model_dir, None)
+    if recorded is not None:
+        chosen = resolve_mask(mask, recorded)
+        return chosen, f"eval.mask=auto: {model_dir}/config.yaml records loss.name={recorded} -> mask={chosen}"
+    chosen = resolve_mask(mask, configured_loss)
+    why = (
+        f"eval.mask=auto: {model_dir} records no training loss (no config.yaml with loss.name), so this "
+        f"command's loss.name={configured_loss} chose mask={chosen}; set eval.mask=after or before to decide"
+    )
+    logger.warning("%s", why)
+    return chosen, why
+
+
 def check_context(prompt_ids: Sequence[Sequence[int]], max_depth: int, context: int | None, what: str = "user") -> None:
     """Raise ValueError when a prompt plus the longest title does not fit the model's context."""
     if context is None:
@@ -89,7 +101,7 @@ def check_context(prompt_ids: Sequence[Sequence[int]], max_depth: int, context: 
     too_long = [i for i, p in enumerate(prompt_ids) if len(p) + max_depth > context]
     if too_long:
         i = too_long[0]
-        raise ValueError(
+        raise ModelInputError(
             f"{len(too_long)} prompts plus the longest title ({max_depth} tokens) exceed the model context of "
             f"{context} positions, e.g. {what} {i} ({len(prompt_ids[i])} prompt tokens); "
             f"lower data.max_history or use a model with a longer context"
@@ -254,10 +266,10 @@ def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
     from bear_ds.tokenization import load_tokenizer
 
     if not cfg.model.path:
-        raise ValueError("model.path is not set: evaluate needs a local model folder (the trainer's OUT/model)")
+        raise ConfigError("model.path is not set: evaluate needs a local model folder (the trainer's OUT/model)")
     model_dir = Path(cfg.model.path)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {model_dir} has no config.json (expected a Hugging Face model folder)")
+        raise MissingPathError(f"model.path {model_dir} has no config.json (expected a Hugging Face model folder)")
     ks, _ = metric_ks(cfg.eval.top_k, cfg.eval.num_beams, warn=False)  # fail before loading anything
     tokenizer = load_tokenizer(cfg.tokenizer.path or model_dir)
 
@@ -268,7 +280,7 @@ def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
     stats = load_stats(folder)
     domain = cfg.data.domain or stats.get("domain")
     if not domain:
-        raise ValueError(f"{folder}/stats.json has no 'domain' and data.domain is not set")
+        raise DataError(f"{folder}/stats.json has no 'domain' and data.domain is not set")
     builder = PromptBuilder(cfg.prompt, domain)
     if (model_dir / CATALOG_FILE).is_file():
         catalog = Catalog.load(model_dir)
@@ -279,14 +291,14 @@ def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
     split = load_split(folder, cfg.eval.split)
     n = len(split) if cfg.eval.max_users is None else min(cfg.eval.max_users, len(split))
     if n == 0:
-        raise ValueError(f"split {cfg.eval.split!r} of {folder} has no rows")
+        raise DataError(f"split {cfg.eval.split!r} of {folder} has no rows")
     rows = split.select(range(n))
     user_ids = [str(u) for u in rows["user_id"]]
     histories = rows["history"]
     targets = [str(t) for t in rows["target"]]
     unknown = sorted({h for hist in histories for h in hist if h not in titles})
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"{len(unknown)} history items of split {cfg.eval.split!r} are not in {folder}/catalog.parquet, e.g. {unknown[:3]}"
         )
     context = getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "max_position_embeddings", None)
@@ -357,18 +369,18 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     accelerator = eval_accelerator(cfg.eval)
     inputs = load_eval_inputs(cfg, accelerator)
     model = load_eval_model(Path(cfg.model.path), accelerator)
+    mask, mask_reason = choose_mask(cfg.eval.mask, Path(cfg.model.path), cfg.loss.name)
     predictions, metrics = run_beam_evaluation(
         model,
         inputs.tokenizer,
         inputs.catalog,
         inputs.prompt_ids,
         inputs.target_groups,
-        cfg.eval,
+        cfg.eval.model_copy(update={"mask": mask}),
         accelerator,
         synced=cfg.eval.weights == "zero3",
-        loss_name=training_loss_name(Path(cfg.model.path), cfg.loss.name),
     )
-    metrics["decoding"].update(weights=cfg.eval.weights, split=cfg.eval.split)
+    metrics["decoding"].update(weights=cfg.eval.weights, split=cfg.eval.split, mask_reason=mask_reason)
     metrics["prompts_truncated"] = inputs.truncated_prompts  # users whose oldest history items were dropped
     metrics["elapsed_s"] = time.perf_counter() - started
     if accelerator.is_main_process:

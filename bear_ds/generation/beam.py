@@ -208,9 +208,6 @@ def shared_prefix_attention(
     return out.reshape(rows, 1, q_heads, dim), None
 
 
-AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
-
-
 def _beam_cache(prompt_cache, attention_mask: torch.Tensor, model: torch.nn.Module) -> DynamicCache | None:
     return shared_prefix_cache(prompt_cache, attention_mask, model)
 
@@ -232,17 +229,26 @@ def shared_prefix_cache(prompt_cache, attention_mask: torch.Tensor, model: torch
 
 
 class decoding_with_shared_prefix:  # noqa: N801 (a context manager, used like a function)
-    """Within the block, `model` attends with `shared_prefix_attention` (its config is restored after)."""
+    """Within the block, `model` attends with `shared_prefix_attention` (its config is restored after).
+
+    The attention function is registered with transformers for the block only (not at import): an
+    entry already registered under the name (e.g. by a test) is used and left in place.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.config = model.config
 
     def __enter__(self) -> None:
+        self.registered = SHARED_PREFIX_ATTENTION not in AttentionInterface._global_mapping
+        if self.registered:
+            AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
         self.saved = self.config._attn_implementation
         self.config._attn_implementation = SHARED_PREFIX_ATTENTION
 
     def __exit__(self, *exc) -> None:
         self.config._attn_implementation = self.saved
+        if self.registered:
+            AttentionInterface._global_mapping.pop(SHARED_PREFIX_ATTENTION, None)
 
 
 def check_shared_prefix_used(cache: DynamicCache, model: torch.nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""PNG plots of saved run outputs (matplotlib, Agg backend: no display needed).
+"""PNG plots of saved run outputs (matplotlib `Figure` objects: no display, no pyplot state).
 
 Each function takes already-read data, writes one PNG and returns a `PlotOutcome`: the file, or
 None with the reason it was skipped. A plot is never drawn from partial data without saying so:
@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+# Figures are built directly, not through pyplot: importing this module (or plotting) never
+# switches the process's matplotlib backend, and PNGs need no display
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _MAX_LEGEND_ROWS = 12
 
@@ -40,7 +40,6 @@ def _finish(fig: Any, ax: Any, out: Path, n_series: int) -> None:
     ax.grid(True, alpha=0.3)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _finite(value: Any) -> bool:
@@ -113,13 +112,13 @@ def plot_step_metric(
             per_run[run] = points
         else:
             outcome.notes.append(f"{run}: no finite '{key}' values in train_log.jsonl")
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     drawn = _draw_group_means(
         ax, groups, per_run, outcome, "step", linewidth=1.0, marker=lambda n: "." if n <= 50 else None
     )
     n_series = len(drawn)
     if n_series == 0:
-        plt.close(fig)
         outcome.skipped_because = f"no run has '{key}' in train_log.jsonl"
         return outcome
     ax.set_title(title)
@@ -156,7 +155,8 @@ def plot_epoch_metric(
             per_run[run] = points
         else:
             outcome.notes.append(f"{run}: no valid '{metric}' in epochs.jsonl")
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     drawn = _draw_group_means(ax, groups, per_run, outcome, "epoch", linewidth=1.2, marker=lambda n: "o")
     n_series = len(drawn)
     stars = 0
@@ -168,7 +168,6 @@ def plot_epoch_metric(
                 ax.plot([float(sel)], [per_run[run][float(sel)]], marker="*", markersize=14, color=line.get_color())
                 stars += 1
     if n_series == 0:
-        plt.close(fig)
         outcome.skipped_because = f"no run has a valid '{metric}' in epochs.jsonl"
         return outcome
     if stars:
@@ -206,7 +205,8 @@ def plot_metric_vs_param(
         outcome.skipped_because = f"{param} takes fewer than 2 values among done BEAR points"
         return outcome
     others = [k for k in group_keys if k not in (param, "loss.name")]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     n_series = 0
     line_groups = bear.groupby(others, sort=False, dropna=False) if others else [((), bear)]
     for key, frame in line_groups:
@@ -284,7 +284,8 @@ def plot_pruning(analyses: dict[str, dict[str, Any]], groups: dict[str, list[str
             else None
         )
         shares.append((wilson_interval(pruned, positives), violating))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names) + 2), 4.8))
+    fig = Figure(figsize=(max(6.0, 1.8 * len(names) + 2), 4.8))
+    ax = fig.subplots()
     width = 0.38
     for offset, which, label in (
         (-width / 2, 0, "pruned by beam search (share of top-B positives)"),

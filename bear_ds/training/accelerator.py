@@ -3,7 +3,7 @@
 Three ways in, one result:
 - `accelerate launch --config_file launchers/accelerate/X.yaml`: the yaml names a DeepSpeed JSON
   (ACCELERATE_DEEPSPEED_CONFIG_FILE) and the ZeRO-3 init flag; its stage wins over train.zero_stage.
-- `deepspeed ...` / `torchrun ...` / plain `python -m bear_ds.train`: ds_configs/zero{train.zero_stage}.json
+- `deepspeed ...` / `torchrun ...` / plain `python -m bear_ds.train`: bear_ds/ds_configs/zero{train.zero_stage}.json
   (or train.ds_config); train.zero_stage=0 means no DeepSpeed (plain DDP or one process).
 In both cases the JSON's "auto" values are filled here from the `train` section (micro batch,
 accumulation, clipping, bf16), because we feed batches ourselves and Accelerate could only infer
@@ -15,13 +15,16 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from bear_ds.config import TrainConfig
 from bear_ds.distributed import make_accelerator
+from bear_ds.errors import ConfigError, MissingPathError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# package data, so an installed wheel finds them too (the checkout's ds_configs/ links to this folder)
+DS_CONFIG_DIR = Path(str(resources.files("bear_ds") / "ds_configs"))
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ def batch_plan(train_cfg: TrainConfig, world_size: int) -> BatchPlan:
     """
     per_step = train_cfg.micro_batch * world_size
     if train_cfg.global_batch % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch={train_cfg.global_batch} is not divisible by train.micro_batch={train_cfg.micro_batch} "
             f"x world size {world_size} = {per_step}; change train.global_batch or train.micro_batch"
         )
@@ -60,7 +63,7 @@ def _fill_auto(node: dict[str, Any], values: dict[str, Any], path: str = "") -> 
             _fill_auto(value, values, dotted + ".")
         elif value == "auto":
             if dotted not in values:
-                raise ValueError(f"DeepSpeed config key {dotted} is 'auto' but bear_ds has no value for it")
+                raise ConfigError(f"DeepSpeed config key {dotted} is 'auto' but bear_ds has no value for it")
             node[key] = values[dotted]
 
 
@@ -68,13 +71,13 @@ def deepspeed_config(path: str | Path, train_cfg: TrainConfig, plan: BatchPlan) 
     """The DeepSpeed JSON at `path` with its "auto" values filled from the `train` section."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (train.ds_config or the accelerate yaml)")
+        raise MissingPathError(f"DeepSpeed config {path} does not exist (train.ds_config or the accelerate yaml)")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"DeepSpeed config {path}: invalid JSON: {exc}") from exc
+        raise ConfigError(f"DeepSpeed config {path}: invalid JSON: {exc}") from exc
     if "optimizer" in config or "scheduler" in config:
-        raise ValueError(
+        raise ConfigError(
             f"DeepSpeed config {path} has an optimizer/scheduler block: bear_ds passes its own AdamW and schedule "
             "(train.lr, train.schedule); remove the block"
         )
@@ -96,7 +99,7 @@ def deepspeed_config(path: str | Path, train_cfg: TrainConfig, plan: BatchPlan) 
         ("gradient_accumulation_steps", plan.accumulation),
     ):
         if key in config and config[key] != want:
-            raise ValueError(
+            raise ConfigError(
                 f"DeepSpeed config {path}: {key}={config[key]} disagrees with train.global_batch/micro_batch "
                 f'(needs {want}); set it to "auto"'
             )
@@ -144,16 +147,25 @@ def build_accelerator(train_cfg: TrainConfig, project_dir: str | Path | None = N
         timeout_s=train_cfg.pg_timeout_s,
         gradient_accumulation_steps=plan.accumulation,
         mixed_precision="bf16" if train_cfg.precision == "bf16" else "no",
-        log_with="tensorboard" if _tensorboard_available() and project_dir is not None else None,
+        log_with=_tracker(train_cfg.report_to) if project_dir is not None else None,
         project_dir=str(project_dir) if project_dir is not None else None,
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimiser step
     )
-    if accelerator.log_with:
-        accelerator.init_trackers("tensorboard")
+    if accelerator.log_with:  # tensorboard: OUT/tensorboard; wandb: a run named after OUT in project bear_ds
+        name = "tensorboard" if train_cfg.report_to == "tensorboard" else "bear_ds"
+        accelerator.init_trackers(name, init_kwargs={"wandb": {"name": Path(project_dir).name}})
     return accelerator, plan, zero_stage
 
 
-def _tensorboard_available() -> bool:
+def _tracker(report_to: str) -> str | None:
+    """train.report_to as Accelerate's `log_with`; a tracker that is not installed is an error, not skipped."""
     import importlib.util
 
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+    if report_to == "none":
+        return None
+    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[report_to]
+    if all(importlib.util.find_spec(m) is None for m in modules):
+        raise ConfigError(
+            f"train.report_to={report_to} but {modules[0]} is not installed: pip install 'bear_ds[{report_to}]'"
+        )
+    return report_to

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bear_ds.catalog import IGNORE_INDEX
+from bear_ds.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,10 @@ def epoch_schedule(
 ) -> EpochSchedule:
     """The epoch's steps as lists of micro-batches of example indices (see the module docstring)."""
     if global_batch % micro_batch:
-        raise ValueError(f"train.global_batch={global_batch} is not divisible by train.micro_batch={micro_batch}")
+        raise ConfigError(f"train.global_batch={global_batch} is not divisible by train.micro_batch={micro_batch}")
     n = len(lengths)
     if n < global_batch:
-        raise ValueError(f"{n} training examples are fewer than train.global_batch={global_batch}: no full step")
+        raise ConfigError(f"{n} training examples are fewer than train.global_batch={global_batch}: no full step")
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
     num_steps = n // global_batch

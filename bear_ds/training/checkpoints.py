@@ -11,11 +11,14 @@ to `tmp-step_N/`, and rank 0 renames it to `step_N/` once every rank has finishe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -60,9 +63,26 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
             shutil.rmtree(final)
         os.rename(tmp, final)
         for _, old in complete_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_checkpoint(folder: Path) -> bool:
+    """Delete a rotated-out checkpoint; a failure is logged as a warning naming the folder (the run goes on).
+
+    Its trainer_state.json goes first, so a half-deleted folder is never taken for a complete checkpoint.
+    """
+    try:
+        (folder / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(folder)
+    except OSError as exc:
+        logger.warning(
+            "could not delete the old checkpoint %s (%s); it is no longer used: delete it by hand to free the space",
+            folder, exc,
+        )  # fmt: skip
+        return False
+    return True
 
 
 def load_checkpoint(accelerator, folder: str | Path) -> dict[str, Any]:

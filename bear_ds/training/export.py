@@ -7,8 +7,9 @@ export fp32; `export_info.json` records which.
 
 LoRA: `model.lora.export=merged` folds each adapter into its base weight on rank 0,
 W <- W + scaling * B @ A (scaling = alpha / r, as peft's merge), and saves a plain model;
-`adapter` saves the peft adapter (adapter_config.json + weights, loadable with peft on top of the
-base model named in it).
+`adapter` does the same (so that `bear-ds evaluate` and `analyze` load the folder like any other)
+and also saves the peft adapter in `adapter/` (adapter_config.json + weights, for use with peft on
+top of the base model).
 
 The folder is written under a temporary name and renamed into place.
 """
@@ -87,17 +88,15 @@ def export_model(
         export_kind = "full"
         if is_peft and cfg.model.lora.export == "adapter":
             # peft filters the adapter weights out of the full state dict; a copy: save may consume it
-            unwrapped.save_pretrained(tmp, state_dict=dict(state_dict))
-            export_kind = "lora_adapter"
+            unwrapped.save_pretrained(tmp / "adapter", state_dict=dict(state_dict))
+        if is_peft:
+            state_dict = merge_lora_state_dict(state_dict, _lora_scalings(unwrapped))
+            base = unwrapped.get_base_model()
+            export_kind = "lora_merged+adapter" if cfg.model.lora.export == "adapter" else "lora_merged"
         else:
-            if is_peft:
-                state_dict = merge_lora_state_dict(state_dict, _lora_scalings(unwrapped))
-                base = unwrapped.get_base_model()
-                export_kind = "lora_merged"
-            else:
-                base = unwrapped
-            # transformers 5.x save_pretrained(state_dict=...) empties the dict it is given: pass a copy
-            base.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
+            base = unwrapped
+        # transformers 5.x save_pretrained(state_dict=...) empties the dict it is given: pass a copy
+        base.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values() if t.is_floating_point()})
         tokenizer.save_pretrained(tmp)
         catalog.save(tmp)

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bear_ds.errors import RunStateError
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ class JsonlLog:
                 if number == len(lines) and not text.endswith("\n"):
                     logger.warning("%s line %d was cut short by a crash (%s): left out", self.path, number, exc.msg)
                     continue
-                raise ValueError(f"{self.path} line {number}: not valid JSON ({exc.msg})") from exc
+                raise RunStateError(f"{self.path} line {number}: not valid JSON ({exc.msg})") from exc
         return records
 
     def truncate_after(self, step: int, key: str = "step") -> None:

@@ -43,6 +43,7 @@ import torch
 
 from bear_ds.config import Config, ConfigError, save_config
 from bear_ds.distributed import end_distributed
+from bear_ds.errors import BearDsError, RunStateError
 from bear_ds.training.accelerator import build_accelerator
 from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -61,7 +62,7 @@ from bear_ds.training.train_log import JsonlLog, ProgressBar
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(BearDsError, FloatingPointError):
     """A micro-batch produced a NaN/inf loss and train.on_nonfinite=stop."""
 
 
@@ -106,7 +107,7 @@ def _optimizer(cfg: Config, model):
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters (model.lora.target_modules matched nothing?)")
+        raise ConfigError("the model has no trainable parameters (model.lora.target_modules matched nothing?)")
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
@@ -226,11 +227,8 @@ class Trainer:
         self.main = self.accelerator.is_main_process
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
-        if self.main:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if self.main:  # logging is configured by the entry points (bear_ds.runtime), not here
             save_config(self.cfg, self.out)
-        else:  # rank 0 reports; the others would repeat every line
-            logging.getLogger("bear_ds").setLevel(logging.ERROR)
         self.data = self._load_data()
         self._build_model()
         self.train_log = JsonlLog(self.out / "train_log.jsonl", self.main)
@@ -283,7 +281,7 @@ class Trainer:
         )  # fmt: skip
         self.steps_per_epoch = len(data.examples.lengths) // self.plan.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(data.examples.lengths)} training examples < train.global_batch={self.plan.global_batch}"
             )
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
@@ -309,7 +307,7 @@ class Trainer:
                 logger.info("resumed from %s: step %d, epoch %d, step %d of the epoch", checkpoint,
                             self.state.step, self.state.epoch, self.state.step_in_epoch)  # fmt: skip
         elif checkpoint is not None:  # all ranks raise: never mix two runs' checkpoints
-            raise FileExistsError(
+            raise RunStateError(
                 f"{self.out / 'checkpoints'} holds checkpoints of an earlier run: add train.resume=auto to continue "
                 "it, or choose another output_dir"
             )
@@ -488,7 +486,12 @@ class Trainer:
             logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
         if improved and test and self.main:
             _write_test_ranks(self.out / "test_predictions.jsonl", self.evaluate.last_ranks["test"], epoch)
-        self.epochs_log.write({"epoch": epoch, "step": step, "valid": valid, "test": test})
+        record = {"epoch": epoch, "step": step, "valid": valid, "test": test}
+        self.epochs_log.write(record)
+        if self.accelerator.trackers:  # train.report_to: the epoch's metrics beside the per-step scalars
+            scalars = {f"{split}/{k}": v for split in ("valid", "test") for k, v in record[split].items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+            self.accelerator.log({**scalars, "epoch": epoch}, step=step)
         if improved:
             self.export("model", {"epoch": epoch, "step": step, "selected_by": metric})
 

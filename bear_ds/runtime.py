@@ -1,0 +1,45 @@
+"""Process-wide settings, made by the entry points when a command starts (never at import).
+
+`configure_logging`: rank 0 shows bear_ds's INFO messages on stderr (the others only errors), so
+`bear-ds analyze` or `bear-ds sweep` report progress without a training having configured logging.
+`run_scope`: the warnings filter and environment variables a run sets, undone when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def launcher_rank() -> int:
+    """This process's global rank as a launcher (torchrun, accelerate, deepspeed) set it; 0 outside one."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def configure_logging(rank: int | None = None) -> None:
+    """Root handler on stderr (WARNING for other libraries); bear_ds at INFO on rank 0, ERROR elsewhere
+    (the other ranks would repeat every line)."""
+    rank = launcher_rank() if rank is None else rank
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    logging.getLogger("bear_ds").setLevel(logging.INFO if rank == 0 else logging.ERROR)
+
+
+@contextmanager
+def run_scope() -> Iterator[None]:
+    """Around one command: warnings it silences and environment variables it sets (DS_ACCELERATOR,
+    a one-process group's RANK/MASTER_PORT, ...) do not outlive it."""
+    saved_env = dict(os.environ)
+    with warnings.catch_warnings():
+        # DeepSpeed 0.19 calls torch.distributed collectives torch 2.13 deprecates: one warning per call
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+        try:
+            yield
+        finally:
+            for key in set(os.environ) - set(saved_env):
+                del os.environ[key]
+            os.environ.update(saved_env)
