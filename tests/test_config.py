@@ -130,7 +130,7 @@ def test_config_command_prints_every_key_with_its_description(tmp_path, capsys):
     out = capsys.readouterr().out
     expected = load_config(f, ["loss.lam=0.5", "eval.top_k=[1,5]"])
     assert yaml.safe_load(out) == expected.model_dump()  # the printout is the resolved config itself
-    assert "  lam: 0.5  # BEAR weight ('topk_weight' in the release)" in out.splitlines()
+    assert "  lam: 0.5  # BEAR/beamsim weight ('topk_weight' in the release)" in out.splitlines()
     for line in out.splitlines():
         if line.split("  # ")[0].endswith(":"):  # a section
             continue
