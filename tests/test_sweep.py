@@ -58,12 +58,12 @@ def test_expand_grid_names_order_and_overrides() -> None:
 
 
 def test_expand_grid_filesystem_safe_and_typed_values() -> None:
-    grid = {"data.domain": ["office products", "a/b"], "train.eval_max_users": [None], "model.lora.enabled": [True]}
+    grid = {"prompt.instruction": ["office products", "a/b"], "train.eval_max_users": [None], "model.lora.enabled": [True]}
     points = expand_grid(SweepConfig(grid=grid))
-    assert points[0][0] == "data.domain=office_products__train.eval_max_users=null__model.lora.enabled=true"
-    assert points[1][0].startswith("data.domain=a_b__")
+    assert points[0][0] == "prompt.instruction=office_products__train.eval_max_users=null__model.lora.enabled=true"
+    assert points[1][0].startswith("prompt.instruction=a_b__")
     cfg = with_overrides(Config(), points[0][1])
-    assert cfg.data.domain == "office products" and cfg.train.eval_max_users is None and cfg.model.lora.enabled
+    assert cfg.prompt.instruction == "office products" and cfg.train.eval_max_users is None and cfg.model.lora.enabled
 
 
 def test_expand_grid_unknown_key_is_named() -> None:
@@ -78,7 +78,7 @@ def test_expand_grid_rejects_bad_values_duplicates_and_reserved_keys() -> None:
     with pytest.raises(ConfigError, match="duplicate value 0.5"):
         expand_grid(SweepConfig(grid={"loss.lam": [0.5, 0.5]}))
     with pytest.raises(ConfigError, match="same folder name"):
-        expand_grid(SweepConfig(grid={"data.domain": ["a/b", "a_b"]}))
+        expand_grid(SweepConfig(grid={"prompt.instruction": ["a/b", "a_b"]}))
     with pytest.raises(ConfigError, match="output_dir"):
         expand_grid(SweepConfig(grid={"output_dir": ["x", "y"]}))
     with pytest.raises(ConfigError, match="empty"):
