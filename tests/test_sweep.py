@@ -58,7 +58,11 @@ def test_expand_grid_names_order_and_overrides() -> None:
 
 
 def test_expand_grid_filesystem_safe_and_typed_values() -> None:
-    grid = {"prompt.instruction": ["office products", "a/b"], "train.eval_max_users": [None], "model.lora.enabled": [True]}
+    grid = {
+        "prompt.instruction": ["office products", "a/b"],
+        "train.eval_max_users": [None],
+        "model.lora.enabled": [True],
+    }
     points = expand_grid(SweepConfig(grid=grid))
     assert points[0][0] == "prompt.instruction=office_products__train.eval_max_users=null__model.lora.enabled=true"
     assert points[1][0].startswith("prompt.instruction=a_b__")
