@@ -80,8 +80,9 @@ class Catalog:
     ) -> Catalog:
         """Tokenise every distinct response once (one batched call), group items, build the trie.
 
-        Raises ValueError naming the item ids when a title is empty, when a response tokenises to
-        nothing, or when it contains the EOS id (e.g. a title with the literal text "</s>"), which
+        An empty title is an item like any other (its response is `""`). Raises ValueError naming
+        the item ids when a title is not a string, when a response tokenises to nothing, or when it
+        contains the EOS id (e.g. a title with the literal text "</s>"), which
         would end decoding early.
         """
         if not items:
@@ -92,9 +93,6 @@ class Catalog:
         not_text = [item_id for item_id, title in items.items() if not isinstance(title, str)]
         if not_text:
             raise ValueError(f"{len(not_text)} items have a title that is not a string: {_preview(not_text)}")
-        empty = [item_id for item_id, title in items.items() if not title.strip()]
-        if empty:
-            raise ValueError(f"{len(empty)} items have an empty title (cannot be decoded): {_preview(empty)}")
 
         item_ids = list(items)
         titles = [items[i] for i in item_ids]

@@ -88,6 +88,37 @@ def _write_parquet(table: pa.Table, schema: pa.Schema, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def duplicate_rows(table: pa.Table) -> int:
+    """Rows equal to an earlier row of the same table in every column (kept, but counted)."""
+    if len(table) == 0:
+        return 0
+    # a list column cannot be a group key: join each history into one string (ids hold no \x1f)
+    keys = pa.table(
+        {
+            "user_id": table.column("user_id"),
+            "history": pc.binary_join(table.column("history"), "\x1f"),
+            "history_len": pc.list_value_length(table.column("history")),
+            "target": table.column("target"),
+            "timestamp": table.column("timestamp"),
+        }
+    )
+    distinct = len(keys.group_by(keys.column_names).aggregate([]))
+    return len(table) - distinct
+
+
+def _refuse_empty_splits(data: SourceData, cfg: Config) -> None:
+    """An empty train or test split would prepare fine and fail later (an IndexError in training);
+    say so here. An empty valid split (tiny data, data.valid_fraction=0) is noted in stats.json."""
+    for name in ("train", "test"):
+        if len(data.splits[name]) == 0:
+            raise DataError(
+                f"split {name!r} is empty after reading {data.source} data from {cfg.data.path or 'the default'}: "
+                "nothing to " + ("train on" if name == "train" else "test on")
+            )
+    if len(data.splits["valid"]) == 0:
+        data.notes.append("valid is empty: train with train.eval_every_epoch=false (no epoch selection)")
+
+
 def build_stats(data: SourceData, domain: str) -> dict[str, Any]:
     users = pa.chunked_array([t.column("user_id").combine_chunks() for t in data.splits.values()], pa.string())
     return {
@@ -97,7 +128,12 @@ def build_stats(data: SourceData, domain: str) -> dict[str, Any]:
         "items": len(data.catalog),
         "rows": {name: len(data.splits[name]) for name in SPLITS},
         "dropped": data.dropped,
+        "duplicate_rows": {name: duplicate_rows(data.splits[name]) for name in SPLITS},
         **shared_title_counts(data.catalog.column("title")),
+        # an empty title is an item (its response is `""`); the released data may have some
+        "empty_title_items": int(
+            pc.sum(pc.equal(pc.utf8_trim_whitespace(data.catalog.column("title")), "")).as_py() or 0
+        ),
         "notes": data.notes,
         **data.extra,
     }
@@ -110,6 +146,7 @@ def prepare(cfg: Config) -> Path:
     if source == "prepared":
         return _copy_prepared(cfg, out)
     data = load_source(cfg)
+    _refuse_empty_splits(data, cfg)
     _check_ids(data)
     _sample_train(data, cfg.data.train_sample, cfg.data.sample_seed)
     domain = cfg.data.domain or data.domain
