@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
+from bear_ds.outputs import write_text_atomic
 from bear_ds.trie import TokenTrie
 
 logger = logging.getLogger(__name__)
@@ -208,11 +209,8 @@ class Catalog:
                 for i, t, g in zip(self.item_ids, self.titles, self.item_group, strict=True)
             ],
         }
-        path = folder / CATALOG_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, ensure_ascii=False))
-        tmp.replace(path)  # a reader never sees a half-written catalog
-        return path
+        # a reader never sees a half-written catalog
+        return write_text_atomic(folder / CATALOG_FILE, json.dumps(payload, ensure_ascii=False))
 
     @classmethod
     def load(cls, folder: str | Path) -> Catalog:

@@ -404,8 +404,6 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def save_config(cfg: Config, folder: str | Path) -> Path:
     """Write the fully resolved config as `config.yaml` in `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / "config.yaml"
-    out.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    return out
+    from bear_ds.outputs import write_text_atomic
+
+    return write_text_atomic(Path(folder) / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -7,7 +7,6 @@ written last: a folder with it is complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from bear_ds.data.bear_csv import load_bear_csv
 from bear_ds.data.common import CATALOG_SCHEMA, EXAMPLE_SCHEMA, SPLITS, DataError, SourceData, shared_title_counts
 from bear_ds.data.movielens import is_ml100k_folder, load_ml100k
 from bear_ds.data.prompts import canonical_domain
+from bear_ds.outputs import atomic_path, check_writable_folder, write_json_atomic
 
 PREPARED_FILES = ("catalog.parquet", "stats.json")
 
@@ -83,9 +83,8 @@ def _check_ids(data: SourceData) -> None:
 
 
 def _write_parquet(table: pa.Table, schema: pa.Schema, path: Path) -> None:
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table.cast(schema), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table.cast(schema), tmp)
 
 
 def duplicate_rows(table: pa.Table) -> int:
@@ -150,7 +149,7 @@ def prepare(cfg: Config) -> Path:
     _check_ids(data)
     _sample_train(data, cfg.data.train_sample, cfg.data.sample_seed)
     domain = cfg.data.domain or data.domain
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out)
     (out / "stats.json").unlink(missing_ok=True)  # the folder is incomplete until stats.json is back
     for name in SPLITS:
         _write_parquet(data.splits[name], EXAMPLE_SCHEMA, out / f"{name}.parquet")
@@ -158,9 +157,7 @@ def prepare(cfg: Config) -> Path:
     save_config(cfg, out)
     stats = build_stats(data, domain)
     stats["prompt_domain"] = canonical_domain(domain)
-    tmp = out / "stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, out / "stats.json")
+    write_json_atomic(out / "stats.json", stats)
     return out
 
 
@@ -185,9 +182,11 @@ def _copy_prepared(cfg: Config, out: Path) -> Path:
     for name in SPLITS:
         load_split(folder, name)  # validates presence and columns
     if folder.resolve() != out.resolve():
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable_folder(out)
+        (out / "stats.json").unlink(missing_ok=True)  # stats.json last: the copy is complete with it
         for name in [f"{s}.parquet" for s in SPLITS] + ["catalog.parquet", "stats.json"]:
-            shutil.copy2(folder / name, out / name)
+            with atomic_path(out / name) as tmp:
+                shutil.copy2(folder / name, tmp)
     return out
 
 

@@ -40,6 +40,7 @@ from bear_ds.generation.beam import (
     last_logits_only,
     shared_prefix_cache,
 )
+from bear_ds.outputs import open_atomic, write_json_atomic
 from bear_ds.trie import TokenTrie
 
 logger = logging.getLogger(__name__)
@@ -463,6 +464,7 @@ def analyze(cfg) -> dict[str, Any]:
     from bear_ds.config import save_config
     from bear_ds.evaluation.evaluate import (
         DistContext,
+        check_output_folder,
         load_eval_inputs,
         load_model_replicated,
         resolve_mask,
@@ -471,7 +473,10 @@ def analyze(cfg) -> dict[str, Any]:
     )
 
     started = time.perf_counter()
+    out = Path(cfg.output_dir)
     ctx = DistContext.setup(timeout_s=cfg.eval.timeout_s)
+    if ctx.is_main:
+        check_output_folder(out, "analyze")  # before the exhaustive ranking, not after
     inputs = load_eval_inputs(cfg, ctx)
     model = load_model_replicated(Path(cfg.model.path), ctx.device)
     ks = inputs.ks
@@ -512,16 +517,16 @@ def analyze(cfg) -> dict[str, Any]:
         elapsed_s=time.perf_counter() - started,
     )
     if ctx.is_main:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "analysis.jsonl").open("w") as fh:
+        # analysis.json is written last: a folder holding it holds the matching per-user records
+        (out / "analysis.json").unlink(missing_ok=True)
+        with open_atomic(out / "analysis.jsonl") as fh:
             for i, rec in enumerate(records):
                 row = {"user_id": inputs.user_ids[i], "target": inputs.target_titles[i], **rec}
                 row["exhaustive_top"] = [catalog.group_titles[g] for g in rec["exhaustive_top"]]
                 row["beam_top"] = [catalog.group_titles[g] for g in rec["beam_top"]]
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (out / "analysis.json").write_text(json.dumps(summary, indent=2))
         save_config(cfg, out)
+        write_json_atomic(out / "analysis.json", summary)
         logger.info("analysis written to %s", out / "analysis.json")
     ctx.barrier()
     return summary

@@ -32,6 +32,7 @@ from bear_ds.distributed import ensure_single_process_env, stub_deepspeed_shm_op
 from bear_ds.evaluation.analysis import left_pad
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import constrained_beam_search
+from bear_ds.outputs import check_writable_folder, open_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,22 @@ class DistContext:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+# files only `bear-ds train` writes: an output_dir holding one is a training run's folder
+TRAINING_RUN_FILES = ("train_log.jsonl", "summary.json", "checkpoints")
+
+
+def check_output_folder(out: Path, command: str) -> None:
+    """Refuse (before any work) an output_dir that is a training run's folder, whose config.yaml
+    the command would overwrite, or that cannot be written."""
+    found = [name for name in TRAINING_RUN_FILES if (out / name).exists()]
+    if found:
+        raise ValueError(
+            f"output_dir {out} is a training run's folder (it holds {', '.join(found)}): {command} would "
+            f"overwrite its config.yaml; write into a folder of its own, e.g. output_dir={out / command}"
+        )
+    check_writable_folder(out)
 
 
 def _default_device() -> torch.device:
@@ -437,6 +454,9 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     from bear_ds.config import save_config
 
     started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_output_folder(out, "evaluate")  # before loading and decoding, not after
     keep_alive = None
     if cfg.eval.weights == "zero3":
         model, keep_alive = load_model_zero3(Path(cfg.model.path or ""), cfg.eval.timeout_s)
@@ -460,9 +480,9 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     metrics["prompts_truncated"] = inputs.truncated_prompts  # users whose oldest history items were dropped
     metrics["elapsed_s"] = time.perf_counter() - started
     if ctx.is_main:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "predictions.jsonl").open("w") as fh:
+        # metrics.json is written last: a folder holding it holds the matching predictions
+        (out / "metrics.json").unlink(missing_ok=True)
+        with open_atomic(out / "predictions.jsonl") as fh:
             for i, pred in enumerate(predictions):
                 row = {
                     "user_id": inputs.user_ids[i],
@@ -474,9 +494,9 @@ def evaluate(cfg: Any) -> dict[str, Any]:
                     "target_rank": pred["target_rank"],
                 }
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         inputs.catalog.save(out)
         save_config(cfg, out)
+        write_json_atomic(out / "metrics.json", metrics)
         summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@" in k)
         print(f"{summary} ({metrics['users']} users, {metrics['users_per_second'] or 0:.2f} users/s) -> {out}")
     ctx.barrier()

@@ -24,7 +24,6 @@ train.resume=auto, so a point that crashed continues from its newest checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -39,6 +38,7 @@ import pandas as pd
 import yaml
 
 from bear_ds.config import Config, ConfigError, SweepConfig, build_config, load_config, with_overrides
+from bear_ds.outputs import atomic_path, write_json_atomic, write_text_atomic
 from bear_ds.reports.runs import SWEEP_CONFIG, SWEEP_MANIFEST, flatten, read_config_yaml, read_json
 
 logger = logging.getLogger(__name__)
@@ -219,8 +219,7 @@ def _check_same_base(sweep_dir: Path, base: Config) -> None:
 
 
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _job_script(name: str, overrides: list[str], point_dir: Path, config_path: Path, launcher: str | None) -> str:
@@ -256,10 +255,11 @@ def _write_scripts(
     for name in outcome.points:
         point_dir = sweep_dir.resolve() / name
         script = jobs_dir / f"{name}.sh"
-        script.write_text(
+        write_text_atomic(
+            script,
             _job_script(
                 name, overrides_of[name], point_dir, sweep_dir.resolve() / POINT_CONFIGS / f"{name}.yaml", launcher
-            )
+            ),
         )
         script.chmod(0o755)
         outcome.scripts.append(script)
@@ -268,7 +268,8 @@ def _write_scripts(
         else:
             pending.append(script)
     submit = sweep_dir / "submit_all.sh"
-    submit.write_text(
+    write_text_atomic(
+        submit,
         "\n".join(
             [
                 "#!/usr/bin/env bash",
@@ -279,7 +280,7 @@ def _write_scripts(
                 *(f"$SUBMIT {shlex.quote(str(s))}" for s in pending),
                 "",
             ]
-        )
+        ),
     )
     submit.chmod(0o755)
 
@@ -312,7 +313,7 @@ def run_sweep(
     _write_yaml(sweep_dir / SWEEP_CONFIG, cfg.model_dump())
     _write_yaml(sweep_dir / BASE_CONFIG, base.model_dump())
     manifest = {"grid": list(cfg.sweep.grid), "points": [{"name": n, "overrides": o} for n, o in points]}
-    (sweep_dir / SWEEP_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    write_json_atomic(sweep_dir / SWEEP_MANIFEST, manifest, indent=1)
     for name, pcfg in point_cfgs.items():
         _write_yaml(sweep_dir / POINT_CONFIGS / f"{name}.yaml", pcfg.model_dump())
 
@@ -527,9 +528,12 @@ def aggregate(sweep_dir: str | Path) -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     points, grid_keys, notes = collect_points(sweep_dir)
     grouped = group_over_seeds(points, grid_keys)
-    points.to_csv(sweep_dir / "results.csv", index=False)
-    grouped.to_csv(sweep_dir / "results_by_config.csv", index=False)
-    (sweep_dir / "results.md").write_text(
-        f"# Sweep results: {sweep_dir.name}\n\n" + aggregate_markdown(points, grouped, grid_keys, notes) + "\n"
+    with atomic_path(sweep_dir / "results.csv") as tmp:
+        points.to_csv(tmp, index=False)
+    with atomic_path(sweep_dir / "results_by_config.csv") as tmp:
+        grouped.to_csv(tmp, index=False)
+    write_text_atomic(
+        sweep_dir / "results.md",
+        f"# Sweep results: {sweep_dir.name}\n\n" + aggregate_markdown(points, grouped, grid_keys, notes) + "\n",
     )
     return points
