@@ -9,6 +9,7 @@ errors naming the key and what is allowed. No torch import here.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -296,12 +297,25 @@ def _suggest(dotted: str) -> str:
     return f"{hint}; allowed keys here: {', '.join(allowed)}"
 
 
+def has_control_character(text: str) -> bool:
+    """True when `text` holds a control character (newline, tab, escape, NUL, ...)."""
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`a.b=1` strings -> nested dict; values parsed as YAML scalars/lists (`x=[1,2]`, `y=null`)."""
+    """`a.b=1` strings -> nested dict; values parsed as YAML scalars/lists (`x=[1,2]`, `y=null`).
+    A control character in an override is refused (it could end a shell or comment line in a job
+    script); write it as a YAML escape instead, e.g. prompt.template="...\\n...".
+    """
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.lam=0.5)")
+        if has_control_character(item):
+            raise ConfigError(
+                f"override {item!r} holds a control character; write it as a YAML escape in double quotes "
+                '(e.g. key="a\\nb")'
+            )
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
         if not key:

@@ -294,3 +294,32 @@ def test_aggregate_counts_a_metric_some_points_lack(tmp_path: Path) -> None:
     assert grouped.loc[0, "n"] == 3 and grouped.loc[0, "test.ndcg@10 n"] == 2
     assert "valid.ndcg@10 n" not in grouped.columns  # every point has it
     assert "0.2000 ± 0.0000 (n=2)" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def test_job_scripts_quote_everything_and_a_newline_in_a_value_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = f"x\ntouch {marker}\n# "
+    grid = {"prompt.instruction": [evil, "plain; touch " + str(marker)], "train.seed": [7]}
+    cfg = sweep_cfg(tmp_path, grid, mode="scripts")
+    outcome = run_sweep(cfg, FakeTrainer())
+    for script in outcome.scripts:
+        text = script.read_text()
+        assert not any(line.startswith("touch") for line in text.splitlines())
+        # run the script with a stub `accelerate` on PATH: only it may run, nothing from the values
+        stub = tmp_path / "bin"
+        stub.mkdir(exist_ok=True)
+        (stub / "accelerate").write_text("#!/usr/bin/env bash\nexit 0\n")
+        (stub / "accelerate").chmod(0o755)
+        env = {"PATH": f"{stub}:/usr/bin:/bin"}
+        subprocess.run(["bash", str(script)], check=True, env=env, cwd=tmp_path)
+        assert not marker.exists()
+    # the value survives the trip through the point config
+    point = load_config(tmp_path / "sweep" / "point_configs" / f"{outcome.points[0]}.yaml")
+    assert point.prompt.instruction == evil
+
+
+@pytest.mark.parametrize("item", ["prompt.instruction=a\nb", "train.seed=1\x1b", "prompt.template=\x00"])
+def test_control_characters_in_overrides_are_refused(item: str) -> None:
+    with pytest.raises(ConfigError, match="control character"):
+        with_overrides(Config(), [item])
+    assert with_overrides(Config(), ['prompt.instruction="a\\nb"']).prompt.instruction == "a\nb"  # YAML escape

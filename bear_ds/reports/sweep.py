@@ -24,6 +24,7 @@ train.resume=auto, so a point that crashed continues from its newest checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -37,7 +38,15 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from bear_ds.config import Config, ConfigError, SweepConfig, build_config, load_config, with_overrides
+from bear_ds.config import (
+    Config,
+    ConfigError,
+    SweepConfig,
+    build_config,
+    has_control_character,
+    load_config,
+    with_overrides,
+)
 from bear_ds.outputs import atomic_path, write_json_atomic, write_text_atomic
 from bear_ds.reports.runs import SWEEP_CONFIG, SWEEP_MANIFEST, flatten, read_config_yaml, read_json
 
@@ -66,9 +75,12 @@ class SweepError(RuntimeError):
 
 
 def override_value(value: Any) -> str:
-    """A grid value as the right-hand side of `key=value`, parsed back to the same value by YAML."""
+    """A grid value as the right-hand side of `key=value`, parsed back to the same value by YAML.
+    Never holds a control character (a newline would end a job script's comment line): such
+    strings are written as JSON, a YAML flow scalar whose escapes (\\n) YAML reads back."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    return text[: -len("...")].strip() if text.endswith("...") else text
+    text = text[: -len("...")].strip() if text.endswith("...") else text
+    return json.dumps(value, ensure_ascii=False) if has_control_character(text) else text
 
 
 def _name_part(value: Any) -> str:
@@ -228,16 +240,22 @@ def _job_script(name: str, overrides: list[str], point_dir: Path, config_path: P
         launch += ["--config_file", launcher]
     launch += ["-m", "bear_ds.train", "--config", str(config_path)]
     done = shlex.quote(str(point_dir / "summary.json"))
+    # everything that reaches the shell is quoted, comments included; a control character in any of
+    # it could end a line early, so none gets through (override_value never writes one)
+    parts = [name, *overrides, str(point_dir), str(config_path), str(launcher or ""), str(Path.cwd())]
+    bad = next((p for p in parts if has_control_character(p)), None)
+    if bad is not None:
+        raise SweepError(f"sweep point {name!r}: control character in {bad!r}: refused in a job script")
     return "\n".join(
         [
             "#!/usr/bin/env bash",
-            f"# bear-ds sweep point {name}",
-            f"# overrides: {' '.join(overrides)}",
+            f"# bear-ds sweep point {shlex.quote(name)}",
+            f"# overrides: {shlex.join(overrides)}",
             "# Exits at once when the point is done (summary.json exists); a crashed point resumes",
             "# from its newest checkpoint (train.resume=auto in its config).",
             "set -euo pipefail",
             f"cd {shlex.quote(str(Path.cwd()))}  # relative paths in the config are relative to here",
-            f'if [ -f {done} ]; then echo "done already: {name}"; exit 0; fi',
+            f"if [ -f {done} ]; then echo {shlex.quote('done already: ' + name)}; exit 0; fi",
             ("" if launcher else "# no sweep.launcher: accelerate uses its default config\n")
             + "exec "
             + shlex.join(launch),
