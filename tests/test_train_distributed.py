@@ -15,19 +15,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from launching import BIN, REPO, kill_after_checkpoint, logged, run_ok
+from launching import launch_env as _env
 from train_data import write_prepared
 
 from bear_ds.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 YAML = REPO / "launchers" / "accelerate" / "cpu_zero3.yaml"
 STEPS = 24
 COMMON = [
@@ -46,29 +45,13 @@ COMMON = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")  # launchers start `deepspeed`/`torchrun` by name
-    return env
-
-
-def _run(cmd: list[str], timeout: float = 85) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
 def _accelerate(overrides: list[str], extra: list[str] | None = None) -> list[str]:
     return [str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port", str(free_port()),
             *(extra or []), "-m", "bear_ds.train", *COMMON, *overrides]  # fmt: skip
 
 
 def _losses(out: Path) -> list[float]:
-    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), "one line per optimiser step, in order"
-    return [r["loss"] for r in rows]
+    return logged(out, "loss")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +62,9 @@ def prepared(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(prepared, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
-    _run(_accelerate([f"data.path={prepared}", f"train.max_steps={STEPS}", "train.save_every=8", f"output_dir={out}"]))
+    run_ok(
+        _accelerate([f"data.path={prepared}", f"train.max_steps={STEPS}", "train.save_every=8", f"output_dir={out}"])
+    )
     return out
 
 
@@ -117,22 +102,10 @@ def test_export_equals_zero_to_fp32_and_loads_with_transformers(reference):
 def test_kill_and_resume_gives_the_same_losses(prepared, reference, tmp_path):
     out = tmp_path / "run"
     cmd = _accelerate([f"data.path={prepared}", f"train.max_steps={STEPS}", "train.save_every=8", f"output_dir={out}"])
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
-    deadline = time.time() + 80
-    try:
-        while not (out / "checkpoints" / "step_8").is_dir():
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(
-                    f"run ended or timed out before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
-                )
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        proc.wait(timeout=30)
+    kill_after_checkpoint(cmd, out, 8)
     assert not (out / "checkpoints" / f"step_{STEPS}").exists(), "killed too late: the run had already finished"
     assert not (out / "model").exists()
-    _run(_accelerate([f"data.path={prepared}", f"train.max_steps={STEPS}", "train.save_every=8", f"output_dir={out}",
+    run_ok(_accelerate([f"data.path={prepared}", f"train.max_steps={STEPS}", "train.save_every=8", f"output_dir={out}",
                       "train.resume=auto"]))  # fmt: skip
     resumed, ref = _losses(out), _losses(reference)
     assert len(resumed) == STEPS
@@ -145,7 +118,7 @@ def test_one_rank_with_accumulation_matches_two_ranks(prepared, reference, tmp_p
     steps = 10
     cmd = [sys.executable, "-m", "bear_ds.train", *COMMON, f"data.path={prepared}", f"train.max_steps={steps}",
            f"output_dir={out}", "train.ds_config=ds_configs/zero3_cpu.json"]  # fmt: skip
-    _run(cmd)
+    run_ok(cmd)
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {(r["world_size"], r["zero_stage"]) for r in rows} == {(1, 3)}
     one, two = _losses(out), _losses(reference)[:steps]
@@ -158,7 +131,7 @@ def test_deepspeed_launcher(prepared, reference, tmp_path):
     cmd = [str(BIN / "deepspeed"), "--num_nodes", "1", "--num_gpus", "2", "--no_local_rank",
            "--master_port", str(free_port()), "--module", "bear_ds.train", *COMMON, f"data.path={prepared}",
            f"train.max_steps={steps}", f"output_dir={out}", "train.zero_stage=3"]  # fmt: skip
-    _run(cmd)
+    run_ok(cmd)
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {(r["world_size"], r["zero_stage"]) for r in rows} == {(2, 3)}
     got, ref = _losses(out), _losses(reference)[:steps]
@@ -208,7 +181,7 @@ def test_lora_under_zero3_trains_only_adapters_and_exports_merged(prepared, refe
     base = tmp_path / "base"
     shutil.copytree(reference / "model", base)
     out = tmp_path / "lora"
-    _run(_accelerate([f"data.path={prepared}", "train.max_steps=4", f"output_dir={out}", "model.name=hf",
+    run_ok(_accelerate([f"data.path={prepared}", "train.max_steps=4", f"output_dir={out}", "model.name=hf",
                       f"model.path={base}", "model.lora.enabled=true", "train.lr=1e-2"]))  # fmt: skip
     assert json.loads((out / "model" / "export_info.json").read_text())["kind"] == "lora_merged"
     before, after = load_file(base / "model.safetensors"), load_file(out / "model" / "model.safetensors")
@@ -249,7 +222,7 @@ torch.distributed.destroy_process_group()  # a rank leaving while gloo still tal
 def test_params_partitioned_on_creation(tmp_path):
     script = tmp_path / "partition.py"
     script.write_text(PARTITION_SCRIPT)
-    _run([str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port", str(free_port()),
+    run_ok([str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port", str(free_port()),
           str(script), str(tmp_path)])  # fmt: skip
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
@@ -277,7 +250,7 @@ def test_nonfinite_loss_stops_the_job_naming_the_step(prepared, reference, tmp_p
 
 def test_per_epoch_evaluation_selects_and_exports_the_best_epoch(prepared, tmp_path):
     out = tmp_path / "epochs"
-    _run(_accelerate([f"data.path={prepared}", "train.epochs=2", "train.global_batch=32", f"output_dir={out}",
+    run_ok(_accelerate([f"data.path={prepared}", "train.epochs=2", "train.global_batch=32", f"output_dir={out}",
                       "train.eval_every_epoch=true", "eval.num_beams=5", "eval.top_k=[1,5]",
                       "train.select_metric=ndcg@5", "train.eval_max_users=8"]))  # fmt: skip
     epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]

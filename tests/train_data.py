@@ -16,10 +16,17 @@ import pyarrow.parquet as pq
 WORDS = ["red", "blue", "green", "stapler", "pen", "paper", "desk", "lamp", "clip", "folder"]
 
 
-def write_prepared(folder: Path, rows: int = 256, items: int = 20, history: int = 3) -> Path:
+def write_prepared(
+    folder: Path, rows: int = 256, items: int = 20, history: int = 3, varied_titles: bool = False
+) -> Path:
+    """varied_titles: titles of 1 to 4 words (responses of different lengths, so a step's number of
+    response positions tells which examples it held); else every title has three words."""
     folder.mkdir(parents=True, exist_ok=True)
     ids = [f"i{k}" for k in range(items)]
-    titles = [f"{WORDS[k % 10]} {WORDS[(k * 3 + 1) % 10]} {k}" for k in range(items)]
+    if varied_titles:
+        titles = [" ".join(WORDS[(k + 3 * j) % 10] for j in range(k % 4)) + f" {k}" for k in range(items)]
+    else:
+        titles = [f"{WORDS[k % 10]} {WORDS[(k * 3 + 1) % 10]} {k}" for k in range(items)]
     pq.write_table(pa.table({"item_id": ids, "title": titles}), folder / "catalog.parquet")
 
     def split(n: int, offset: int) -> pa.Table:

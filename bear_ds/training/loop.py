@@ -1,16 +1,30 @@
-"""The training recipe: setup, train (with checkpoints and per-epoch evaluation), export.
+"""The training recipe: a `Trainer` with an explicit `TrainState`, in a torchtune recipe's shape.
 
     accelerate launch --config_file launchers/accelerate/cpu_zero3.yaml -m bear_ds.train \
         data.path=PREPARED model.name=tiny loss.name=bear train.max_steps=12 train.save_every=6 output_dir=OUT
 
+    Trainer.setup()            accelerator, data + tokenizer + catalog, model (partitioned on creation
+                               under ZeRO-3), optimiser and schedule, resume, the per-epoch evaluator
+    Trainer.train()            epochs; epoch E runs the steps of `epoch_schedule(seed, epoch=E)`
+      .optimizer_step(...)     forward/backward of this rank's micro-batches, optimiser step, log record
+        micro_batch_loss(...)  the loss of one micro-batch (`micro_batch.py`: the place to add a loss)
+      .epoch_end()             evaluate valid (+ test), select the best epoch, export it; then a checkpoint
+    Trainer.finish()           final export, summary.json, leave the process group together
+
 One optimiser step consumes `train.global_batch` examples cut into micro-batches of
-`train.micro_batch`, spread over ranks and accumulation rounds (see `batching.py`). Each
-micro-batch: backbone hidden states (the model never builds full logits), the response positions
-selected (hidden at i predicts token i + 1), the trie states along the gold responses, then
-`losses.response_loss` inside `lm_head_context` (which gathers the partitioned lm_head once under
-ZeRO-3), backward inside that context. Every micro-batch loss is normalised within the
-micro-batch (as the released BEAR does); the step's gradient is their mean, so it does not
-depend on the number of ranks.
+`train.micro_batch`, spread over ranks and accumulation rounds (see `batching.py`). Every
+micro-batch loss is normalised within the micro-batch (as the released BEAR does); the step's
+gradient is their mean, so it does not depend on the number of ranks. A checkpoint records
+(step, epoch, step within the epoch); a resumed run recomputes that epoch's schedule and so
+continues with exactly the batches the uninterrupted run would have used.
+
+Extension points (details in `bear_ds/training/micro_batch.py`):
+- a new loss: `register_loss(name, compute, extra_metrics=..., setup=...)`, where `compute(model,
+  batch, ctx)` is a context manager yielding a `MicroBatchLoss`; the trainer runs the backward
+  inside it and never needs editing;
+- per-step metrics of a loss: (numerator, denominator) pairs in `MicroBatchLoss.extras`, named in
+  `extra_metrics`; they are added over micro-batches and ranks and logged as their ratio in
+  `train_log.jsonl` next to the LossSums metrics (ce, counted, positions, frac_outside_topb, ...).
 """
 
 from __future__ import annotations
@@ -20,17 +34,27 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bear_ds.config import Config, ConfigError, save_config
-from bear_ds.training.batching import collate, epoch_schedule, padded_fraction, rank_micro_batches
+from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from bear_ds.training.distributed import build_accelerator
-from bear_ds.training.examples import encode_training_examples
+from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
+from bear_ds.training.micro_batch import (
+    LossContext,
+    MicroBatch,
+    StepTotals,
+    load_micro_batch,
+    loss_spec,
+    micro_batch_loss,
+)
 from bear_ds.training.train_log import JsonlLog, ProgressBar
 
 logger = logging.getLogger(__name__)
@@ -128,251 +152,406 @@ class EpochEvaluator:
         return results
 
 
-# ---------------------------------------------------------------------------------------- train
-def train(cfg: Config) -> dict[str, Any]:
-    """Train per `cfg` (single process or under accelerate / torchrun / deepspeed); return the summary."""
-    from accelerate.utils import set_seed
+# ---------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Where the run stands: what a checkpoint's `trainer_state.json` records and a resume restores."""
 
-    from bear_ds.catalog import Catalog
-    from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
-    from bear_ds.losses import (
-        LossSums,
-        backbone_hidden_states,
-        lm_head_context,
-        metrics_from_sums,
-        response_loss,
-        select_response,
-    )
-    from bear_ds.models import build_model, pretrained_folder
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # the epoch the next step belongs to
+    step_in_epoch: int = 0  # steps of that epoch done
+    counters: dict[str, Any] = field(default_factory=lambda: {"skipped_micro_batches": 0, "left_out_per_epoch": 0})
 
-    if cfg.train.eval_every_epoch:
-        _check_select_metric(cfg)
-    t_start = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator, plan, zero_stage = build_accelerator(cfg.train, out)
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    if main:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        save_config(cfg, out)
-    else:  # rank 0 reports; the others would repeat every line
-        logging.getLogger("bear_ds").setLevel(logging.ERROR)
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        state = cls(step=saved["step"], epoch=saved["epoch"], step_in_epoch=saved["step_in_epoch"])
+        state.counters.update(saved.get("counters", {}))
+        return state
 
-    # ---- data, tokenizer, catalog (rank 0 writes what is shared; the others then read it)
-    with accelerator.main_process_first():
-        prepared = resolve_prepared(cfg, out / "data")
-        model_folder = pretrained_folder(cfg.model)
-    stats = load_stats(prepared)
-    builder = PromptBuilder(cfg.prompt, cfg.data.domain or stats.get("domain"))
-    titles = load_catalog(prepared)
-    rows = load_split(prepared, "train")
-    histories, targets = rows["history"], rows["target"]
-    with accelerator.main_process_first():
-        prompts = [builder.prompt([titles[i] for i in h]) for h in histories] if model_folder is None else []
-        tokenizer = prepare_tokenizer(cfg, out, model_folder, titles, prompts)
-    catalog = Catalog.build(titles, tokenizer, builder)
-    trie = catalog.trie.to(device)
-
-    # ---- model: created partitioned under ZeRO-3 (the accelerator registered the DS config)
-    set_seed(cfg.train.seed)
-    use_deepspeed = accelerator.state.deepspeed_plugin is not None
-    # DeepSpeed bf16 keeps fp32 master weights itself; without it, fp32 weights + Accelerate's bf16 autocast
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" and use_deepspeed else torch.float32
-    model = build_model(cfg.model, tokenizer, dtype=dtype, folder=model_folder)
-    max_length = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
-    examples = encode_training_examples(
-        histories, targets, titles, catalog, tokenizer, builder,
-        max_length=max_length, truncate_history=cfg.train.truncate_history,
-    )  # fmt: skip
-    steps_per_epoch = len(examples.lengths) // plan.global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(examples.lengths)} training examples < train.global_batch={plan.global_batch}")
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-
-    optimizer = _optimizer(cfg, model)
-    scheduler = _schedule(cfg.train.schedule, optimizer, cfg.train.warmup_steps, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    train_log = JsonlLog(out / "train_log.jsonl", main)
-    epochs_log = JsonlLog(out / "epochs.jsonl", main)
-    step, epoch, step_in_epoch = 0, 0, 0
-    counters = {"skipped_micro_batches": 0, "left_out_per_epoch": 0}
-    if cfg.train.resume == "auto" and (ckpt := latest_checkpoint(out)) is not None:
-        state = load_checkpoint(accelerator, ckpt)
-        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        counters.update(state.get("counters", {}))
-        train_log.truncate_after(step)
-        epochs_log.truncate_after(step)
-        if main:
-            logger.info("resumed from %s: step %d, epoch %d, step %d of the epoch", ckpt, step, epoch, step_in_epoch)
-    else:
-        if latest_checkpoint(out) is not None:  # all ranks raise: never mix two runs' checkpoints
-            raise FileExistsError(
-                f"{out / 'checkpoints'} holds checkpoints of an earlier run: add train.resume=auto to continue it, "
-                "or choose another output_dir"
-            )
-        if main:  # a fresh run starts fresh logs
-            for path in (train_log.path, epochs_log.path):
-                path.unlink(missing_ok=True)
-    if main:
-        logger.info(
-            "world size %d, ZeRO stage %d, global batch %d = micro %d x accumulation %d x %d ranks; "
-            "%d examples, %d steps per epoch, %d steps; prompts truncated: %d (%d history items)",
-            world, zero_stage, plan.global_batch, plan.micro_batch, plan.accumulation, world,
-            len(examples.lengths), steps_per_epoch, total_steps, examples.truncated_examples, examples.truncated_items,
-        )  # fmt: skip
-
-    pad_id = tokenizer.pad_token_id
-    bar = ProgressBar(total_steps, step, main)
-    evaluate = (
-        EpochEvaluator(cfg, prepared, titles, builder, catalog, tokenizer, max_length)
-        if cfg.train.eval_every_epoch
-        else None
-    )
-    if evaluate is not None and not evaluate.splits["valid"][0]:
-        if main:
-            logger.warning("%s/valid.parquet has no rows: no per-epoch evaluation or epoch selection", prepared)
-        evaluate = None
-    elapsed_before = float(counters.get("elapsed_s", 0.0))
-    t_run = time.time()
-    grad_norm = None
-
-    def trainer_state() -> dict[str, Any]:
+    def to_checkpoint(self, world_size: int, zero_stage: int, elapsed_s: float) -> dict[str, Any]:
+        """`trainer_state.json` (`save_checkpoint` adds "step")."""
         return {
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "world_size": world, "zero_stage": zero_stage,
-            "counters": {**counters, "elapsed_s": elapsed_before + time.time() - t_run},
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "world_size": world_size,
+            "zero_stage": zero_stage, "counters": {**self.counters, "elapsed_s": elapsed_s},
         }  # fmt: skip
 
-    while step < total_steps:
-        schedule = epoch_schedule(
-            examples.lengths, global_batch=plan.global_batch, micro_batch=plan.micro_batch,
-            seed=cfg.train.seed, epoch=epoch, length_bucket=cfg.train.length_bucket,
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+
+@dataclass
+class TrainingData:
+    """The prepared data as the trainer uses it (tokenised once, on every rank)."""
+
+    prepared: Path
+    titles: dict[str, str]
+    builder: Any  # PromptBuilder
+    tokenizer: Any
+    catalog: Any  # Catalog
+    examples: EncodedExamples | None = None  # encoded once the model's context length is known
+    max_length: int = 10**9
+
+
+# ---------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """setup() -> train() -> finish(): one run, in the shape of a torchtune recipe.
+
+    `train` runs epochs; an epoch runs `optimizer_step`s over its own schedule
+    (`epoch_schedule(seed, epoch)`); after its last step come `epoch_end` (evaluate valid/test,
+    select, export the best) and a checkpoint. The loss of each micro-batch is `micro_batch_loss`.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Accelerator, data, model (partitioned on creation under ZeRO-3), optimiser, resume, evaluator."""
+        self.t_start = time.time()
+        if self.cfg.train.eval_every_epoch:
+            _check_select_metric(self.cfg)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.accelerator, self.plan, self.zero_stage = build_accelerator(self.cfg.train, self.out)
+        self.main = self.accelerator.is_main_process
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.device = self.accelerator.device
+        if self.main:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            save_config(self.cfg, self.out)
+        else:  # rank 0 reports; the others would repeat every line
+            logging.getLogger("bear_ds").setLevel(logging.ERROR)
+        self.data = self._load_data()
+        self._build_model()
+        self.train_log = JsonlLog(self.out / "train_log.jsonl", self.main)
+        self.epochs_log = JsonlLog(self.out / "epochs.jsonl", self.main)
+        self._restore_or_start()
+        self.evaluate = self._epoch_evaluator()
+        self.bar = ProgressBar(self.total_steps, self.state.step, self.main)
+        self.elapsed_before = float(self.state.counters.get("elapsed_s", 0.0))
+        self.t_run = time.time()
+
+    def _load_data(self) -> TrainingData:
+        """Prepared data, tokenizer, catalog: rank 0 writes what is shared, the others then read it."""
+        from bear_ds.catalog import Catalog
+        from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
+        from bear_ds.models import pretrained_folder
+
+        cfg = self.cfg
+        with self.accelerator.main_process_first():
+            prepared = resolve_prepared(cfg, self.out / "data")
+            self.model_folder = pretrained_folder(cfg.model)
+        builder = PromptBuilder(cfg.prompt, cfg.data.domain or load_stats(prepared).get("domain"))
+        titles = load_catalog(prepared)
+        self.rows = load_split(prepared, "train")
+        with self.accelerator.main_process_first():
+            prompts = (
+                [builder.prompt([titles[i] for i in h]) for h in self.rows["history"]]
+                if self.model_folder is None
+                else []
+            )
+            tokenizer = prepare_tokenizer(cfg, self.out, self.model_folder, titles, prompts)
+        catalog = Catalog.build(titles, tokenizer, builder)
+        return TrainingData(prepared, titles, builder, tokenizer, catalog)
+
+    def _build_model(self) -> None:
+        """Model, the examples fitted to its context, optimiser, schedule, all `accelerator.prepare`d."""
+        from accelerate.utils import set_seed
+
+        from bear_ds.models import build_model
+
+        cfg, data = self.cfg, self.data
+        set_seed(cfg.train.seed)
+        self.use_deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        # DeepSpeed bf16 keeps fp32 master weights itself; without it, fp32 weights + Accelerate's bf16 autocast
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" and self.use_deepspeed else torch.float32
+        model = build_model(cfg.model, data.tokenizer, dtype=dtype, folder=self.model_folder)
+        data.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
+        data.examples = encode_training_examples(
+            self.rows["history"], self.rows["target"], data.titles, data.catalog, data.tokenizer, data.builder,
+            max_length=data.max_length, truncate_history=cfg.train.truncate_history,
         )  # fmt: skip
-        counters["left_out_per_epoch"] = schedule.left_out
-        model.train()
-        while step_in_epoch < len(schedule.steps) and step < total_steps:
-            t_step = time.time()
-            micro = schedule.steps[step_in_epoch]
-            # Per-micro-batch results stay on the device and are read once per step: every read waits for
-            # the GPU, and a wait per micro-batch would leave it idle while the next one is launched.
-            loss_sum = torch.zeros((), device=device)
-            step_sums = LossSums.zeros(loss_sum).as_tensor()  # [9]: the finite micro-batches' LossSums
-            finite_micro = torch.zeros((), device=device)
-            unchecked: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # on_nonfinite=stop: checked after the step
-            for round_index, indices in enumerate(rank_micro_batches(micro, rank, world)):
-                batch = {
-                    k: v.to(device) for k, v in collate(examples.input_ids, examples.labels, indices, pad_id).items()
-                }
-                where = (
-                    f"step {step + 1} (epoch {epoch}, step {step_in_epoch} of the epoch), accumulation round "
-                    f"{round_index}, examples {[int(i) for i in indices[:8]]} on rank {rank}"
-                )
-                with accelerator.accumulate(model):
-                    hidden = backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # [B, L, H]
-                    h, y, s = select_response(hidden, batch["labels"], trie)  # [N, H], [N], [N]
-                    with lm_head_context(model) as head:
-                        result = response_loss(h, head, y, s, trie, cfg.loss)
-                        loss = result.loss
-                        finite = torch.isfinite(loss.detach())
-                        if cfg.train.on_nonfinite == "skip":  # decided before the backward, alike on every rank
-                            if accelerator.reduce((~finite).float()[None], reduction="sum").item() > 0:
-                                counters["skipped_micro_batches"] += 1
-                                logger.warning("skipping a micro-batch with a non-finite loss at %s", where)
-                                finite = torch.zeros_like(finite)
-                                # a zero that reaches every parameter, so ZeRO's gradient hooks still fire
-                                loss = h.float().sum() * 0.0 + head.weight.float().sum() * 0.0
-                        else:
-                            unchecked.append((finite, loss.detach(), where))
-                        loss_sum = loss_sum + torch.where(finite, loss.detach(), 0.0)
-                        step_sums = step_sums + torch.where(finite, result.sums.as_tensor(), 0.0)
-                        finite_micro = finite_micro + finite.float()
-                        accelerator.backward(loss)
-                    if not use_deepspeed:
-                        if accelerator.sync_gradients:
-                            grad_norm = (
-                                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                                if cfg.train.grad_clip > 0
-                                else None
-                            )
-                        optimizer.step()
-                        optimizer.zero_grad()
-            if unchecked:
-                _stop_on_nonfinite(accelerator, unchecked, step)
-            if not accelerator.sync_gradients:
-                raise RuntimeError(
-                    f"step {step + 1}: accumulation out of sync ({plan.accumulation} rounds expected per step)"
-                )
-            if use_deepspeed:  # the engine clipped and stepped inside the last backward
-                grad_norm = model.get_global_grad_norm()
-            lr_used = float(scheduler.get_last_lr()[0])
-            scheduler.step()  # a client schedule: Accelerate steps it only here (step_scheduler_with_optimizer=False)
-            step += 1
-            step_in_epoch += 1
+        self.steps_per_epoch = len(data.examples.lengths) // self.plan.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(data.examples.lengths)} training examples < train.global_batch={self.plan.global_batch}"
+            )
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        optimizer = _optimizer(cfg, model)
+        scheduler = _schedule(cfg.train.schedule, optimizer, cfg.train.warmup_steps, self.total_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.loss = loss_spec(cfg.loss.name)
+        self.loss_ctx = LossContext(
+            cfg, data.catalog.trie.to(self.device), data.catalog, data.tokenizer, data.examples,
+            zero3=self.zero_stage == 3,
+        )  # fmt: skip
+        if self.loss.setup is not None:
+            self.loss_ctx.loss_state = self.loss.setup(self.model, self.loss_ctx)
 
-            # ---- log: token-weighted over the step's micro-batches on all ranks, one read from the device
-            local = torch.cat([step_sums, loss_sum[None], finite_micro[None]]).double()
-            total = accelerator.reduce(local, reduction="sum").cpu()
-            n_finite = float(total[-1])
-            means = {
-                "loss": float(total[-2]) / max(n_finite, 1.0),  # mean of the micro-batch losses
-                **metrics_from_sums(LossSums.from_tensor(total[:-2]), name=cfg.loss.name, form=cfg.loss.form),
-            }
-            if n_finite == 0:  # every micro-batch skipped (train.on_nonfinite=skip): nothing to average
-                means = dict.fromkeys(means, float("nan"))
-            step_time = time.time() - t_step
-            # optimisation time alone (no evaluation, checkpoint or export): what BEAR/MSL cost ratios use
-            counters["optim_time_s"] = counters.get("optim_time_s", 0.0) + step_time
-            real_tokens = int(sum(int(examples.lengths[m].sum()) for m in micro))
-            record = {
-                "step": step,
-                "epoch": epoch + step_in_epoch / len(schedule.steps),
-                "loss": means.get("loss", float("nan")),
-                **{k: v for k, v in means.items() if k != "loss"},
-                "lr": lr_used,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "step_time_s": step_time,
-                "tokens_per_s": real_tokens / max(step_time, 1e-9),
-                "padded_frac": padded_fraction(examples.lengths, micro),
-                "world_size": world,
-                "zero_stage": zero_stage,
-                "skipped_micro_batches": counters["skipped_micro_batches"],
-                "elapsed_s": elapsed_before + time.time() - t_run,
-            }
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                train_log.write(record)
-                if accelerator.trackers:
-                    accelerator.log(
-                        {f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step
-                    )
-            bar.update(record["loss"], record["tokens_per_s"])
+    def _restore_or_start(self) -> None:
+        """train.resume=auto continues from the newest complete checkpoint; a fresh run starts fresh logs."""
+        checkpoint = latest_checkpoint(self.out)
+        if self.cfg.train.resume == "auto" and checkpoint is not None:
+            self.state = TrainState.from_checkpoint(load_checkpoint(self.accelerator, checkpoint))
+            self.train_log.truncate_after(self.state.step)
+            self.epochs_log.truncate_after(self.state.step)
+            if self.main:
+                logger.info("resumed from %s: step %d, epoch %d, step %d of the epoch", checkpoint,
+                            self.state.step, self.state.epoch, self.state.step_in_epoch)  # fmt: skip
+        elif checkpoint is not None:  # all ranks raise: never mix two runs' checkpoints
+            raise FileExistsError(
+                f"{self.out / 'checkpoints'} holds checkpoints of an earlier run: add train.resume=auto to continue "
+                "it, or choose another output_dir"
+            )
+        elif self.main:
+            for path in (self.train_log.path, self.epochs_log.path):
+                path.unlink(missing_ok=True)
+        if self.main:
+            examples, plan = self.data.examples, self.plan
+            logger.info(
+                "world size %d, ZeRO stage %d, global batch %d = micro %d x accumulation %d x %d ranks; "
+                "%d examples, %d steps per epoch, %d steps; prompts truncated: %d (%d history items)",
+                self.world, self.zero_stage, plan.global_batch, plan.micro_batch, plan.accumulation, self.world,
+                len(examples.lengths), self.steps_per_epoch, self.total_steps, examples.truncated_examples,
+                examples.truncated_items,
+            )  # fmt: skip
 
-            epoch_done = step_in_epoch == len(schedule.steps)
-            if epoch_done:  # evaluate before the checkpoint, so a resume never skips it; a partial last epoch
+    def _epoch_evaluator(self) -> EpochEvaluator | None:
+        if not self.cfg.train.eval_every_epoch:
+            return None
+        data = self.data
+        evaluate = EpochEvaluator(
+            self.cfg, data.prepared, data.titles, data.builder, data.catalog, data.tokenizer, data.max_length
+        )
+        if not evaluate.splits["valid"][0]:
+            if self.main:
+                logger.warning(
+                    "%s/valid.parquet has no rows: no per-epoch evaluation or epoch selection", data.prepared
+                )
+            return None
+        return evaluate
+
+    # ------------------------------------------------------------------------------------ train
+    def train(self) -> None:
+        """Epochs until train.max_steps or train.epochs; each epoch draws its own batch order."""
+        while self.state.step < self.total_steps:
+            self.train_epoch()
+        self.bar.close()
+
+    def train_epoch(self) -> None:
+        """The rest of the current epoch (all of it unless resumed inside it), up to the run's last step."""
+        state, train_cfg = self.state, self.cfg.train
+        schedule = epoch_schedule(
+            self.data.examples.lengths, global_batch=self.plan.global_batch, micro_batch=self.plan.micro_batch,
+            seed=train_cfg.seed, epoch=state.epoch, length_bucket=train_cfg.length_bucket,
+        )  # fmt: skip
+        state.counters["left_out_per_epoch"] = schedule.left_out
+        self.model.train()
+        while state.step_in_epoch < len(schedule.steps) and state.step < self.total_steps:
+            self.log_step(self.optimizer_step(schedule.steps[state.step_in_epoch]))
+            if state.step_in_epoch == len(schedule.steps):
+                # evaluate before the checkpoint, so a resume never skips it; a partial last epoch
                 # (train.max_steps) is not evaluated
-                _epoch_end(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, out, epoch, step)
-            if epoch_done:
-                epoch, step_in_epoch = epoch + 1, 0
-            if epoch_done or step == total_steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
-                save_checkpoint(accelerator, out, step, trainer_state(), cfg.train.keep_last)
-        if step_in_epoch >= len(schedule.steps):  # resumed exactly at an epoch's end
-            epoch, step_in_epoch = epoch + 1, 0
-    bar.close()
+                self.epoch_end()
+                state.next_epoch()
+                self.save_checkpoint()
+                return
+            if state.step == self.total_steps or (train_cfg.save_every and state.step % train_cfg.save_every == 0):
+                self.save_checkpoint()
+        if state.step_in_epoch >= len(schedule.steps):  # resumed exactly at an epoch's end
+            state.next_epoch()
 
-    summary = _finish(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, out, step, world, zero_stage)
-    summary["train_time_s"] = elapsed_before + time.time() - t_run  # including per-epoch evaluation
-    summary["optim_time_s"] = counters.get("optim_time_s", 0.0)  # optimiser steps only
-    summary["wall_time_s"] = time.time() - t_start
-    summary["counters"] = counters
-    if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # leave together: a rank exiting while gloo still talks to it aborts the other ("terminate called")
-        torch.distributed.destroy_process_group()
-    return summary
+    def optimizer_step(self, step_micro_batches: list[np.ndarray]) -> dict[str, Any]:
+        """Forward and backward of this rank's micro-batches of the step, the optimiser and schedule
+        step; returns the step's log record (losses reduced over every micro-batch and rank)."""
+        t_step = time.time()
+        state, accelerator = self.state, self.accelerator
+        totals = StepTotals(self.device, self.loss.extra_metrics)
+        unchecked: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # on_nonfinite=stop: checked after the step
+        grad_norm = None
+        for round_index, indices in enumerate(rank_micro_batches(step_micro_batches, self.rank, self.world)):
+            where = (
+                f"step {state.step + 1} (epoch {state.epoch}, step {state.step_in_epoch} of the epoch), "
+                f"accumulation round {round_index}, examples {[int(i) for i in indices[:8]]} on rank {self.rank}"
+            )
+            batch = load_micro_batch(self.data.examples, indices, self.data.tokenizer.pad_token_id, self.device, where)
+            with accelerator.accumulate(self.model):
+                self._forward_backward(batch, totals, unchecked)
+                if not self.use_deepspeed:  # Accelerate steps only on the accumulation's last round
+                    if accelerator.sync_gradients and self.cfg.train.grad_clip > 0:
+                        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+        if unchecked:
+            _stop_on_nonfinite(accelerator, unchecked, state.step)
+        if not accelerator.sync_gradients:
+            raise RuntimeError(
+                f"step {state.step + 1}: accumulation out of sync ({self.plan.accumulation} rounds expected per step)"
+            )
+        if self.use_deepspeed:  # the engine clipped and stepped inside the last backward
+            grad_norm = self.model.get_global_grad_norm()
+        lr_used = float(self.scheduler.get_last_lr()[0])
+        self.scheduler.step()  # a client schedule: Accelerate steps it only here (step_scheduler_with_optimizer=False)
+        state.step += 1
+        state.step_in_epoch += 1
+        means = totals.reduce(accelerator, self.cfg)
+        step_time = time.time() - t_step
+        # optimisation time alone (no evaluation, checkpoint or export): what BEAR/MSL cost ratios use
+        state.counters["optim_time_s"] = state.counters.get("optim_time_s", 0.0) + step_time
+        lengths = self.data.examples.lengths
+        real_tokens = int(sum(int(lengths[m].sum()) for m in step_micro_batches))
+        return {
+            "step": state.step,
+            "epoch": state.epoch + state.step_in_epoch / self.steps_per_epoch,
+            **means,  # loss, then the loss's own metrics (ce, counted, positions, ...)
+            "lr": lr_used,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "step_time_s": step_time,
+            "tokens_per_s": real_tokens / max(step_time, 1e-9),
+            "padded_frac": padded_fraction(lengths, step_micro_batches),
+            "world_size": self.world,
+            "zero_stage": self.zero_stage,
+            "skipped_micro_batches": state.counters["skipped_micro_batches"],
+            "elapsed_s": self.elapsed(),
+        }
+
+    def _forward_backward(
+        self, batch: MicroBatch, totals: StepTotals, unchecked: list[tuple[torch.Tensor, torch.Tensor, str]]
+    ) -> None:
+        """One micro-batch: its loss, the non-finite policy, the backward (inside the loss's context)."""
+        with micro_batch_loss(self.model, batch, self.loss_ctx) as out:
+            loss = out.loss
+            finite = torch.isfinite(loss.detach())
+            if self.cfg.train.on_nonfinite == "skip":  # decided before the backward, alike on every rank
+                if self.accelerator.reduce((~finite).float()[None], reduction="sum").item() > 0:
+                    self.state.counters["skipped_micro_batches"] += 1
+                    logger.warning("skipping a micro-batch with a non-finite loss at %s", batch.where)
+                    finite = torch.zeros_like(finite)
+                    loss = out.zero()  # reaches every parameter, so ZeRO's gradient hooks still fire
+            else:
+                unchecked.append((finite, loss.detach(), batch.where))
+            totals.add(out, loss, finite)
+            self.accelerator.backward(loss)
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if step % self.cfg.train.log_every == 0 or step == self.total_steps:
+            self.train_log.write(record)
+            if self.accelerator.trackers:
+                self.accelerator.log(
+                    {f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step
+                )
+        self.bar.update(record["loss"], record["tokens_per_s"])
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far, across resumes (evaluation and checkpoints included)."""
+        return self.elapsed_before + time.time() - self.t_run
+
+    def save_checkpoint(self) -> None:
+        trainer_state = self.state.to_checkpoint(self.world, self.zero_stage, self.elapsed())
+        save_checkpoint(self.accelerator, self.out, self.state.step, trainer_state, self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------------------------------ epoch end
+    def epoch_end(self) -> None:
+        """Evaluate valid (and test) after an epoch; export OUT/model when the epoch is the best so far."""
+        if self.evaluate is None:
+            return
+        epoch, step, metric = self.state.epoch, self.state.step, self.cfg.train.select_metric
+        every_epoch = self.cfg.train.eval_test == "every_epoch"
+        results = self._evaluate(("valid", "test") if every_epoch else ("valid",))
+        valid = results["valid"]
+        if metric not in valid:
+            raise KeyError(f"train.select_metric={metric!r} is not among the validation metrics {sorted(valid)}")
+        previous = self.epochs_log.read() if self.main else []
+        best = max((r["valid"][metric] for r in previous), default=-math.inf)
+        improved = _main_decides(self.accelerator, valid[metric] > best)
+        if not every_epoch and improved:  # the model in memory is the best so far: its test is the one reported
+            results.update(self._evaluate(("test",)))
+        test = results.get("test", {})
+        if self.main:
+            logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
+        self.epochs_log.write({"epoch": epoch, "step": step, "valid": valid, "test": test})
+        if improved:
+            self.export("model", {"epoch": epoch, "step": step, "selected_by": metric})
+
+    def _evaluate(self, splits: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        return self.evaluate(self.accelerator, self.model, self.data.tokenizer, self.data.catalog, splits=splits)
+
+    def export(self, name: str, extra: dict[str, Any]) -> None:
+        """Collective: the consolidated model into OUT/name (see `export.py`)."""
+        export_model(self.accelerator, self.model, self.out / name, tokenizer=self.data.tokenizer,
+                     catalog=self.data.catalog, cfg=self.cfg, extra=extra)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------ finish
+    def finish(self) -> dict[str, Any]:
+        """Final export and OUT/summary.json (OUT/model is the selected epoch when epochs were evaluated)."""
+        summary: dict[str, Any] = {"steps": self.state.step, "world_size": self.world, "zero_stage": self.zero_stage}
+        summary["model"] = self._export_final()
+        records = self.epochs_log.read() if self.main else []
+        if records:
+            summary.update(self._selection(records, summary["model"]))
+        logs = self.train_log.read()
+        summary["loss"] = logs[-1]["loss"] if logs else None
+        summary["train_time_s"] = self.elapsed()  # including per-epoch evaluation
+        summary["optim_time_s"] = self.state.counters.get("optim_time_s", 0.0)  # optimiser steps only
+        summary["wall_time_s"] = time.time() - self.t_start
+        summary["counters"] = self.state.counters
+        if self.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.cleanup()
+        return summary
+
+    def _export_final(self) -> dict[str, str]:
+        step = self.state.step
+        if self.evaluate is None or not _main_decides(self.accelerator, (self.out / "model").exists()):
+            self.export("model", {"step": step, "selected_by": None})
+            return {"path": "model", "is": "final model (no per-epoch evaluation)"}
+        self.export("model_final", {"step": step})
+        return {"path": "model", "is": "the selected epoch's model", "final": "model_final"}
+
+    def _selection(self, records: list[dict[str, Any]], model_info: dict[str, str]) -> dict[str, Any]:
+        """The selected epoch's metrics (rank 0); flags an OUT/model that is not that epoch's."""
+        metric = self.cfg.train.select_metric
+        best = max(records, key=lambda r: r["valid"][metric])
+        selection: dict[str, Any] = {
+            "selected_epoch": best["epoch"], "select_metric": metric, "valid": best["valid"], "test": best["test"],
+        }  # fmt: skip
+        exported = _read_export_info(self.out / "model")
+        if exported.get("epoch") != best["epoch"]:
+            # a crash between an epoch's export and its checkpoint, then a replay that did not improve
+            # on the best: OUT/model is from a discarded continuation. Say so rather than pair them.
+            why = (
+                f"{self.out / 'model'} holds epoch {exported.get('epoch')} (step {exported.get('step')}) but the "
+                f"selected epoch is {best['epoch']}; re-export that epoch from its checkpoint if it is still kept"
+            )
+            model_info["mismatch"] = why
+            logger.error("%s", why)
+        if self.cfg.train.eval_test == "every_epoch":
+            selection["test_max_over_epochs"] = {
+                "protocol": "released (max over epochs of TEST metrics; for comparison only, not model selection)",
+                **{
+                    k: max(r["test"].get(k, -math.inf) for r in records)
+                    for k in best["test"]
+                    if k.startswith(("hr@", "ndcg@"))
+                },  # fmt: skip
+            }
+        return selection
+
+    def cleanup(self) -> None:
+        """Leave together: a rank exiting while gloo still talks to it aborts the other ("terminate called")."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train per `cfg` (single process or under accelerate / torchrun / deepspeed); return the summary."""
+    trainer = Trainer(cfg)
+    trainer.setup()
+    trainer.train()
+    return trainer.finish()
 
 
 # ---------------------------------------------------------------------------------------- epochs
@@ -418,75 +597,8 @@ def _stop_on_nonfinite(accelerator, unchecked: list[tuple[torch.Tensor, torch.Te
     )
 
 
-def _epoch_end(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, out, epoch, step) -> None:
-    """Evaluate valid + test after an epoch; export OUT/model when the epoch is the best so far."""
-    if evaluate is None:
-        return
-    every_epoch = cfg.train.eval_test == "every_epoch"
-    results = evaluate(accelerator, model, tokenizer, catalog, splits=("valid", "test") if every_epoch else ("valid",))
-    valid = results["valid"]
-    metric = cfg.train.select_metric
-    if metric not in valid:
-        raise KeyError(f"train.select_metric={metric!r} is not among the validation metrics {sorted(valid)}")
-    previous = epochs_log.read() if accelerator.is_main_process else []
-    best = max((r["valid"][metric] for r in previous), default=-math.inf)
-    improved = _main_decides(accelerator, valid[metric] > best)
-    if not every_epoch and improved:  # the model in memory is the best so far: its test is the one reported
-        results.update(evaluate(accelerator, model, tokenizer, catalog, splits=("test",)))
-    test = results.get("test", {})
-    if accelerator.is_main_process:
-        logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
-    record = {"epoch": epoch, "step": step, "valid": valid, "test": test}
-    epochs_log.write(record)
-    if improved:
-        export_model(accelerator, model, out / "model", tokenizer=tokenizer, catalog=catalog, cfg=cfg,
-                     extra={"epoch": epoch, "step": step, "selected_by": metric})  # fmt: skip
-
-
 def _metric_text(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("hr@", "ndcg@")))
 
 
-def _finish(cfg, accelerator, model, tokenizer, catalog, evaluate, epochs_log, out, step, world, zero_stage) -> dict:
-    """Final export and the summary; OUT/model is the selected epoch when epochs were evaluated."""
-    summary: dict[str, Any] = {"steps": step, "world_size": world, "zero_stage": zero_stage}
-    records = epochs_log.read() if accelerator.is_main_process else []
-    if evaluate is None or not _main_decides(accelerator, (out / "model").exists()):
-        export_model(accelerator, model, out / "model", tokenizer=tokenizer, catalog=catalog, cfg=cfg,
-                     extra={"step": step, "selected_by": None})  # fmt: skip
-        summary["model"] = {"path": "model", "is": "final model (no per-epoch evaluation)"}
-    else:
-        export_model(accelerator, model, out / "model_final", tokenizer=tokenizer, catalog=catalog, cfg=cfg,
-                     extra={"step": step})  # fmt: skip
-        summary["model"] = {"path": "model", "is": "the selected epoch's model", "final": "model_final"}
-    if records:
-        metric = cfg.train.select_metric
-        best = max(records, key=lambda r: r["valid"][metric])
-        summary.update(
-            selected_epoch=best["epoch"], select_metric=metric, valid=best["valid"], test=best["test"],
-        )  # fmt: skip
-        exported = _read_export_info(out / "model")
-        if exported.get("epoch") != best["epoch"]:
-            # a crash between an epoch's export and its checkpoint, then a replay that did not improve
-            # on the best: OUT/model is from a discarded continuation. Say so rather than pair them.
-            why = (
-                f"{out / 'model'} holds epoch {exported.get('epoch')} (step {exported.get('step')}) but the "
-                f"selected epoch is {best['epoch']}; re-export that epoch from its checkpoint if it is still kept"
-            )
-            summary["model"]["mismatch"] = why
-            logger.error("%s", why)
-        if cfg.train.eval_test == "every_epoch":
-            summary["test_max_over_epochs"] = {
-                "protocol": "released (max over epochs of TEST metrics; for comparison only, not model selection)",
-                **{
-                    k: max(r["test"].get(k, -math.inf) for r in records)
-                    for k in best["test"]
-                    if k.startswith(("hr@", "ndcg@"))
-                },  # fmt: skip
-            }
-    logs = JsonlLog(out / "train_log.jsonl", accelerator.is_main_process).read()
-    summary["loss"] = logs[-1]["loss"] if logs else None
-    return summary
-
-
-__all__ = ["NonFiniteLossError", "prepare_tokenizer", "train"]
+__all__ = ["NonFiniteLossError", "TrainState", "Trainer", "prepare_tokenizer", "train"]

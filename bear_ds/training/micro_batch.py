@@ -1,0 +1,216 @@
+"""The loss of one micro-batch: the one place where a training loss meets the model.
+
+`micro_batch_loss(model, batch, ctx)` dispatches on `cfg.loss.name` to the loss registered in
+`LOSSES` and yields a `MicroBatchLoss`; the trainer runs the backward inside the `with` block
+(under ZeRO-3 the gathered lm_head must still be held when the chunks are recomputed):
+
+    with accelerator.accumulate(model), micro_batch_loss(model, batch, ctx) as out:
+        accelerator.backward(out.loss)
+        totals.add(out, out.loss, finite)
+
+Adding a loss (e.g. one that runs a beam search over the micro-batch's prompts first, or one that
+needs negative sequences and reference log-probabilities per example):
+1. the math as pure tensor functions in `bear_ds/losses/` (returning sums, normalised once);
+2. a context manager `compute(model, batch, ctx) -> Iterator[MicroBatchLoss]` registered with
+   `register_loss("name", compute, extra_metrics=(...), setup=...)` (and the name added to
+   `LossConfig.name` in `bear_ds/config.py`). It gets the micro-batch's tensors, the example
+   indices and prompts (`batch.prompt_ids()`), and `ctx` (config, trie, catalog, tokenizer, all
+   encoded examples, whether ZeRO-3 partitions the model, and `ctx.loss_state`: what `setup`
+   returned, e.g. reference log-probabilities computed once before training);
+3. per-step metrics beyond the LossSums ones: name them in `extra_metrics` and return each in
+   `MicroBatchLoss.extras` as a (numerator, denominator) pair of device scalars. The trainer adds
+   them over the step's micro-batches and ranks and logs numerator / denominator under that name
+   in `train_log.jsonl` (e.g. `reward_accuracy` = correct pairs / pairs).
+Every micro-batch on every rank must take part in the same collectives (ZeRO-3 gathers, a
+synced beam search), whatever its number of response tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from bear_ds.catalog import IGNORE_INDEX, Catalog
+from bear_ds.config import Config
+from bear_ds.losses import (
+    LossSums,
+    backbone_hidden_states,
+    lm_head_context,
+    metrics_from_sums,
+    response_loss,
+    select_response,
+)
+from bear_ds.training.batching import collate
+from bear_ds.training.examples import EncodedExamples
+from bear_ds.trie import TokenTrie
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as the model sees it, and where it comes from (for messages and lookups)."""
+
+    input_ids: torch.Tensor  # [B, L] right-padded
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor  # [B, L], IGNORE_INDEX on prompt and padding
+    indices: np.ndarray  # [B] example indices into `LossContext.examples`
+    where: str  # "step S (epoch E, ...), accumulation round R, examples [...] on rank K"
+
+    def prompt_ids(self) -> list[list[int]]:
+        """The prompt token ids of each example (without the response), for losses that decode."""
+        prompts = []
+        for row in range(self.labels.shape[0]):
+            response = (self.labels[row] != IGNORE_INDEX).nonzero()
+            start = int(response[0, 0]) if response.numel() else int(self.attention_mask[row].sum())
+            prompts.append(self.input_ids[row, :start].tolist())
+        return prompts
+
+
+@dataclass
+class LossContext:
+    """What a loss may read besides the micro-batch; built once by the trainer."""
+
+    cfg: Config
+    trie: TokenTrie  # on the training device
+    catalog: Catalog
+    tokenizer: Any
+    examples: EncodedExamples
+    zero3: bool  # parameters are ZeRO-3 partitioned: every rank must run the same collectives
+    loss_state: Any = None  # what the loss's `setup` returned
+
+
+@dataclass
+class MicroBatchLoss:
+    loss: torch.Tensor  # scalar float32, carries gradient
+    sums: LossSums  # the LossSums diagnostics (ce, counted, positions, pruning risk, ...)
+    zero: Callable[[], torch.Tensor]  # a 0 that reaches every parameter the loss reaches (a skipped batch)
+    extras: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (num, den)
+
+
+MicroBatchLossFn = Callable[[Any, MicroBatch, LossContext], contextlib.AbstractContextManager[MicroBatchLoss]]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    compute: MicroBatchLossFn
+    extra_metrics: tuple[str, ...] = ()  # keys of `MicroBatchLoss.extras`, logged per step
+    setup: Callable[[Any, LossContext], Any] | None = None  # (model, ctx) -> ctx.loss_state, once
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(
+    name: str,
+    compute: MicroBatchLossFn,
+    *,
+    extra_metrics: tuple[str, ...] = (),
+    setup: Callable[[Any, LossContext], Any] | None = None,
+) -> None:
+    """Make `loss.name=name` train with `compute` (see the module docstring)."""
+    LOSSES[name] = LossSpec(compute, tuple(extra_metrics), setup)
+
+
+def loss_spec(name: str) -> LossSpec:
+    if name not in LOSSES:
+        raise ValueError(f"loss.name={name!r} has no training loss registered (known: {', '.join(sorted(LOSSES))})")
+    return LOSSES[name]
+
+
+@contextlib.contextmanager
+def token_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
+    """LML / MSL / BEAR: the chunked response head on the backbone's hidden states.
+
+    Hidden state i predicts token i + 1; only response positions are projected to the vocabulary.
+    """
+    hidden = backbone_hidden_states(model, batch.input_ids, batch.attention_mask)  # [B, L, H]
+    h, y, s = select_response(hidden, batch.labels, ctx.trie)  # [N, H], [N], [N]
+    with lm_head_context(model) as head:
+        result = response_loss(h, head, y, s, ctx.trie, ctx.cfg.loss)
+        yield MicroBatchLoss(
+            loss=result.loss,
+            sums=result.sums,
+            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
+        )
+
+
+for _name in ("lml", "msl", "bear"):
+    register_loss(_name, token_loss)
+
+
+def load_micro_batch(
+    examples: EncodedExamples, indices: np.ndarray, pad_token_id: int, device: torch.device, where: str
+) -> MicroBatch:
+    tensors = {k: v.to(device) for k, v in collate(examples.input_ids, examples.labels, indices, pad_token_id).items()}
+    return MicroBatch(**tensors, indices=indices, where=where)
+
+
+def micro_batch_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> contextlib.AbstractContextManager:
+    """The configured loss of one micro-batch (a context manager: run the backward inside it)."""
+    return loss_spec(ctx.cfg.loss.name).compute(model, batch, ctx)
+
+
+class StepTotals:
+    """The step's loss sums, added on the device over its micro-batches and read once after the
+    all-reduce (every read waits for the device; one per micro-batch would leave it idle).
+
+    Layout of the vector: LossSums fields, then (numerator, denominator) per extra metric, then the
+    sum of the finite micro-batch losses and their count.
+    """
+
+    def __init__(self, device: torch.device, extra_metrics: tuple[str, ...]) -> None:
+        self.extra_metrics = extra_metrics
+        self.sums = torch.zeros(len(LossSums.__dataclass_fields__) + 2 * len(extra_metrics), device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.finite_micro = torch.zeros((), device=device)
+
+    def add(self, out: MicroBatchLoss, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        """Add a micro-batch's sums when `finite` (a bool device scalar); `loss` is the one backpropagated."""
+        if set(out.extras) != set(self.extra_metrics):
+            raise ValueError(
+                f"the loss returned extra metrics {sorted(out.extras)} but registered {list(self.extra_metrics)}"
+            )
+        pairs = [t.detach().float() for name in self.extra_metrics for t in out.extras[name]]
+        vector = torch.cat([out.sums.as_tensor(), torch.stack(pairs)]) if pairs else out.sums.as_tensor()
+        self.sums = self.sums + torch.where(finite, vector, 0.0)
+        self.loss_sum = self.loss_sum + torch.where(finite, loss.detach(), 0.0)
+        self.finite_micro = self.finite_micro + finite.float()
+
+    def reduce(self, accelerator, cfg: Config) -> dict[str, float]:
+        """Token-weighted means over every micro-batch of every rank (collective); "loss" first.
+
+        All nan when every micro-batch was skipped (train.on_nonfinite=skip): nothing to average.
+        """
+        local = torch.cat([self.sums, self.loss_sum[None], self.finite_micro[None]]).double()
+        total = accelerator.reduce(local, reduction="sum").cpu()
+        n_sums = len(LossSums.__dataclass_fields__)
+        n_finite = float(total[-1])
+        means = {
+            "loss": float(total[-2]) / max(n_finite, 1.0),  # mean of the micro-batch losses
+            **metrics_from_sums(LossSums.from_tensor(total[:n_sums]), name=cfg.loss.name, form=cfg.loss.form),
+        }
+        for k, name in enumerate(self.extra_metrics):
+            numerator, denominator = float(total[n_sums + 2 * k]), float(total[n_sums + 2 * k + 1])
+            means[name] = numerator / denominator if denominator else float("nan")
+        if n_finite == 0:
+            means = dict.fromkeys(means, float("nan"))
+        return means
+
+
+__all__ = [
+    "LOSSES",
+    "LossContext",
+    "LossSpec",
+    "MicroBatch",
+    "MicroBatchLoss",
+    "StepTotals",
+    "load_micro_batch",
+    "loss_spec",
+    "micro_batch_loss",
+    "register_loss",
+    "token_loss",
+]
