@@ -16,11 +16,12 @@ is read from the standard environment variables (RANK, WORLD_SIZE, MASTER_ADDR, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -409,11 +410,33 @@ def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
     )
 
 
+@contextlib.contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """Inside, `from_pretrained` builds full tensors even when a ZeRO-3 `HfDeepSpeedConfig` is alive.
+
+    Accelerate's DeepSpeed plugin keeps the one of a ZeRO-3 training alive in its process-wide
+    state after `train` returns; transformers then partitions every model it loads, so a model
+    loaded afterwards in the same process (a sweep point's analysis) had 0-sized weights and
+    failed in the embedding ("Padding_idx must be within num_embeddings").
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers' one switch for zero3 init
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_model_replicated(model_dir: Path, device: torch.device) -> torch.nn.Module:
-    """The full model on this rank's device (local files only)."""
+    """The full model on this rank's device (local files only), never ZeRO-3 partitioned."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+    with zero3_init_disabled():
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+    if is_zero3_partitioned(model):
+        raise RuntimeError(f"{model_dir} was loaded ZeRO-3 partitioned where a full copy was asked for")
     return model.to(device).eval()
 
 

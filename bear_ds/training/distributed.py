@@ -134,7 +134,15 @@ def build_accelerator(train_cfg: TrainConfig, project_dir: str | Path | None = N
     Must run before the model is built so that ZeRO-3 partitions the model on creation.
     """
     from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.state import AcceleratorState, GradientState, PartialState
     from accelerate.utils import InitProcessGroupKwargs
+
+    if AcceleratorState._shared_state or PartialState._shared_state:
+        # a training that ran earlier in this process (the previous point of an in-process sweep) left
+        # its state, DeepSpeed plugin included (Accelerate refuses a second one), and destroyed its
+        # process group on the way out: start from a clean state, joining a new group if needed
+        AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+        GradientState._reset_state()
 
     # DeepSpeed 0.19 calls torch.distributed collectives torch 2.13 deprecates: one warning per call
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -541,6 +542,11 @@ class Trainer:
     def cleanup(self) -> None:
         """Leave together: a rank exiting while gloo still talks to it aborts the other ("terminate called")."""
         self.accelerator.wait_for_everyone()
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            # through DeepSpeed, which then forgets the groups it cached: a later training in this
+            # process (an in-process sweep's next point) would otherwise use the destroyed ones
+            ds_comm.destroy_process_group()
         self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
