@@ -178,13 +178,34 @@ class Catalog:
         """Group (trie terminal id) of an item; None when the item is not in the catalog."""
         return self._group_index.get(item_id)
 
-    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Raise ValueError when `tokenizer` is not the one the catalog was built with (eos id or size differ)."""
+    def check_tokenizer(
+        self, tokenizer: PreTrainedTokenizerBase, response_builder: ResponseBuilder | None = None
+    ) -> None:
+        """Raise ValueError when `tokenizer` is not the one the catalog was built with: eos id or size
+        differ, or (with `response_builder`) a title's response tokenises to other ids than the
+        catalog's. Every distinct title is checked, in one batched call; the message names an item."""
         problems = []
         if tokenizer.eos_token_id != self.eos_token_id:
             problems.append(f"eos id {tokenizer.eos_token_id} != {self.eos_token_id}")
         if len(tokenizer) != self.vocab_size:
             problems.append(f"vocabulary size {len(tokenizer)} != {self.vocab_size}")
+        if not problems and response_builder is not None:
+            first_item = {}
+            for item_id, title, group in zip(self.item_ids, self.titles, self.item_group, strict=True):
+                first_item.setdefault(title, (item_id, group))
+            titles = list(first_item)
+            encoded = tokenizer([response_builder.response(t) for t in titles], add_special_tokens=False)["input_ids"]
+            wrong = [
+                (t, ids) for t, ids in zip(titles, encoded, strict=True)
+                if [*ids, self.eos_token_id] != self.group_token_ids[first_item[t][1]]
+            ]  # fmt: skip
+            if wrong:
+                title, ids = wrong[0]
+                item_id, group = first_item[title]
+                problems.append(
+                    f"{len(wrong)} of {len(titles)} titles tokenise to other ids, e.g. item {item_id!r} "
+                    f"({title!r}): {[*ids, self.eos_token_id][:12]} here, {self.group_token_ids[group][:12]} in the catalog"
+                )
         if problems:
             raise ValueError(
                 f"tokenizer {tokenizer.name_or_path!r} does not match the catalog's ({self.tokenizer_name!r}): "

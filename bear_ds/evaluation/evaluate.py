@@ -365,7 +365,7 @@ def load_eval_inputs(cfg: Any, ctx: DistContext) -> EvalInputs:
     builder = PromptBuilder(cfg.prompt, domain)
     if (model_dir / CATALOG_FILE).is_file():
         catalog = Catalog.load(model_dir)
-        catalog.check_tokenizer(tokenizer)
+        catalog.check_tokenizer(tokenizer, builder)  # every title's token ids, not only eos and size
     else:
         catalog = Catalog.build(titles, tokenizer, builder)
 
