@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"bear-ds {args.command}: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, ValueError, RuntimeError) as err:
         # RuntimeError only for our own SweepError: a torch RuntimeError keeps its traceback
         if os.environ.get("BEAR_DS_TRACEBACK") or (
             isinstance(err, RuntimeError) and type(err).__name__ != "SweepError"
         ):
             raise
-        # data, catalog and sweep errors name the file/line/key; a traceback would bury that
+        # data, catalog, sweep and output-folder errors name the file/line/key; a traceback would bury that
         # (BEAR_DS_TRACEBACK=1 shows it)
         print(f"bear-ds {args.command}: error: {err}", file=sys.stderr)
         return 1

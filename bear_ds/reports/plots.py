@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from bear_ds.outputs import atomic_path  # noqa: E402
+
 _MAX_LEGEND_ROWS = 12
 
 
@@ -37,8 +39,8 @@ def _finish(fig: Any, ax: Any, out: Path, n_series: int) -> None:
     else:
         ax.legend(fontsize="small")
     ax.grid(True, alpha=0.3)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
