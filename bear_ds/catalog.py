@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from transformers import PreTrainedTokenizerBase
 
 from bear_ds.errors import MissingPathError
+from bear_ds.outputs import write_text_atomic
 from bear_ds.trie import TokenTrie
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,9 @@ class Catalog:
     ) -> Catalog:
         """Tokenise every distinct response once (one batched call), group items, build the trie.
 
-        Raises ValueError naming the item ids when a title is empty, when a response tokenises to
-        nothing, or when it contains the EOS id (e.g. a title with the literal text "</s>"), which
+        An empty title is an item like any other (its response is `""`). Raises ValueError naming
+        the item ids when a title is not a string, when a response tokenises to nothing, or when it
+        contains the EOS id (e.g. a title with the literal text "</s>"), which
         would end decoding early.
         """
         if not items:
@@ -93,9 +95,6 @@ class Catalog:
         not_text = [item_id for item_id, title in items.items() if not isinstance(title, str)]
         if not_text:
             raise ValueError(f"{len(not_text)} items have a title that is not a string: {_preview(not_text)}")
-        empty = [item_id for item_id, title in items.items() if not title.strip()]
-        if empty:
-            raise ValueError(f"{len(empty)} items have an empty title (cannot be decoded): {_preview(empty)}")
 
         item_ids = list(items)
         titles = [items[i] for i in item_ids]
@@ -180,13 +179,34 @@ class Catalog:
         """Group (trie terminal id) of an item; None when the item is not in the catalog."""
         return self._group_index.get(item_id)
 
-    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Raise ValueError when `tokenizer` is not the one the catalog was built with (eos id or size differ)."""
+    def check_tokenizer(
+        self, tokenizer: PreTrainedTokenizerBase, response_builder: ResponseBuilder | None = None
+    ) -> None:
+        """Raise ValueError when `tokenizer` is not the one the catalog was built with: eos id or size
+        differ, or (with `response_builder`) a title's response tokenises to other ids than the
+        catalog's. Every distinct title is checked, in one batched call; the message names an item."""
         problems = []
         if tokenizer.eos_token_id != self.eos_token_id:
             problems.append(f"eos id {tokenizer.eos_token_id} != {self.eos_token_id}")
         if len(tokenizer) != self.vocab_size:
             problems.append(f"vocabulary size {len(tokenizer)} != {self.vocab_size}")
+        if not problems and response_builder is not None:
+            first_item = {}
+            for item_id, title, group in zip(self.item_ids, self.titles, self.item_group, strict=True):
+                first_item.setdefault(title, (item_id, group))
+            titles = list(first_item)
+            encoded = tokenizer([response_builder.response(t) for t in titles], add_special_tokens=False)["input_ids"]
+            wrong = [
+                (t, ids) for t, ids in zip(titles, encoded, strict=True)
+                if [*ids, self.eos_token_id] != self.group_token_ids[first_item[t][1]]
+            ]  # fmt: skip
+            if wrong:
+                title, ids = wrong[0]
+                item_id, group = first_item[title]
+                problems.append(
+                    f"{len(wrong)} of {len(titles)} titles tokenise to other ids, e.g. item {item_id!r} "
+                    f"({title!r}): {[*ids, self.eos_token_id][:12]} here, {self.group_token_ids[group][:12]} in the catalog"
+                )
         if problems:
             raise ValueError(
                 f"tokenizer {tokenizer.name_or_path!r} does not match the catalog's ({self.tokenizer_name!r}): "
@@ -211,11 +231,8 @@ class Catalog:
                 for i, t, g in zip(self.item_ids, self.titles, self.item_group, strict=True)
             ],
         }
-        path = folder / CATALOG_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, ensure_ascii=False))
-        tmp.replace(path)  # a reader never sees a half-written catalog
-        return path
+        # a reader never sees a half-written catalog
+        return write_text_atomic(folder / CATALOG_FILE, json.dumps(payload, ensure_ascii=False))
 
     @classmethod
     def load(cls, folder: str | Path) -> Catalog:

@@ -9,18 +9,20 @@ errors naming the key and what is allowed. No torch import here.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bear_ds.errors import ConfigError  # noqa: F401  (re-exported: bear_ds.config.ConfigError)
 
 
 class _Section(BaseModel):
-    # extra="forbid": a misspelled key is an error, never a silent fallback to the default
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": a misspelled key is an error, never a silent fallback to the default;
+    # allow_inf_nan=False: `lr=.inf` or `length_penalty=.nan` would train or score NaN silently
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -69,8 +71,21 @@ class DataConfig(_Section):
     )
     domain: str | None = Field(
         None,
-        description="prompt domain (office, clothing, toy, book, beauty, games, music, movies, ...); default from the source",
+        description="prompt domain (office, clothing, toy, book, beauty, games, music, movies, items, or an "
+        "alias such as toys, books, office_products); default from the source",
     )
+
+    @field_validator("domain")
+    @classmethod
+    def _known_domain(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        # imported here: the prompt wording lives with the data layer, and only a set domain needs it
+        from bear_ds.data.prompts import known_domains, resolve_domain
+
+        if resolve_domain(value) is None:
+            raise ValueError(f"unknown domain {value!r}; known: {', '.join(known_domains())}")
+        return value
 
 
 class PromptConfig(_Section):
@@ -356,12 +371,25 @@ def _suggest(dotted: str) -> str:
     return f"{hint}; allowed keys here: {', '.join(allowed)}"
 
 
+def has_control_character(text: str) -> bool:
+    """True when `text` holds a control character (newline, tab, escape, NUL, ...)."""
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`a.b=1` strings -> nested dict; values parsed as YAML scalars/lists (`x=[1,2]`, `y=null`)."""
+    """`a.b=1` strings -> nested dict; values parsed as YAML scalars/lists (`x=[1,2]`, `y=null`).
+    A control character in an override is refused (it could end a shell or comment line in a job
+    script); write it as a YAML escape instead, e.g. prompt.template="...\\n...".
+    """
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.lam=0.5)")
+        if has_control_character(item):
+            raise ConfigError(
+                f"override {item!r} holds a control character; write it as a YAML escape in double quotes "
+                '(e.g. key="a\\nb")'
+            )
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
         if not key:
@@ -392,20 +420,48 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config YAML; `defaults: [other.yaml, ...]` composes files (paths relative to this one)."""
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader for which a key given twice in one mapping is an error: plain YAML keeps the
+    last, so a second `train:` block would silently replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let the base loader report it
+                continue
+            if first != key_node.start_mark.line + 1:
+                line = key_node.start_mark.line + 1
+                raise _DuplicateKeyError(f"line {line}: duplicate key {key!r} (first on line {first})")
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config YAML; `defaults: [other.yaml, ...]` composes files (paths relative to this one).
+    A key given twice in one mapping, and a file that lists itself through its `defaults:`, are errors."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"config file {path}: `defaults:` cycle: {cycle}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"config file {path}, {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
     merged: dict[str, Any] = {}
     for parent in data.pop("defaults", []) or []:
-        merged = _deep_merge(merged, read_yaml(path.parent / parent))
+        merged = _deep_merge(merged, read_yaml(path.parent / parent, (*_chain, path.resolve())))
     return _deep_merge(merged, data)
 
 
@@ -436,8 +492,6 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def save_config(cfg: Config, folder: str | Path) -> Path:
     """Write the fully resolved config as `config.yaml` in `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / "config.yaml"
-    out.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    return out
+    from bear_ds.outputs import write_text_atomic
+
+    return write_text_atomic(Path(folder) / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -66,7 +66,15 @@ def make_accelerator(
     read from RANK, WORLD_SIZE, MASTER_ADDR, ...). Pair it with `end_distributed`.
     """
     from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.state import AcceleratorState, GradientState, PartialState
     from accelerate.utils import InitProcessGroupKwargs
+
+    if AcceleratorState._shared_state or PartialState._shared_state:
+        # a command that ran earlier in this process without `end_distributed` (one that raised, or
+        # the previous point of an in-process sweep) left its state, DeepSpeed plugin included
+        # (Accelerate refuses a second one): start from a clean state, joining a new group if needed
+        AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+        GradientState._reset_state()
 
     global _environment_before
     _environment_before = {k: v for k, v in os.environ.items() if _set_for_the_group(k)}
@@ -105,6 +113,11 @@ def end_distributed(accelerator) -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     accelerator.wait_for_everyone()
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        # through DeepSpeed, which then forgets the groups it cached: a later training in this
+        # process (an in-process sweep's next point) would otherwise use the destroyed ones
+        ds_comm.destroy_process_group()
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -39,6 +39,22 @@ class MissingPathError(BearDsError, FileNotFoundError):
     """A file or folder named by the config or the command line does not exist."""
 
 
+class RunFolderError(BearDsError, FileExistsError):
+    """The run folder is taken: another live run holds it, or it holds an earlier run's checkpoints."""
+
+
+class UnwritableFolderError(BearDsError, PermissionError):
+    """An output folder cannot be written (checked before any work)."""
+
+
+class NotAFolderError(BearDsError, NotADirectoryError):
+    """An output folder's path exists and is not a folder."""
+
+
+class UnsafeCheckpointError(BearDsError, ValueError):
+    """A checkpoint file is not what bear-ds writes (tampered, or from elsewhere); nothing of it was run."""
+
+
 def one_line(err: BaseException) -> str:
     """The message on one line: a multi-line message (e.g. every bad config key) joined by '; '."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -62,6 +78,10 @@ __all__ = [
     "ConfigError",
     "DataError",
     "MissingPathError",
+    "NotAFolderError",
+    "RunFolderError",
+    "UnsafeCheckpointError",
+    "UnwritableFolderError",
     "ModelInputError",
     "RunStateError",
     "one_line",

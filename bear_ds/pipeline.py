@@ -7,11 +7,11 @@ analysis of the exported model on the test split -> summary. Points whose `summa
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from bear_ds.config import Config, with_overrides
+from bear_ds.outputs import write_json_atomic
 
 METHODS = ("lml", "msl", "bear")
 
@@ -58,7 +58,7 @@ def demo(cfg: Config) -> Path:
         point = with_overrides(cfg, [f"loss.name={method}", f"data.path={data_dir}", "data.source=prepared"])
         run_point(point, point_dir)
     print(report(out).read_text())
-    (out / "demo_time.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}))
+    write_json_atomic(out / "demo_time.json", {"wall_s": round(time.perf_counter() - started, 1)})
     return out
 
 

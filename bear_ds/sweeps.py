@@ -38,8 +38,17 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from bear_ds.config import Config, ConfigError, SweepConfig, build_config, load_config, with_overrides
+from bear_ds.config import (
+    Config,
+    ConfigError,
+    SweepConfig,
+    build_config,
+    has_control_character,
+    load_config,
+    with_overrides,
+)
 from bear_ds.errors import MissingPathError, RunStateError
+from bear_ds.outputs import atomic_path, write_json_atomic, write_text_atomic
 from bear_ds.runs import SWEEP_CONFIG, SWEEP_MANIFEST, flatten, read_config_yaml, read_json
 
 logger = logging.getLogger(__name__)
@@ -67,9 +76,12 @@ class SweepError(RunStateError):
 
 
 def override_value(value: Any) -> str:
-    """A grid value as the right-hand side of `key=value`, parsed back to the same value by YAML."""
+    """A grid value as the right-hand side of `key=value`, parsed back to the same value by YAML.
+    Never holds a control character (a newline would end a job script's comment line): such
+    strings are written as JSON, a YAML flow scalar whose escapes (\\n) YAML reads back."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    return text[: -len("...")].strip() if text.endswith("...") else text
+    text = text[: -len("...")].strip() if text.endswith("...") else text
+    return json.dumps(value, ensure_ascii=False) if has_control_character(text) else text
 
 
 def _name_part(value: Any) -> str:
@@ -220,8 +232,7 @@ def _check_same_base(sweep_dir: Path, base: Config) -> None:
 
 
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _job_script(name: str, overrides: list[str], point_dir: Path, config_path: Path, launcher: str | None) -> str:
@@ -230,16 +241,22 @@ def _job_script(name: str, overrides: list[str], point_dir: Path, config_path: P
         launch += ["--config_file", launcher]
     launch += ["-m", "bear_ds.train", "--config", str(config_path)]
     done = shlex.quote(str(point_dir / "summary.json"))
+    # everything that reaches the shell is quoted, comments included; a control character in any of
+    # it could end a line early, so none gets through (override_value never writes one)
+    parts = [name, *overrides, str(point_dir), str(config_path), str(launcher or ""), str(Path.cwd())]
+    bad = next((p for p in parts if has_control_character(p)), None)
+    if bad is not None:
+        raise SweepError(f"sweep point {name!r}: control character in {bad!r}: refused in a job script")
     return "\n".join(
         [
             "#!/usr/bin/env bash",
-            f"# bear-ds sweep point {name}",
-            f"# overrides: {' '.join(overrides)}",
+            f"# bear-ds sweep point {shlex.quote(name)}",
+            f"# overrides: {shlex.join(overrides)}",
             "# Exits at once when the point is done (summary.json exists); a crashed point resumes",
             "# from its newest checkpoint (train.resume=auto in its config).",
             "set -euo pipefail",
             f"cd {shlex.quote(str(Path.cwd()))}  # relative paths in the config are relative to here",
-            f'if [ -f {done} ]; then echo "done already: {name}"; exit 0; fi',
+            f"if [ -f {done} ]; then echo {shlex.quote('done already: ' + name)}; exit 0; fi",
             ("" if launcher else "# no sweep.launcher: accelerate uses its default config\n")
             + "exec "
             + shlex.join(launch),
@@ -257,10 +274,11 @@ def _write_scripts(
     for name in outcome.points:
         point_dir = sweep_dir.resolve() / name
         script = jobs_dir / f"{name}.sh"
-        script.write_text(
+        write_text_atomic(
+            script,
             _job_script(
                 name, overrides_of[name], point_dir, sweep_dir.resolve() / POINT_CONFIGS / f"{name}.yaml", launcher
-            )
+            ),
         )
         script.chmod(0o755)
         outcome.scripts.append(script)
@@ -269,7 +287,8 @@ def _write_scripts(
         else:
             pending.append(script)
     submit = sweep_dir / "submit_all.sh"
-    submit.write_text(
+    write_text_atomic(
+        submit,
         "\n".join(
             [
                 "#!/usr/bin/env bash",
@@ -280,7 +299,7 @@ def _write_scripts(
                 *(f"$SUBMIT {shlex.quote(str(s))}" for s in pending),
                 "",
             ]
-        )
+        ),
     )
     submit.chmod(0o755)
 
@@ -313,7 +332,7 @@ def run_sweep(
     _write_yaml(sweep_dir / SWEEP_CONFIG, cfg.model_dump())
     _write_yaml(sweep_dir / BASE_CONFIG, base.model_dump())
     manifest = {"grid": list(cfg.sweep.grid), "points": [{"name": n, "overrides": o} for n, o in points]}
-    (sweep_dir / SWEEP_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    write_json_atomic(sweep_dir / SWEEP_MANIFEST, manifest, indent=1)
     for name, pcfg in point_cfgs.items():
         _write_yaml(sweep_dir / POINT_CONFIGS / f"{name}.yaml", pcfg.model_dump())
 
@@ -528,9 +547,12 @@ def aggregate(sweep_dir: str | Path) -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     points, grid_keys, notes = collect_points(sweep_dir)
     grouped = group_over_seeds(points, grid_keys)
-    points.to_csv(sweep_dir / "results.csv", index=False)
-    grouped.to_csv(sweep_dir / "results_by_config.csv", index=False)
-    (sweep_dir / "results.md").write_text(
-        f"# Sweep results: {sweep_dir.name}\n\n" + aggregate_markdown(points, grouped, grid_keys, notes) + "\n"
+    with atomic_path(sweep_dir / "results.csv") as tmp:
+        points.to_csv(tmp, index=False)
+    with atomic_path(sweep_dir / "results_by_config.csv") as tmp:
+        grouped.to_csv(tmp, index=False)
+    write_text_atomic(
+        sweep_dir / "results.md",
+        f"# Sweep results: {sweep_dir.name}\n\n" + aggregate_markdown(points, grouped, grid_keys, notes) + "\n",
     )
     return points

@@ -105,8 +105,8 @@ def test_distinct_responses_are_tokenised_in_one_batch(tok: PreTrainedTokenizerF
 
 
 def test_build_errors(tok: PreTrainedTokenizerFast) -> None:
-    with pytest.raises(ValueError, match="empty title.*'b'"):
-        Catalog.build({"a": "x", "b": "  "}, tok, QuotedResponse())
+    empty = Catalog.build({"a": "x", "b": ""}, tok, QuotedResponse())  # an empty title is an item
+    assert empty.group_titles[empty.group_of_item("b")] == ""
     with pytest.raises(ValueError, match="not a string: 'n'"):
         Catalog.build({"a": "x", "n": None}, tok, QuotedResponse())  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="catalog is empty"):
@@ -258,3 +258,21 @@ def test_fit_prompts_drops_oldest_history_items_and_counts(tok: PreTrainedTokeni
         fit_prompts(histories, tok, ListPrompt(), budget, truncate=False, what="user", option="eval.truncate_history")
     with pytest.raises(ValueError, match="row 1: even with one history item"):
         fit_prompts(histories, tok, ListPrompt(), [10**6, 3], truncate=True)
+
+
+def test_check_tokenizer_compares_every_titles_token_ids(
+    catalog: Catalog, tok: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    catalog.save(tmp_path)
+    Catalog.load(tmp_path).check_tokenizer(tok, QuotedResponse())  # the tokenizer it was built with
+    # a catalog built by another tokenizer of the same size and eos: only the ids tell them apart
+    payload = json.loads((tmp_path / CATALOG_FILE).read_text())
+    group = next(item["group"] for item in payload["items"] if item["item_id"] == "i3")
+    for item in payload["items"]:
+        if item["group"] == group:
+            item["token_ids"] = [t + 1 if t != tok.eos_token_id else t for t in item["token_ids"]]
+    (tmp_path / CATALOG_FILE).write_text(json.dumps(payload))
+    other = Catalog.load(tmp_path)
+    other.check_tokenizer(tok)  # eos and size alone pass
+    with pytest.raises(ValueError, match=r"titles tokenise to other ids, e.g. item 'i\d' \('Stapler, Black'\)"):
+        other.check_tokenizer(tok, QuotedResponse())

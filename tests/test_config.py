@@ -147,3 +147,57 @@ def test_report_takes_config_like_the_others(tmp_path, capsys):
     assert (tmp_path / "runs" / "results.md").is_file()
     assert main(["report", str(tmp_path / "runs" / "a")]) == 0  # a folder as the first argument still works
     assert "report written to" in capsys.readouterr().out
+
+
+def test_duplicate_yaml_key_names_file_and_key(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("train: {lr: 0.01}\nloss: {name: lml}\ntrain: {seed: 3}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    msg = str(err.value)
+    assert str(f) in msg and "line 3: duplicate key 'train' (first on line 1)" in msg
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("loss:\n  lam: 0.5\n  lam: 0.7\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lam'"):
+        load_config(nested)
+
+
+def test_defaults_cycle_is_one_line_naming_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\ntrain: {seed: 1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "a.yaml")
+    msg = str(err.value)
+    assert "cycle" in msg and "a.yaml" in msg and "b.yaml" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "loss.tau=.inf", "eval.length_penalty=.nan", "loss.lam=-.inf"])
+def test_non_finite_floats_are_refused_naming_the_key(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(err.value) and "finite" in str(err.value)
+
+
+def test_unknown_domain_is_refused_listing_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.domain=offise"])
+    msg = str(err.value)
+    assert "data.domain" in msg and "'offise'" in msg and "office" in msg and "clothing" in msg
+    # names and aliases, in any case or spacing, still work
+    for ok in ["office", "Office Products", "toys", "ml-100k"]:
+        assert load_config(None, [f"data.domain={ok}"]).data.domain == ok
+
+
+@pytest.mark.parametrize("bad", ["eval.length_penalty=.nan", "DUPLICATE"])
+def test_refused_config_exits_nonzero_without_writing_anything(tmp_path, capsys, bad):
+    out = tmp_path / "run"
+    args = ["train", f"output_dir={out}", "model.name=tiny"]
+    if bad == "DUPLICATE":
+        f = tmp_path / "c.yaml"
+        f.write_text("train: {epochs: 1}\ntrain: {epochs: 2}\n")
+        args = ["train", "--config", str(f), f"output_dir={out}"]
+    else:
+        args.append(bad)
+    assert main(args) != 0
+    assert not out.exists()
+    assert capsys.readouterr().err.count("\n") <= 2

@@ -117,14 +117,63 @@ def test_bear_csv_missing_column_file_and_empty_title(tmp_path):
         prepare(config(folder, tmp_path / "out", "data.train_file=bad_header.csv"))
     with pytest.raises(DataError, match=r"nope.csv does not exist"):
         prepare(config(folder, tmp_path / "out", "data.test_file=nope.csv"))
-    (folder / "id2name4Rec.json").write_text(json.dumps({**CATALOG, "5": "  "}))
-    with pytest.raises(DataError, match=r"item id '5' has an empty or non-string title"):
+    (folder / "id2name4Rec.json").write_text(json.dumps({**CATALOG, "3": 7}))
+    with pytest.raises(DataError, match=r"item id '3' has a non-string title 7"):
         prepare(config(folder, tmp_path / "out"))
     # dropping: the item leaves the catalog, and the rows using it are counted as unknown_item
     out = prepare(config(folder, tmp_path / "out", "data.drop_malformed=true"))
     stats = load_stats(out)
-    assert stats["dropped"] == {"catalog_empty_title": 1, "unknown_item": 4}
-    assert "5" not in load_catalog(out)
+    assert stats["dropped"] == {"catalog_non_string_title": 1, "unknown_item": 5}
+    assert "3" not in load_catalog(out)
+
+
+def test_empty_title_is_an_item_counted_in_stats(tmp_path):
+    # the paper's released data has items whose title is "": they are items, decoded as `""`
+    folder = make_bear_folder(tmp_path, catalog={**CATALOG, "5": ""})
+    stats = load_stats(prepare(config(folder, tmp_path / "out")))
+    assert load_catalog(tmp_path / "out")["5"] == ""
+    assert stats["empty_title_items"] == 1 and stats["dropped"] == {}
+    assert stats["rows"]["test"] == 2  # the rows whose target or history is item 5 are kept
+
+
+def test_duplicate_catalog_id_is_an_error_naming_it(tmp_path):
+    folder = make_bear_folder(tmp_path)
+    (folder / "id2name4Rec.json").write_text(
+        '{"1": "Pen", "2": "Pad", "3": "Stapler", "4": "Ink", "5": "Tape", "2": "Paper"}'
+    )
+    with pytest.raises(
+        DataError, match=r"id2name4Rec.json: item id '2' appears more than once \(titles 'Pad' and 'Paper'\)"
+    ):
+        prepare(config(folder, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("which", ["train_10000.csv", "test_5000.csv"])
+def test_header_only_file_is_an_error_at_prepare_naming_it(tmp_path, which):
+    folder = make_bear_folder(tmp_path)
+    write_csv(folder / which, [])
+    with pytest.raises(DataError, match=rf"{which}: no examples \(0 data rows read: the file has only its header\)"):
+        prepare(config(folder, tmp_path / "out"))
+    assert not (tmp_path / "out" / "stats.json").exists()
+
+
+def test_empty_split_is_an_error_naming_it_and_empty_valid_a_note(tmp_path):
+    folder = make_bear_folder(tmp_path, train_rows=TRAIN_ROWS[:1])
+    stats = load_stats(prepare(config(folder, tmp_path / "out")))
+    assert stats["rows"]["valid"] == 0 and any("valid is empty" in n for n in stats["notes"])
+    ml = tmp_path / "ml-100k"
+    ml.mkdir()
+    (ml / "u.data").write_text("1\t10\t5\t3\n1\t11\t4\t4\n")  # one user, two items: only a test window
+    (ml / "u.item").write_text("10|A|||" + "|0" * 19 + "\n11|B|||" + "|0" * 19 + "\n")
+    with pytest.raises(DataError, match=r"split 'train' is empty after reading ml100k data from .*ml-100k"):
+        prepare(config(ml, tmp_path / "out2"))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_duplicate_rows_are_kept_and_counted(tmp_path):
+    folder = make_bear_folder(tmp_path, train_rows=TRAIN_ROWS, test_rows=[*TEST_ROWS, TEST_ROWS[0], TEST_ROWS[0]])
+    stats = load_stats(prepare(config(folder, tmp_path / "out", "data.valid_fraction=0")))
+    assert stats["duplicate_rows"] == {"train": 0, "valid": 0, "test": 2}
+    assert stats["rows"]["test"] == 4
 
 
 def test_auto_detection_and_clear_error(tmp_path):
@@ -175,7 +224,7 @@ def test_ml100k_from_the_recbole_wheel(tmp_path):
 def test_ml100k_grouplens_folder(tmp_path):
     folder = tmp_path / "ml-100k"
     folder.mkdir()
-    rows = [(1, 10, 5, 3), (1, 11, 4, 1), (1, 12, 3, 2), (2, 11, 2, 7), (2, 10, 4, 8), (2, 12, 1, 9)]
+    rows = [(1, 10, 5, 0), (1, 10, 5, 3), (1, 11, 4, 1), (1, 12, 3, 2), (2, 11, 2, 7), (2, 10, 4, 8), (2, 12, 1, 9)]
     (folder / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
     genres = "|0" * 19
     (folder / "u.item").write_bytes(
@@ -187,9 +236,10 @@ def test_ml100k_grouplens_folder(tmp_path):
     assert load_catalog(out) == {"10": "Café (1995)", "11": "No Year", "12": "Dated (1990)"}
     stats = load_stats(out)
     assert stats["dropped"] == {"rating_below_min_rating": 1}
-    # user 1 by time: 11, 12, 10; user 2 (rating-1 row dropped): 11, 10
+    # user 1 by time: 10, 11, 12, 10; user 2 (rating-1 row dropped): 11, 10
     assert load_split(out, "test")["target"] == ["10", "10"]
-    assert load_split(out, "valid")["history"] == [["11"]]
+    assert load_split(out, "valid")["history"] == [["10", "11"]]
+    assert load_split(out, "train")["target"] == ["11"]
     (folder / "u.data").write_text("1\t10\t5\t3\n1\t99\t4\tnow\n")
     with pytest.raises(DataError, match=r"u.data line 2: bad_timestamp 'now'"):
         prepare(config(folder, tmp_path / "out"))

@@ -84,3 +84,20 @@ def test_two_ranks_analysis_equals_one(folders, tmp_path):
     for a, b in zip(one, two, strict=True):
         assert (a["exhaustive_top"], a["beam_top"], a["global_rank"]) == (
             b["exhaustive_top"], b["beam_top"], b["global_rank"]), (a, b)  # fmt: skip
+
+
+def test_two_ranks_refuse_a_training_run_folder_together(folders):
+    """Rank 0's refusal of the output_dir reaches rank 1 before either decodes: both exit non-zero
+    at once, each with its own message (torchrun kills a rank left waiting at a collective when the
+    other fails, so the message is what tells), and nothing is written."""
+    root, base = folders
+    run = root / "a_training_run"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text("")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = torchrun_command(2, "-m", "bear_ds.cli", "evaluate", f"output_dir={run}", *base, "eval.timeout_s=600")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
+    assert proc.returncode != 0
+    assert "is a training run's folder" in proc.stdout + proc.stderr  # rank 0
+    assert "was refused (see rank 0)" in proc.stdout + proc.stderr  # rank 1 left on its own, not killed
+    assert sorted(p.name for p in run.iterdir()) == ["train_log.jsonl"]

@@ -58,12 +58,16 @@ def test_expand_grid_names_order_and_overrides() -> None:
 
 
 def test_expand_grid_filesystem_safe_and_typed_values() -> None:
-    grid = {"data.domain": ["office products", "a/b"], "train.eval_max_users": [None], "model.lora.enabled": [True]}
+    grid = {
+        "prompt.instruction": ["office products", "a/b"],
+        "train.eval_max_users": [None],
+        "model.lora.enabled": [True],
+    }
     points = expand_grid(SweepConfig(grid=grid))
-    assert points[0][0] == "data.domain=office_products__train.eval_max_users=null__model.lora.enabled=true"
-    assert points[1][0].startswith("data.domain=a_b__")
+    assert points[0][0] == "prompt.instruction=office_products__train.eval_max_users=null__model.lora.enabled=true"
+    assert points[1][0].startswith("prompt.instruction=a_b__")
     cfg = with_overrides(Config(), points[0][1])
-    assert cfg.data.domain == "office products" and cfg.train.eval_max_users is None and cfg.model.lora.enabled
+    assert cfg.prompt.instruction == "office products" and cfg.train.eval_max_users is None and cfg.model.lora.enabled
 
 
 def test_expand_grid_unknown_key_is_named() -> None:
@@ -78,7 +82,7 @@ def test_expand_grid_rejects_bad_values_duplicates_and_reserved_keys() -> None:
     with pytest.raises(ConfigError, match="duplicate value 0.5"):
         expand_grid(SweepConfig(grid={"loss.lam": [0.5, 0.5]}))
     with pytest.raises(ConfigError, match="same folder name"):
-        expand_grid(SweepConfig(grid={"data.domain": ["a/b", "a_b"]}))
+        expand_grid(SweepConfig(grid={"prompt.instruction": ["a/b", "a_b"]}))
     with pytest.raises(ConfigError, match="output_dir"):
         expand_grid(SweepConfig(grid={"output_dir": ["x", "y"]}))
     with pytest.raises(ConfigError, match="empty"):
@@ -290,3 +294,32 @@ def test_aggregate_counts_a_metric_some_points_lack(tmp_path: Path) -> None:
     assert grouped.loc[0, "n"] == 3 and grouped.loc[0, "test.ndcg@10 n"] == 2
     assert "valid.ndcg@10 n" not in grouped.columns  # every point has it
     assert "0.2000 ± 0.0000 (n=2)" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def test_job_scripts_quote_everything_and_a_newline_in_a_value_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = f"x\ntouch {marker}\n# "
+    grid = {"prompt.instruction": [evil, "plain; touch " + str(marker)], "train.seed": [7]}
+    cfg = sweep_cfg(tmp_path, grid, mode="scripts")
+    outcome = run_sweep(cfg, FakeTrainer())
+    for script in outcome.scripts:
+        text = script.read_text()
+        assert not any(line.startswith("touch") for line in text.splitlines())
+        # run the script with a stub `accelerate` on PATH: only it may run, nothing from the values
+        stub = tmp_path / "bin"
+        stub.mkdir(exist_ok=True)
+        (stub / "accelerate").write_text("#!/usr/bin/env bash\nexit 0\n")
+        (stub / "accelerate").chmod(0o755)
+        env = {"PATH": f"{stub}:/usr/bin:/bin"}
+        subprocess.run(["bash", str(script)], check=True, env=env, cwd=tmp_path)
+        assert not marker.exists()
+    # the value survives the trip through the point config
+    point = load_config(tmp_path / "sweep" / "point_configs" / f"{outcome.points[0]}.yaml")
+    assert point.prompt.instruction == evil
+
+
+@pytest.mark.parametrize("item", ["prompt.instruction=a\nb", "train.seed=1\x1b", "prompt.template=\x00"])
+def test_control_characters_in_overrides_are_refused(item: str) -> None:
+    with pytest.raises(ConfigError, match="control character"):
+        with_overrides(Config(), [item])
+    assert with_overrides(Config(), ['prompt.instruction="a\\nb"']).prompt.instruction == "a\nb"  # YAML escape

@@ -1,16 +1,21 @@
 """Every YAML under configs/ (recursively, including files added later) validates against the
-schema; sweep files also expand into valid points."""
+schema; sweep files also expand into valid points, and each runs as its header documents it
+(`bear-ds sweep --config FILE`) on a tiny budget."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bear_ds.config import load_config
-from bear_ds.sweeps import expand_grid, sweep_base
+from bear_ds.sweeps import expand_grid, override_value, sweep_base
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
 ALL_YAML = sorted([*CONFIGS.rglob("*.yaml"), *CONFIGS.rglob("*.yml")])
 
 
@@ -72,3 +77,67 @@ def test_ml100k_evidence_sweep_runs_at_a_tiny_budget(tmp_path: Path) -> None:
     for other in ("loss.name=msl", "loss.name=bear, loss.form=reweight", "loss.name=bear, loss.form=regularizer"):
         assert f"**{other} vs loss.name=lml**: pooled, over 1 seed(s) (8 user pairs): NDCG@10 difference" in text
     assert text.count(" p = ") >= 2 * 2 * 6  # NDCG and HR, pooled and per seed: 4 pairs against LML, 2 BEAR vs MSL
+
+
+# ml100k_evidence runs in the test above (4 points, with its report); demo_preference is stage 2 of
+# demo_preference_sft and runs after it in the test below
+SWEEPS = sorted(
+    p for p in (CONFIGS / "sweeps").glob("*.yaml") if p.name not in ("ml100k_evidence.yaml", "demo_preference.yaml")
+)
+# a tiny budget: every stage of a point runs (prepare, tokenizer, train with per-epoch evaluation,
+# export, analysis, aggregate, report), each on a few examples
+TINY = [
+    "train.max_steps=2", "train.epochs=1", "train.global_batch=8", "train.micro_batch=8",
+    "train.eval_max_users=3", "train.select_metric=ndcg@3", "eval.max_users=3", "eval.num_beams=3",
+    "eval.top_k=[1,3]", "analyze.max_users=2", "data.train_sample=32", "model.hidden_size=32",
+    "model.intermediate_size=64", "model.num_layers=1", "tokenizer.vocab_size=300",
+]  # fmt: skip
+
+
+def _two_points(cfg) -> list[str]:
+    """Grid overrides keeping two values of the first key and one of every other: two points, the
+    second trained in the process the first one trained and was analysed in."""
+    return [
+        f"sweep.grid.{key}={override_value(values[: 2 if i == 0 else 1])}"
+        for i, (key, values) in enumerate(cfg.sweep.grid.items())
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_each_sweep_config_runs_as_documented(path: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    cfg = load_config(path)
+    extra = []
+    data_path = str(sweep_base(cfg).data.path or "")
+    if data_path.startswith("data/bear/"):  # the paper's data: on this project's machines, ../shared/data
+        extra.append(f"data.path={request.getfixturevalue('shared_data') / Path(data_path).name}")
+    out = tmp_path / path.stem
+    _run_sweep(path, [f"output_dir={out}", *TINY, *_two_points(cfg), *extra], cwd=REPO)
+    _check_two_points(out)
+
+
+def _run_sweep(path: Path, overrides: list[str], cwd: Path) -> None:
+    cmd = [sys.executable, "-m", "bear_ds.cli", "sweep", "--config", str(path), *overrides]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _check_two_points(out: Path) -> None:
+    results = (out / "results.csv").read_text().splitlines()
+    assert len(results) == 3  # header + both points
+    assert (out / "results.md").is_file()
+    assert len(list(out.glob("*/analysis/analysis.json"))) == 2
+
+
+@pytest.mark.slow
+def test_the_two_stage_preference_sweeps_run_as_documented(tmp_path: Path) -> None:
+    # demo_preference.yaml names stage 1's model by a path relative to the working directory, as its
+    # header says: run both from one folder, stage 1 into its default output_dir
+    sft = load_config(CONFIGS / "sweeps" / "demo_preference_sft.yaml")
+    _run_sweep(CONFIGS / "sweeps" / "demo_preference_sft.yaml", [*TINY, *_two_points(sft)], cwd=tmp_path)
+    pref = load_config(CONFIGS / "sweeps" / "demo_preference.yaml")
+    out = tmp_path / pref.output_dir
+    tiny_pref = [o for o in TINY if not o.startswith(("model.", "tokenizer."))]  # the model is stage 1's
+    _run_sweep(CONFIGS / "sweeps" / "demo_preference.yaml", [*tiny_pref, *_two_points(pref)], cwd=tmp_path)
+    _check_two_points(out)

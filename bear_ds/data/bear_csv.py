@@ -32,12 +32,27 @@ ITEM_LIST_RE = rf"^\s*\[\s*{_ELEMENT}(?:\s*,\s*{_ELEMENT})*\s*,?\s*\]\s*$"
 INTEGER_RE = r"^\s*-?\d+\s*$"
 
 
+def _refuse_duplicate_ids(path: Path):
+    """A JSON object hook: an id given twice is an error naming it (plain `json` keeps the last title)."""
+
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        seen: dict[str, object] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise DataError(f"{path}: item id {key!r} appears more than once (titles {seen[key]!r} and {value!r})")
+            seen[key] = value
+        return seen
+
+    return hook
+
+
 def read_catalog(path: Path, problems: Problems) -> dict[str, str]:
-    """id -> title; an empty or non-string title is a problem naming the id."""
+    """id -> title; a non-string title is a problem naming the id, an id given twice an error.
+    An empty title is an item (the released data has such items): its response is `""`."""
     if not path.is_file():
         raise DataError(f"catalog file {path} does not exist (data.catalog_file)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_ids(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} line {exc.lineno}: invalid JSON: {exc.msg}") from None
     if not isinstance(raw, dict) or not raw:
@@ -45,11 +60,11 @@ def read_catalog(path: Path, problems: Problems) -> dict[str, str]:
     catalog: dict[str, str] = {}
     bad = []
     for item_id, title in raw.items():
-        if not isinstance(title, str) or not title.strip():
-            bad.append(f"{path}: item id {item_id!r} has an empty or non-string title {title!r}")
+        if not isinstance(title, str):
+            bad.append(f"{path}: item id {item_id!r} has a non-string title {title!r}")
         else:
             catalog[str(item_id)] = title
-    problems.add("catalog_empty_title", len(bad), bad)
+    problems.add("catalog_non_string_title", len(bad), bad)
     return catalog
 
 
@@ -191,6 +206,13 @@ def load_bear_csv(cfg: DataConfig) -> SourceData:
     train_all, train_read, train_trunc = read_window_csv(folder / cfg.train_file, catalog_ids, cfg, problems)
     test, test_read, test_trunc = read_window_csv(folder / cfg.test_file, catalog_ids, cfg, problems)
     problems.raise_if_any()
+    for name, table, read in ((cfg.train_file, train_all, train_read), (cfg.test_file, test, test_read)):
+        if len(table) == 0:
+            raise DataError(
+                f"{folder / name}: no examples ({read} data rows read"
+                + (", every one dropped" if read else ": the file has only its header")
+                + ")"
+            )
 
     # valid = the chronologically last share of training rows; stable sort keeps file order on ties
     order = np.argsort(train_all.column("timestamp").to_numpy(), kind="stable")

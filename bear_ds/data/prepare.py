@@ -7,7 +7,6 @@ written last: a folder with it is complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from bear_ds.data.bear_csv import load_bear_csv
 from bear_ds.data.common import CATALOG_SCHEMA, EXAMPLE_SCHEMA, SPLITS, DataError, SourceData, shared_title_counts
 from bear_ds.data.movielens import is_ml100k_folder, load_ml100k
 from bear_ds.data.prompts import canonical_domain
+from bear_ds.outputs import atomic_path, check_writable_folder, write_json_atomic
 
 PREPARED_FILES = ("catalog.parquet", "stats.json")
 
@@ -83,9 +83,39 @@ def _check_ids(data: SourceData) -> None:
 
 
 def _write_parquet(table: pa.Table, schema: pa.Schema, path: Path) -> None:
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table.cast(schema), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table.cast(schema), tmp)
+
+
+def duplicate_rows(table: pa.Table) -> int:
+    """Rows equal to an earlier row of the same table in every column (kept, but counted)."""
+    if len(table) == 0:
+        return 0
+    # a list column cannot be a group key: join each history into one string (ids hold no \x1f)
+    keys = pa.table(
+        {
+            "user_id": table.column("user_id"),
+            "history": pc.binary_join(table.column("history"), "\x1f"),
+            "history_len": pc.list_value_length(table.column("history")),
+            "target": table.column("target"),
+            "timestamp": table.column("timestamp"),
+        }
+    )
+    distinct = len(keys.group_by(keys.column_names).aggregate([]))
+    return len(table) - distinct
+
+
+def _refuse_empty_splits(data: SourceData, cfg: Config) -> None:
+    """An empty train or test split would prepare fine and fail later (an IndexError in training);
+    say so here. An empty valid split (tiny data, data.valid_fraction=0) is noted in stats.json."""
+    for name in ("train", "test"):
+        if len(data.splits[name]) == 0:
+            raise DataError(
+                f"split {name!r} is empty after reading {data.source} data from {cfg.data.path or 'the default'}: "
+                "nothing to " + ("train on" if name == "train" else "test on")
+            )
+    if len(data.splits["valid"]) == 0:
+        data.notes.append("valid is empty: train with train.eval_every_epoch=false (no epoch selection)")
 
 
 def build_stats(data: SourceData, domain: str) -> dict[str, Any]:
@@ -97,7 +127,12 @@ def build_stats(data: SourceData, domain: str) -> dict[str, Any]:
         "items": len(data.catalog),
         "rows": {name: len(data.splits[name]) for name in SPLITS},
         "dropped": data.dropped,
+        "duplicate_rows": {name: duplicate_rows(data.splits[name]) for name in SPLITS},
         **shared_title_counts(data.catalog.column("title")),
+        # an empty title is an item (its response is `""`); the released data may have some
+        "empty_title_items": int(
+            pc.sum(pc.equal(pc.utf8_trim_whitespace(data.catalog.column("title")), "")).as_py() or 0
+        ),
         "notes": data.notes,
         **data.extra,
     }
@@ -110,10 +145,11 @@ def prepare(cfg: Config) -> Path:
     if source == "prepared":
         return _copy_prepared(cfg, out)
     data = load_source(cfg)
+    _refuse_empty_splits(data, cfg)
     _check_ids(data)
     _sample_train(data, cfg.data.train_sample, cfg.data.sample_seed)
     domain = cfg.data.domain or data.domain
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out)
     (out / "stats.json").unlink(missing_ok=True)  # the folder is incomplete until stats.json is back
     for name in SPLITS:
         _write_parquet(data.splits[name], EXAMPLE_SCHEMA, out / f"{name}.parquet")
@@ -121,9 +157,7 @@ def prepare(cfg: Config) -> Path:
     save_config(cfg, out)
     stats = build_stats(data, domain)
     stats["prompt_domain"] = canonical_domain(domain)
-    tmp = out / "stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, out / "stats.json")
+    write_json_atomic(out / "stats.json", stats)
     return out
 
 
@@ -148,9 +182,11 @@ def _copy_prepared(cfg: Config, out: Path) -> Path:
     for name in SPLITS:
         load_split(folder, name)  # validates presence and columns
     if folder.resolve() != out.resolve():
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable_folder(out)
+        (out / "stats.json").unlink(missing_ok=True)  # stats.json last: the copy is complete with it
         for name in [f"{s}.parquet" for s in SPLITS] + ["catalog.parquet", "stats.json"]:
-            shutil.copy2(folder / name, out / name)
+            with atomic_path(out / name) as tmp:
+                shutil.copy2(folder / name, tmp)
     return out
 
 

@@ -74,13 +74,26 @@ DOMAIN_ALIASES = {
 }
 
 
+def resolve_domain(domain: str) -> str | None:
+    """The DOMAIN_PROMPTS key of a domain name or alias (case, spaces and hyphens ignored), or None."""
+    for key in (domain.strip().lower(), re.sub(r"[\s-]+", "_", domain.strip().lower())):
+        key = DOMAIN_ALIASES.get(key, key)
+        if key in DOMAIN_PROMPTS:
+            return key
+    return None
+
+
+def known_domains() -> list[str]:
+    """Every domain name `data.domain` accepts: the domains, then the aliases."""
+    return [*DOMAIN_PROMPTS, *DOMAIN_ALIASES]
+
+
 def canonical_domain(domain: str | None) -> str:
-    """A domain name as known to DOMAIN_PROMPTS, or the generic `items`."""
+    """A domain name as known to DOMAIN_PROMPTS, or the generic `items` (a source's folder name
+    such as `mydata` is not an error; a `data.domain` the user sets is checked in the config)."""
     if not domain:
         return GENERIC_DOMAIN
-    key = domain.strip().lower()
-    key = DOMAIN_ALIASES.get(key, key)
-    return key if key in DOMAIN_PROMPTS else GENERIC_DOMAIN
+    return resolve_domain(domain) or GENERIC_DOMAIN
 
 
 class PromptBuilder:

@@ -33,7 +33,13 @@ from accelerate.utils import gather_object
 
 from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.distributed import end_distributed, make_accelerator
-from bear_ds.evaluation.evaluate import choose_mask, load_eval_inputs, load_eval_model, shard_indices
+from bear_ds.evaluation.evaluate import (
+    check_output_folder_together,
+    choose_mask,
+    load_eval_inputs,
+    load_eval_model,
+    shard_indices,
+)
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import (
     BeamResult,
@@ -45,6 +51,7 @@ from bear_ds.generation.beam import (
     shared_prefix_cache,
 )
 from bear_ds.masking import check_mask_mode, trie_log_softmax
+from bear_ds.outputs import open_atomic, write_json_atomic
 from bear_ds.trie import TokenTrie
 
 logger = logging.getLogger(__name__)
@@ -583,7 +590,9 @@ def analyze(cfg) -> dict[str, Any]:
     from bear_ds.config import save_config
 
     started = time.perf_counter()
+    out = Path(cfg.output_dir)
     accelerator = make_accelerator(None, timeout_s=cfg.eval.timeout_s)
+    check_output_folder_together(accelerator, out, "analyze")  # before the exhaustive ranking, not after
     inputs = load_eval_inputs(cfg, accelerator)
     model = load_eval_model(Path(cfg.model.path), accelerator)
     ks = inputs.ks
@@ -625,16 +634,16 @@ def analyze(cfg) -> dict[str, Any]:
         elapsed_s=time.perf_counter() - started,
     )
     if accelerator.is_main_process:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "analysis.jsonl").open("w") as fh:
+        # analysis.json is written last: a folder holding it holds the matching per-user records
+        (out / "analysis.json").unlink(missing_ok=True)
+        with open_atomic(out / "analysis.jsonl") as fh:
             for i, rec in enumerate(records):
                 row = {"user_id": inputs.user_ids[i], "target": inputs.target_titles[i], **rec}
                 row["exhaustive_top"] = [catalog.group_titles[g] for g in rec["exhaustive_top"]]
                 row["beam_top"] = [catalog.group_titles[g] for g in rec["beam_top"]]
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (out / "analysis.json").write_text(json.dumps(summary, indent=2))
         save_config(cfg, out)
+        write_json_atomic(out / "analysis.json", summary)
         logger.info("analysis written to %s", out / "analysis.json")
     end_distributed(accelerator)
     return summary

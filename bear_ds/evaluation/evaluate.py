@@ -17,10 +17,11 @@ plain python, torchrun, accelerate launch and the deepspeed launcher; results ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import constrained_beam_search, left_pad
 from bear_ds.masking import resolve_mask
 from bear_ds.models import is_zero3_partitioned, unwrap_model
+from bear_ds.outputs import check_writable_folder, open_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,37 @@ def shard_indices(num_users: int, rank: int, world_size: int) -> list[int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
     return list(range(rank, num_users, world_size))
+
+
+# files only `bear-ds train` writes: an output_dir holding one is a training run's folder
+TRAINING_RUN_FILES = ("train_log.jsonl", "summary.json", "checkpoints")
+
+
+def check_output_folder(out: Path, command: str) -> None:
+    """Refuse (before any work) an output_dir that is a training run's folder, whose config.yaml
+    the command would overwrite, or that cannot be written."""
+    found = [name for name in TRAINING_RUN_FILES if (out / name).exists()]
+    if found:
+        raise ValueError(
+            f"output_dir {out} is a training run's folder (it holds {', '.join(found)}): {command} would "
+            f"overwrite its config.yaml; write into a folder of its own, e.g. output_dir={out / command}"
+        )
+    check_writable_folder(out)
+
+
+def check_output_folder_together(accelerator: Any, out: Path, command: str) -> None:
+    """`check_output_folder` on the main process, its verdict on every rank: all ranks raise together
+    (none loads and decodes only to wait at the gather for a rank that has left), leaving the group."""
+    error: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            check_output_folder(out, command)
+        except (ValueError, OSError) as exc:
+            error = exc
+    refused = gather_object([error is not None]) if accelerator.num_processes > 1 else [error is not None]
+    if any(refused):
+        end_distributed(accelerator)
+        raise error or ValueError(f"{command}: output_dir {out} was refused (see rank 0)")
 
 
 # ---------------------------------------------------------------------- decoding + metrics
@@ -284,7 +317,7 @@ def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
     builder = PromptBuilder(cfg.prompt, domain)
     if (model_dir / CATALOG_FILE).is_file():
         catalog = Catalog.load(model_dir)
-        catalog.check_tokenizer(tokenizer)
+        catalog.check_tokenizer(tokenizer, builder)  # every title's token ids, not only eos and size
     else:
         catalog = Catalog.build(titles, tokenizer, builder)
 
@@ -342,16 +375,40 @@ def eval_accelerator(eval_cfg: Any) -> Any:
     return make_accelerator(ds_config, zero3_init=ds_config is not None, timeout_s=eval_cfg.timeout_s)
 
 
+@contextlib.contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """Inside, `from_pretrained` builds full tensors even when a ZeRO-3 `HfDeepSpeedConfig` is alive.
+
+    A ZeRO-3 training that ran earlier in this process and did not leave through `end_distributed`
+    (one that raised) keeps its config registered; transformers then partitions every model it
+    loads, so a model loaded afterwards in the same process (a sweep point's analysis) had 0-sized
+    weights and failed in the embedding ("Padding_idx must be within num_embeddings").
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers' one switch for zero3 init
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_eval_model(model_dir: Path, accelerator: Any) -> torch.nn.Module:
-    """The model of `model_dir` (local files only) in eval mode: on this rank's device, or, under a
-    ZeRO-3 accelerator, partitioned as it is loaded and wrapped in a DeepSpeed engine (kept alive by
-    the accelerator); returned unwrapped, ready for `constrained_beam_search`."""
+    """The model of `model_dir` (local files only) in eval mode: on this rank's device, never
+    partitioned, or, under a ZeRO-3 accelerator, partitioned as it is loaded and wrapped in a
+    DeepSpeed engine (kept alive by the accelerator); returned unwrapped, ready for
+    `constrained_beam_search`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
     if accelerator.state.deepspeed_plugin is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
         model = accelerator.prepare(model)
     else:
+        with zero3_init_disabled():
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+        if is_zero3_partitioned(model):
+            raise RuntimeError(f"{model_dir} was loaded ZeRO-3 partitioned where a full copy was asked for")
         model = model.to(accelerator.device)
     return unwrap_model(model).eval()
 
@@ -366,7 +423,9 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     from bear_ds.config import save_config
 
     started = time.perf_counter()
+    out = Path(cfg.output_dir)
     accelerator = eval_accelerator(cfg.eval)
+    check_output_folder_together(accelerator, out, "evaluate")  # before loading and decoding, not after
     inputs = load_eval_inputs(cfg, accelerator)
     model = load_eval_model(Path(cfg.model.path), accelerator)
     mask, mask_reason = choose_mask(cfg.eval.mask, Path(cfg.model.path), cfg.loss.name)
@@ -384,9 +443,9 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     metrics["prompts_truncated"] = inputs.truncated_prompts  # users whose oldest history items were dropped
     metrics["elapsed_s"] = time.perf_counter() - started
     if accelerator.is_main_process:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "predictions.jsonl").open("w") as fh:
+        # metrics.json is written last: a folder holding it holds the matching predictions
+        (out / "metrics.json").unlink(missing_ok=True)
+        with open_atomic(out / "predictions.jsonl") as fh:
             for i, pred in enumerate(predictions):
                 row = {
                     "user_id": inputs.user_ids[i],
@@ -398,9 +457,9 @@ def evaluate(cfg: Any) -> dict[str, Any]:
                     "target_rank": pred["target_rank"],
                 }
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         inputs.catalog.save(out)
         save_config(cfg, out)
+        write_json_atomic(out / "metrics.json", metrics)
         summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@" in k)
         print(f"{summary} ({metrics['users']} users, {metrics['users_per_second'] or 0:.2f} users/s) -> {out}")
     end_distributed(accelerator)

@@ -21,6 +21,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from bear_ds.outputs import atomic_path
+
 _MAX_LEGEND_ROWS = 12
 
 
@@ -38,8 +40,8 @@ def _finish(fig: Any, ax: Any, out: Path, n_series: int) -> None:
     else:
         ax.legend(fontsize="small")
     ax.grid(True, alpha=0.3)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def _finite(value: Any) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from bear_ds.outputs import write_text_atomic
 from bear_ds.reports.evidence import MOST_POPULAR, evidence_sections
 from bear_ds.reports.plots import PlotOutcome, plot_epoch_metric, plot_metric_vs_param, plot_pruning, plot_step_metric
 from bear_ds.runs import RunData, discover_runs, load_run
@@ -275,6 +276,4 @@ def report(run_or_sweep_dir: str | Path) -> Path:
         lines += _plot_section(outcome, root)
     # notes name files by their path; inside results.md, relative to it reads better
     text = "\n".join(lines).replace(f"{root}{os.sep}", "").replace(f"{root.resolve()}{os.sep}", "")
-    out = root / "results.md"
-    out.write_text(text.rstrip() + "\n")
-    return out
+    return write_text_atomic(root / "results.md", text.rstrip() + "\n")

@@ -6,17 +6,30 @@ partitioned parameters and optimiser states, the scheduler, every rank's RNG sta
 to `tmp-step_N/`, and rank 0 renames it to `step_N/` once every rank has finished writing
 (a rename within one folder is atomic), so a killed job never leaves a half checkpoint under a
 `step_N` name; `latest_checkpoint` only considers `step_N` folders holding `trainer_state.json`.
+
+Loading never runs code from a checkpoint. DeepSpeed reads its `*model_states.pt` and
+`*optim_states.pt` with `torch.load(weights_only=False)`, i.e. plain pickle, which runs whatever a
+tampered file asks for. `load_checkpoint` first lists the pickle globals of every file (a static
+scan, nothing is executed) and refuses a file naming one outside `safe_checkpoint_globals()`, the
+few classes DeepSpeed and Accelerate save; it then loads with torch's weights-only unpickler forced
+on (`TORCH_FORCE_WEIGHTS_ONLY_LOAD`) and that same allow-list, so a payload hidden from the scan
+is refused by the unpickler as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from bear_ds.errors import UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +98,84 @@ def remove_checkpoint(folder: Path) -> bool:
     return True
 
 
+# what torch.save-d files of a checkpoint may hold besides tensors and containers
+PICKLED_SUFFIXES = (".pt", ".bin", ".pkl", ".pth")
+
+
+def safe_checkpoint_globals() -> list[Any]:
+    """The classes and functions, beyond torch's weights-only defaults, that DeepSpeed (ZeRO-0/2/3,
+    fp32 and bf16) and Accelerate (numpy RNG state) pickle into a checkpoint."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [
+        LossScaler,
+        DynamicLossScaler,
+        ZeroStageEnum,
+        fragment_address,
+        np._core.multiarray._reconstruct,
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),  # numpy.dtypes.UInt32DType: the MT19937 state
+    ]
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Every `torch.load` inside, DeepSpeed's `weights_only=False` included, uses the weights-only
+    unpickler with `safe_checkpoint_globals()` allowed."""
+    import torch
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(safe_checkpoint_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def verify_checkpoint_files(folder: str | Path) -> int:
+    """Refuse (ValueError naming the file) a checkpoint file that is not a torch.save archive or
+    whose pickle names a global outside the allow-list. Reads only the pickles, never runs them.
+    Returns the number of files checked."""
+    import torch
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in PICKLED_SUFFIXES)
+    with torch.serialization.safe_globals(safe_checkpoint_globals()):
+        for path in files:
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+                raise UnsafeCheckpointError(
+                    f"checkpoint file {path} is not a torch.save archive ({exc}): refused to load it"
+                ) from None
+            if unsafe:
+                raise UnsafeCheckpointError(
+                    f"checkpoint file {path} refers to {', '.join(unsafe[:3])}, which no checkpoint written by "
+                    "bear-ds holds (tampered, or from elsewhere): refused to load it, nothing from it was run"
+                )
+    return len(files)
+
+
 def load_checkpoint(accelerator, folder: str | Path) -> dict[str, Any]:
-    """Collective: restore model/optimiser/scheduler/RNG state; return the trainer state."""
+    """Collective: restore model/optimiser/scheduler/RNG state; return the trainer state.
+    Nothing in the checkpoint is run (see the module doc)."""
     folder = Path(folder)
     state_file = folder / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint: {STATE_FILE} is missing")
-    accelerator.load_state(str(folder))
+    verify_checkpoint_files(folder)
+    try:
+        with weights_only_loading():
+            accelerator.load_state(str(folder))
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(f"checkpoint {folder}: refused by the weights-only loader: {first_line}") from None
     return json.loads(state_file.read_text())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bear_ds.errors import RunStateError
+from bear_ds.outputs import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class JsonlLog:
         if not self.enabled or not self.path.is_file():
             return
         kept = [r for r in self.read() if r.get(key, 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # all at once: a kill here must not leave the log cut short of the resumed step
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class ProgressBar:

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,8 @@ import torch
 
 from bear_ds.config import Config, ConfigError, save_config
 from bear_ds.distributed import end_distributed
-from bear_ds.errors import BearDsError, RunStateError
+from bear_ds.errors import BearDsError
+from bear_ds.outputs import write_json_atomic
 from bear_ds.training.accelerator import build_accelerator
 from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -57,6 +59,17 @@ from bear_ds.training.micro_batch import (
     loss_spec,
     micro_batch_loss,
 )
+from bear_ds.training.run_folder import (
+    TOKENIZER_RECORD,
+    RunFolderBusyError,
+    RunFolderLock,
+    check_launch,
+    model_is_selected_epoch,
+    read_tokenizer_record,
+    record_resume,
+    tokenizer_mismatch,
+    tokenizer_record,
+)
 from bear_ds.training.train_log import JsonlLog, ProgressBar
 
 logger = logging.getLogger(__name__)
@@ -68,11 +81,19 @@ class NonFiniteLossError(BearDsError, FloatingPointError):
 
 # ---------------------------------------------------------------------------------------- setup
 def prepare_tokenizer(
-    cfg: Config, output_dir: Path, model_folder: Path | None, titles: dict[str, str], prompts: list[str]
+    cfg: Config,
+    output_dir: Path,
+    model_folder: Path | None,
+    titles: dict[str, str],
+    prompts: list[str],
+    resuming: bool = False,
 ):
     """The run's tokenizer: tokenizer.path, else the model folder's, else a BPE trained once into OUT/tokenizer.
 
-    Not collective: call on one process first (`main_process_first`), then the others load it.
+    OUT/tokenizer/trained_from.json records what the BPE was trained from; a leftover trained from
+    other texts or with another vocabulary size is retrained in a fresh run and refused on a resume
+    (its checkpoints hold embeddings of that tokenizer). Not collective: call on one process first
+    (`main_process_first`), then the others load it.
     """
     from bear_ds.tokenization import ensure_pad_token, load_tokenizer, train_bpe_tokenizer
 
@@ -82,15 +103,45 @@ def prepare_tokenizer(
         tokenizer = load_tokenizer(model_folder)
     else:
         folder = output_dir / "tokenizer"
-        if (folder / "tokenizer_config.json").is_file():  # resume / second rank: reuse, never retrain
+        texts = [*titles.values(), *prompts]
+        wanted = tokenizer_record(texts, cfg.tokenizer.vocab_size)
+        reuse = (folder / "tokenizer_config.json").is_file()
+        if reuse and (mismatch := tokenizer_mismatch(read_tokenizer_record(folder), wanted)) is not None:
+            if resuming:
+                check_resumed_tokenizer(folder, texts, cfg.tokenizer.vocab_size)  # raises on a recorded mismatch
+                logger.warning("%s: %s; reused for the resume", folder, mismatch)
+            else:
+                logger.warning("%s is a leftover that does not match this run (%s): retrained", folder, mismatch)
+                reuse = False
+        if reuse:  # resume / second rank: reuse, never retrain
             tokenizer = load_tokenizer(folder)
         else:
-            tokenizer = train_bpe_tokenizer([*titles.values(), *prompts], cfg.tokenizer.vocab_size)
-            tmp = output_dir / "tokenizer.tmp"
+            tokenizer = train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size)
+            tmp = output_dir / f"tokenizer.tmp-{os.getpid()}"
             tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / TOKENIZER_RECORD, wanted)
+            old = output_dir / f"tokenizer.old-{os.getpid()}"
+            if folder.exists():
+                os.replace(folder, old)
             os.replace(tmp, folder)  # atomic: a killed run never leaves a half tokenizer to reuse
+            shutil.rmtree(old, ignore_errors=True)
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def check_resumed_tokenizer(folder: Path, texts: list[str], vocab_size: int) -> None:
+    """A resumed run's OUT/tokenizer must be the one its checkpoints were trained with: refuse
+    (ValueError) one recorded as trained from other texts or with another vocabulary size."""
+    saved = read_tokenizer_record(folder)
+    if saved is None or not (folder / "tokenizer_config.json").is_file():
+        return  # nothing recorded (an older run), or nothing to reuse: prepare_tokenizer decides
+    mismatch = tokenizer_mismatch(saved, tokenizer_record(texts, vocab_size))
+    if mismatch is not None:
+        raise ValueError(
+            f"{folder} does not match this run: {mismatch}; its checkpoints were trained with it, so the "
+            "resume is refused (resume with the data and tokenizer.vocab_size it was started with, or use "
+            "another output_dir)"
+        )
 
 
 def _schedule(name: str, optimizer, warmup: int, total: int):
@@ -222,11 +273,17 @@ class Trainer:
         self.t_start = time.time()
         if self.cfg.train.eval_every_epoch:
             _check_select_metric(self.cfg)
+        # check first, write after: the lock, then a refused launch or resume, before config.yaml
+        lock_error = self._lock_run_folder()
+        self.checkpoint = latest_checkpoint(self.out)
+        self.resume_changes = check_launch(self.out, self.cfg, self.checkpoint)  # the same on every rank
         self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator, self.plan, self.zero_stage = build_accelerator(self.cfg.train, self.out)
         self.main = self.accelerator.is_main_process
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
+        if _main_decides(self.accelerator, lock_error is not None):  # every rank leaves, none waits
+            raise lock_error or RunFolderBusyError(f"output_dir {self.out} is in use by another run (see rank 0)")
         if self.main:  # logging is configured by the entry points (bear_ds.runtime), not here
             save_config(self.cfg, self.out)
         self.data = self._load_data()
@@ -238,6 +295,25 @@ class Trainer:
         self.bar = ProgressBar(self.total_steps, self.state.step, self.main)
         self.elapsed_before = float(self.state.counters.get("elapsed_s", 0.0))
         self.t_run = time.time()
+
+    def _lock_run_folder(self) -> RunFolderBusyError | None:
+        """One process per run (global rank 0) takes OUT/.lock. In one process a busy folder is
+        refused at once; with several ranks the error is returned and raised by all ranks together
+        once the process group exists, so that none waits for a rank that has left."""
+        self.lock = RunFolderLock(self.out)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return None
+        try:
+            self.lock.acquire()
+        except RunFolderBusyError as err:
+            if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                raise
+            return err
+        return None
+
+    def release(self) -> None:
+        """Give up OUT/.lock (also released by the kernel when the process ends, however it ends)."""
+        self.lock.release()
 
     def _load_data(self) -> TrainingData:
         """Prepared data, tokenizer, catalog: rank 0 writes what is shared, the others then read it."""
@@ -252,13 +328,16 @@ class Trainer:
         builder = PromptBuilder(cfg.prompt, cfg.data.domain or load_stats(prepared).get("domain"))
         titles = load_catalog(prepared)
         self.rows = load_split(prepared, "train")
+        prompts = (
+            [builder.prompt([titles[i] for i in h]) for h in self.rows["history"]] if self.model_folder is None else []
+        )
+        resuming = cfg.train.resume == "auto" and self.checkpoint is not None
+        if resuming and self.model_folder is None and not cfg.tokenizer.path:
+            # every rank, before rank 0 writes anything: a refusal inside main_process_first would
+            # leave the other ranks waiting for rank 0
+            check_resumed_tokenizer(self.out / "tokenizer", [*titles.values(), *prompts], cfg.tokenizer.vocab_size)
         with self.accelerator.main_process_first():
-            prompts = (
-                [builder.prompt([titles[i] for i in h]) for h in self.rows["history"]]
-                if self.model_folder is None
-                else []
-            )
-            tokenizer = prepare_tokenizer(cfg, self.out, self.model_folder, titles, prompts)
+            tokenizer = prepare_tokenizer(cfg, self.out, self.model_folder, titles, prompts, resuming)
         catalog = Catalog.build(titles, tokenizer, builder)
         return TrainingData(prepared, titles, builder, tokenizer, catalog)
 
@@ -298,7 +377,7 @@ class Trainer:
 
     def _restore_or_start(self) -> None:
         """train.resume=auto continues from the newest complete checkpoint; a fresh run starts fresh logs."""
-        checkpoint = latest_checkpoint(self.out)
+        checkpoint = self.checkpoint  # a launch that would mix two runs' checkpoints was refused in setup
         if self.cfg.train.resume == "auto" and checkpoint is not None:
             self.state = TrainState.from_checkpoint(load_checkpoint(self.accelerator, checkpoint))
             self.train_log.truncate_after(self.state.step)
@@ -306,11 +385,7 @@ class Trainer:
             if self.main:
                 logger.info("resumed from %s: step %d, epoch %d, step %d of the epoch", checkpoint,
                             self.state.step, self.state.epoch, self.state.step_in_epoch)  # fmt: skip
-        elif checkpoint is not None:  # all ranks raise: never mix two runs' checkpoints
-            raise RunStateError(
-                f"{self.out / 'checkpoints'} holds checkpoints of an earlier run: add train.resume=auto to continue "
-                "it, or choose another output_dir"
-            )
+                record_resume(self.out, self.state.step, self.resume_changes)
         elif self.main:
             for path in (self.train_log.path, self.epochs_log.path):
                 path.unlink(missing_ok=True)
@@ -518,13 +593,16 @@ class Trainer:
         summary["wall_time_s"] = time.time() - self.t_start
         summary["counters"] = self.state.counters
         if self.main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_json_atomic(self.out / "summary.json", summary, indent=1)
         self.cleanup()
         return summary
 
     def _export_final(self) -> dict[str, str]:
         step = self.state.step
-        if self.evaluate is None or not _main_decides(self.accelerator, (self.out / "model").exists()):
+        # OUT/model is the selected epoch's only when an epoch was selected into it: a finished run
+        # re-run with resume finds its final export there, which no epoch selected
+        selected = model_is_selected_epoch(_read_export_info(self.out / "model"))
+        if self.evaluate is None or not _main_decides(self.accelerator, selected):
             self.export("model", {"step": step, "selected_by": None})
             return {"path": "model", "is": "final model (no per-epoch evaluation)"}
         self.export("model_final", {"step": step})
@@ -566,9 +644,13 @@ class Trainer:
 def train(cfg: Config) -> dict[str, Any]:
     """Train per `cfg` (single process or under accelerate / torchrun / deepspeed); return the summary."""
     trainer = Trainer(cfg)
-    trainer.setup()
-    trainer.run_epochs()
-    return trainer.finish()
+    try:
+        trainer.setup()
+        trainer.run_epochs()
+        return trainer.finish()
+    finally:
+        if hasattr(trainer, "lock"):
+            trainer.release()
 
 
 # ---------------------------------------------------------------------------------------- epochs

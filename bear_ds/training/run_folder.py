@@ -1,0 +1,252 @@
+"""One owner per run folder, and the checks a training makes before it writes anything there.
+
+    lock = RunFolderLock(out).acquire()        # a second run into `out` is refused (RunFolderBusyError)
+    changes = check_launch(out, cfg)           # refused launch / changed config: raised before any write
+    ...                                        # save config.yaml, record `changes`, train
+    lock.release()                             # also released by the kernel when the process dies
+
+- The lock is `fcntl.flock` on `OUT/.lock`, held by one process per run (rank 0). The kernel drops
+  it when that process exits, however it exits, so a lock file left by a dead process is free
+  again; the file only names its last owner (pid, host, time) for the messages.
+- A resumed run (`train.resume=auto` with a checkpoint) must have the config of the run it
+  continues, except keys that cannot change what was already trained: raising `train.epochs` /
+  `train.max_steps`, logging and checkpoint cadence, and evaluation/report keys. Those changes are
+  allowed and recorded in `OUT/resumes.jsonl`; any other is refused with the list of changed keys.
+- `OUT/tokenizer/trained_from.json` records what a BPE tokenizer was trained from (vocabulary
+  size, number and SHA-256 digest of the texts); `tokenizer_mismatch` says how a leftover differs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bear_ds.config import Config, ConfigError
+from bear_ds.errors import RunFolderError
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+RESUMES_FILE = "resumes.jsonl"
+TOKENIZER_RECORD = "trained_from.json"
+
+# keys a resumed run may change: none of them changes the steps already taken
+RESUME_FREE_KEYS = (
+    "train.log_every", "train.save_every", "train.keep_last", "train.pg_timeout_s", "train.resume",
+    "train.eval_every_epoch", "train.eval_max_users", "train.select_metric", "train.eval_test",
+    "output_dir",
+)  # fmt: skip
+RESUME_FREE_SECTIONS = ("eval.", "analyze.", "sweep.")
+RESUME_RAISE_ONLY = ("train.epochs", "train.max_steps")
+
+
+class RunFolderBusyError(RunFolderError):
+    """Another live process holds the run folder's lock."""
+
+
+# ---------------------------------------------------------------------------------------- lock
+class RunFolderLock:
+    """An exclusive, non-blocking `flock` on OUT/.lock for the life of a run."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunFolderLock:
+        """Take the lock or raise RunFolderBusyError naming the owner. Creates the folder."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _describe_owner(_read_owner(fd))
+            os.close(fd)
+            raise RunFolderBusyError(
+                f"output_dir {self.folder} is in use by another run ({owner}): wait for it to finish, "
+                "or choose another output_dir"
+            ) from None
+        previous = _read_owner(fd)
+        if previous and not _alive(previous):
+            logger.info("%s: the run that held it (%s) has ended; taken over", self.path, _describe_owner(previous))
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> RunFolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_owner(fd: int) -> dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return True  # cannot tell from here
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe_owner(owner: dict[str, Any]) -> str:
+    if not owner:
+        return "owner unknown"
+    return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}"
+
+
+# ---------------------------------------------------------------------------------------- config checks
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _raised(old: Any, new: Any) -> bool:
+    """`new` allows at least as many steps as `old` (None = no max_steps cap: epochs decide)."""
+    if old is None or new is None:
+        return new is None
+    return new >= old
+
+
+def classify_resume_changes(
+    saved: dict[str, Any], current: dict[str, Any]
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """(allowed, refused) changes between the config a run was started with and the one resuming it,
+    each {dotted key: (old, new)}. Allowed: RESUME_FREE_KEYS, the RESUME_FREE_SECTIONS, and raising
+    RESUME_RAISE_ONLY; everything else could change the result of the steps already taken."""
+    old, new = flatten(saved), flatten(current)
+    allowed: dict[str, tuple[Any, Any]] = {}
+    refused: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        free = key in RESUME_FREE_KEYS or key.startswith(RESUME_FREE_SECTIONS)
+        raise_only = key in RESUME_RAISE_ONLY and _raised(before, after)
+        (allowed if free or raise_only else refused)[key] = (before, after)
+    return allowed, refused
+
+
+def check_launch(out: str | Path, cfg: Config, checkpoint: Path | None) -> dict[str, tuple[Any, Any]]:
+    """The checks before a training writes anything into `out`; pure reads, the same on every rank.
+
+    Raises FileExistsError when `out` holds checkpoints and train.resume is not auto, ConfigError
+    listing the changed keys when a resume changes a key that matters. Returns the allowed
+    changes of a resume (to record), else {}.
+    """
+    out = Path(out)
+    if checkpoint is None:
+        return {}
+    if cfg.train.resume != "auto":
+        raise RunFolderError(
+            f"{out / 'checkpoints'} holds checkpoints of an earlier run: add train.resume=auto to continue it, "
+            "or choose another output_dir"
+        )
+    saved_path = out / "config.yaml"
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        logger.warning("%s cannot be read (%s): the resumed config is not compared", saved_path, exc)
+        return {}
+    allowed, refused = classify_resume_changes(saved, cfg.model_dump())
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"train.resume=auto: {out} was trained with another config ({listed}); these keys change what the "
+            f"checkpoint at {checkpoint.name} stands for. Resume with the saved {saved_path} (only train.epochs/"
+            "max_steps may be raised, logging, checkpoint and evaluation keys changed), or use another output_dir"
+        )
+    return allowed
+
+
+def record_resume(out: str | Path, step: int, allowed: dict[str, tuple[Any, Any]]) -> None:
+    """Append the allowed config changes of a resume to OUT/resumes.jsonl (rank 0)."""
+    if not allowed:
+        return
+    line = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "from_step": step,
+        "changed": {k: {"old": a, "new": b} for k, (a, b) in allowed.items()},
+    }
+    with (Path(out) / RESUMES_FILE).open("a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    logger.info("resumed with changed keys (allowed, recorded in %s): %s", RESUMES_FILE, ", ".join(allowed))
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+def tokenizer_record(texts: Iterable[str], vocab_size: int) -> dict[str, Any]:
+    """What a BPE tokenizer is trained from: vocabulary size and a digest of the texts, in order."""
+    digest = hashlib.sha256()
+    count = 0
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\x00")  # ["ab", "c"] and ["a", "bc"] differ
+        count += 1
+    return {"vocab_size": vocab_size, "texts": count, "texts_sha256": digest.hexdigest()}
+
+
+def read_tokenizer_record(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / TOKENIZER_RECORD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def tokenizer_mismatch(saved: dict[str, Any] | None, wanted: dict[str, Any]) -> str | None:
+    """None when a tokenizer trained from `saved` is the one `wanted` describes, else why not."""
+    if saved is None:
+        return f"it has no {TOKENIZER_RECORD} (trained by an older bear-ds, or not by bear-ds)"
+    if saved.get("vocab_size") != wanted["vocab_size"]:
+        return f"vocabulary size {saved.get('vocab_size')} where tokenizer.vocab_size={wanted['vocab_size']}"
+    if saved.get("texts_sha256") != wanted["texts_sha256"]:
+        return (
+            f"it was trained on other texts ({saved.get('texts')} titles and prompts, digest "
+            f"{str(saved.get('texts_sha256'))[:12]}; this data: {wanted['texts']}, {wanted['texts_sha256'][:12]})"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------- export
+def model_is_selected_epoch(export_info: dict[str, Any]) -> bool:
+    """True when OUT/model's export_info.json says an epoch was selected into it (an epoch and a
+    metric), not a final export with no selection."""
+    return export_info.get("selected_by") is not None and export_info.get("epoch") is not None
