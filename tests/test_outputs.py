@@ -53,7 +53,7 @@ def test_evaluate_checks_its_folder_before_decoding(folders, tmp_path, monkeypat
     decoded = []
     monkeypatch.setattr(evaluate_module, "run_beam_evaluation", lambda *a, **k: decoded.append(1))
     (tmp_path / "file").write_text("")
-    assert main(["evaluate", *_args(folders, tmp_path / "file" / "eval")]) == 1
+    assert main(["evaluate", *_args(folders, tmp_path / "file" / "eval")]) == 2  # a user error: exit 2
     err = capsys.readouterr().err
     assert "is not writable" in err and "Traceback" not in err and err.count("\n") == 1
     # a training run's folder: its config.yaml is not overwritten
@@ -61,7 +61,7 @@ def test_evaluate_checks_its_folder_before_decoding(folders, tmp_path, monkeypat
     run.mkdir()
     (run / "config.yaml").write_text("train run\n")
     (run / "train_log.jsonl").write_text("")
-    assert main(["evaluate", *_args(folders, run)]) == 1
+    assert main(["evaluate", *_args(folders, run)]) == 2
     assert "training run's folder" in capsys.readouterr().err
     assert (run / "config.yaml").read_text() == "train run\n"
     assert decoded == []

@@ -53,7 +53,7 @@ def test_refused_launch_and_refused_resume_write_nothing(tmp_path, data, capsys)
     train(load_config(None, _args(data, out, "loss.name=bear")))
     saved = (out / "config.yaml").read_text()
     # checkpoints exist, no resume: refused in one line, config.yaml untouched
-    assert main(["train", *_args(data, out, "train.lr=0.5")]) == 1
+    assert main(["train", *_args(data, out, "train.lr=0.5")]) == 2  # a user error: exit 2
     err = capsys.readouterr().err
     assert "add train.resume=auto" in err and "Traceback" not in err
     assert (out / "config.yaml").read_text() == saved

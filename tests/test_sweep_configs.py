@@ -113,7 +113,7 @@ def test_each_sweep_config_runs_as_documented(path: Path, tmp_path: Path, reques
         extra.append(f"data.path={request.getfixturevalue('shared_data') / Path(data_path).name}")
     out = tmp_path / path.stem
     _run_sweep(path, [f"output_dir={out}", *TINY, *_two_points(cfg), *extra], cwd=REPO)
-    _check_two_points(out)
+    _check_points(out, len(expand_grid(load_config(path, _two_points(cfg)).sweep, sweep_base(cfg))))
 
 
 def _run_sweep(path: Path, overrides: list[str], cwd: Path) -> None:
@@ -123,11 +123,12 @@ def _run_sweep(path: Path, overrides: list[str], cwd: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def _check_two_points(out: Path) -> None:
+def _check_points(out: Path, points: int) -> None:
+    assert points >= 1
     results = (out / "results.csv").read_text().splitlines()
-    assert len(results) == 3  # header + both points
+    assert len(results) == 1 + points  # header + every point
     assert (out / "results.md").is_file()
-    assert len(list(out.glob("*/analysis/analysis.json"))) == 2
+    assert len(list(out.glob("*/analysis/analysis.json"))) == points
 
 
 @pytest.mark.slow
@@ -135,9 +136,10 @@ def test_the_two_stage_preference_sweeps_run_as_documented(tmp_path: Path) -> No
     # demo_preference.yaml names stage 1's model by a path relative to the working directory, as its
     # header says: run both from one folder, stage 1 into its default output_dir
     sft = load_config(CONFIGS / "sweeps" / "demo_preference_sft.yaml")
-    _run_sweep(CONFIGS / "sweeps" / "demo_preference_sft.yaml", [*TINY, *_two_points(sft)], cwd=tmp_path)
+    short = ["data.max_history=3"]  # prompts within the tiny model's context with its 300-token BPE
+    _run_sweep(CONFIGS / "sweeps" / "demo_preference_sft.yaml", [*TINY, *short, *_two_points(sft)], cwd=tmp_path)
     pref = load_config(CONFIGS / "sweeps" / "demo_preference.yaml")
     out = tmp_path / pref.output_dir
     tiny_pref = [o for o in TINY if not o.startswith(("model.", "tokenizer."))]  # the model is stage 1's
-    _run_sweep(CONFIGS / "sweeps" / "demo_preference.yaml", [*tiny_pref, *_two_points(pref)], cwd=tmp_path)
-    _check_two_points(out)
+    _run_sweep(CONFIGS / "sweeps" / "demo_preference.yaml", [*tiny_pref, *short, *_two_points(pref)], cwd=tmp_path)
+    _check_points(out, 2)

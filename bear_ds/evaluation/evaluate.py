@@ -30,7 +30,7 @@ import torch
 from accelerate.utils import gather_object
 
 from bear_ds.distributed import all_max, end_distributed, make_accelerator
-from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputError
+from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputError, RunFolderError
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import constrained_beam_search, left_pad
 from bear_ds.masking import resolve_mask
@@ -57,7 +57,7 @@ def check_output_folder(out: Path, command: str) -> None:
     the command would overwrite, or that cannot be written."""
     found = [name for name in TRAINING_RUN_FILES if (out / name).exists()]
     if found:
-        raise ValueError(
+        raise RunFolderError(
             f"output_dir {out} is a training run's folder (it holds {', '.join(found)}): {command} would "
             f"overwrite its config.yaml; write into a folder of its own, e.g. output_dir={out / command}"
         )
@@ -76,7 +76,7 @@ def check_output_folder_together(accelerator: Any, out: Path, command: str) -> N
     refused = gather_object([error is not None]) if accelerator.num_processes > 1 else [error is not None]
     if any(refused):
         end_distributed(accelerator)
-        raise error or ValueError(f"{command}: output_dir {out} was refused (see rank 0)")
+        raise error or RunFolderError(f"{command}: output_dir {out} was refused (see rank 0)")
 
 
 # ---------------------------------------------------------------------- decoding + metrics
