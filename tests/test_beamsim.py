@@ -293,14 +293,16 @@ def test_search_from_the_training_forward_equals_its_own_prefill(shared_prefix, 
 
 
 def test_restricted_log_probs_from_pairs_equal_the_dense_mask_before():
-    from bear_ds.generation.beam import _restricted_log_probs, next_token_log_probs
+    from bear_ds.generation.beam import next_token_log_probs
+    from bear_ds.masking import trie_log_softmax
 
     titles, groups = random_catalog(4, 14)
     trie = TokenTrie.from_sequences(titles, V, groups)
     torch.manual_seed(4)
     states = torch.randint(-1, trie.num_nodes, (40,))
     logits = torch.randn(40, V) * 4
-    sparse, dense = _restricted_log_probs(logits, states, trie), next_token_log_probs(logits, states, trie, "before")
+    sparse = next_token_log_probs(logits, states, trie, "before")
+    dense = trie_log_softmax(logits, "before", allowed=trie.allowed_mask(states, V))
     assert torch.equal(torch.isfinite(sparse), torch.isfinite(dense))
     torch.testing.assert_close(sparse[torch.isfinite(dense)], dense[torch.isfinite(dense)], rtol=0, atol=1e-6)
     assert bool((states == -1).any()) and bool(torch.isinf(sparse[states == -1]).all())

@@ -92,17 +92,14 @@ def next_token_log_probs(logits: torch.Tensor, states: torch.Tensor, trie: Token
     """Log-probs of the next token restricted to trie-valid continuations; -inf elsewhere.
 
     logits [N, V] (any float dtype), states [N] trie states -> float32 [N, V].
-    mask="after": log_softmax over V, then restrict; "before": restrict, then log_softmax.
-    States with no valid continuation (INVALID) give an all -inf row.
+    mask="after": log_softmax over V, then restrict; "before": restrict, then log_softmax, computed
+    from the trie-valid (row, token) pairs only (`trie_log_softmax`'s pair form: the normaliser is a
+    sum over a few valid tokens per row instead of an exp over the whole vocabulary, which was 15% of
+    beamsim's training-time search). The beam search and the analysis both call this, so their
+    scores agree to the bit. States with no valid continuation (INVALID) give an all -inf row.
     """
-    return trie_log_softmax(logits, mask, allowed=trie.allowed_mask(states, logits.shape[-1]))  # [N, V]
-
-
-def _restricted_log_probs(logits: torch.Tensor, states: torch.Tensor, trie: TokenTrie) -> torch.Tensor:
-    """`next_token_log_probs(..., mask="before")` from the trie-valid (row, token) pairs only
-    (`trie_log_softmax`'s pair form): the normaliser is a sum over a few valid tokens per row instead
-    of an exp over the whole vocabulary (in beamsim's training-time search that exp was 15% of the
-    search). Same values up to float rounding; rows without a valid token stay all -inf."""
+    if mask != "before":
+        return trie_log_softmax(logits, mask, allowed=trie.allowed_mask(states, logits.shape[-1]))  # [N, V]
     rows, tokens = trie.allowed_pairs(states)  # [P]
     out = torch.full(logits.shape, NEG_INF, dtype=torch.float32, device=logits.device)  # [N, V]
     out[rows, tokens] = trie_log_softmax(logits, "before", pairs=(rows, tokens))
@@ -457,10 +454,7 @@ def constrained_beam_search(
         n_active, cur_beams = beam_scores.shape
         if temperature != 1.0:
             logits = logits.float() / temperature
-        if mask == "before":
-            logp = _restricted_log_probs(logits, beam_states.reshape(-1), trie)  # [A*Bc, V]
-        else:
-            logp = next_token_log_probs(logits, beam_states.reshape(-1), trie, mask)  # [A*Bc, V]
+        logp = next_token_log_probs(logits, beam_states.reshape(-1), trie, mask)  # [A*Bc, V]
         cand = (logp.view(n_active, cur_beams, vocab) + beam_scores[..., None]).view(n_active, cur_beams * vocab)
         n_cand = min(2 * beams, cur_beams * vocab)
         top_scores, top_idx = cand.topk(n_cand, dim=1)  # [A, 2B], best first
