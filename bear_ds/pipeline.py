@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from bear_ds.config import Config, with_overrides
+from bear_ds.locks import RunFolderLock
 from bear_ds.outputs import write_json_atomic
 
 METHODS = ("lml", "msl", "bear")
@@ -66,13 +67,15 @@ def sweep(cfg: Config) -> Path:
     """Run (or write job scripts for) every grid point of `cfg.sweep`, then aggregate and report."""
     from bear_ds.data import resolve_prepared
     from bear_ds.reports import report
-    from bear_ds.sweeps import run_sweep, sweep_base
+    from bear_ds.sweeps import CLAIMS, run_sweep, sweep_base
 
     out = Path(cfg.output_dir)
-    # once, from the data the points use (a sweep.base file's, if set): every point sees the same splits
-    data_dir = resolve_prepared(sweep_base(cfg), out / "data")
+    # once, from the data the points use (a sweep.base file's, if set): every point sees the same
+    # splits; a second process on the same sweep waits for the first one's preparation
+    with RunFolderLock(out / CLAIMS / "data").acquire(wait=True):
+        data_dir = resolve_prepared(sweep_base(cfg), out / "data")
     prepared = [f"data.path={data_dir}", "data.source=prepared"]
-    run_sweep(cfg, run_point, is_done=point_finished, base_overrides=prepared)  # aggregates in run mode
-    if cfg.sweep.mode == "run":
+    outcome = run_sweep(cfg, run_point, is_done=point_finished, base_overrides=prepared)
+    if outcome.complete:  # run mode, every point done (by this process or others): the report
         report(out)
     return out

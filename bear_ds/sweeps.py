@@ -20,6 +20,12 @@ Sweep folder (`output_dir`):
 
 A point is done when its summary.json exists; rerunning the sweep skips it. Every point runs with
 train.resume=auto, so a point that crashed continues from its newest checkpoint.
+
+Several `bear-ds sweep` processes on the same config share the work: each point is claimed with a
+lock (`.claims/NAME/.lock`, dropped by the kernel when its process ends), a process skips points
+another live one holds, and whichever finds every point done at its end writes the aggregate. On
+a machine with C cores, N processes with OMP_NUM_THREADS=C/N each use small models' cores better
+than one process with C threads.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from bear_ds.config import (
     with_overrides,
 )
 from bear_ds.errors import MissingPathError, RunStateError
+from bear_ds.locks import RunFolderBusyError, RunFolderLock
 from bear_ds.outputs import atomic_path, write_json_atomic, write_text_atomic
 from bear_ds.runs import SWEEP_CONFIG, SWEEP_MANIFEST, flatten, read_config_yaml, read_json
 
@@ -69,6 +76,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]")
 _MAX_NAME = 200  # file names are limited to 255 bytes on common file systems
 POINT_CONFIGS = "point_configs"
 BASE_CONFIG = "base.yaml"
+CLAIMS = ".claims"  # CLAIMS/NAME/.lock: the process running point NAME
 
 
 class SweepError(RunStateError):
@@ -209,7 +217,9 @@ class SweepOutcome:
     points: list[str]
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    running_elsewhere: list[str] = field(default_factory=list)
     scripts: list[Path] = field(default_factory=list)
+    complete: bool = False  # run mode: every point done when this process ended
 
 
 def _check_same_base(sweep_dir: Path, base: Config) -> None:
@@ -348,17 +358,41 @@ def run_sweep(
             outcome.skipped.append(name)
             logger.info("[%d/%d] %s: done already, skipped", i, len(points), name)
             continue
-        logger.info("[%d/%d] %s: %s", i, len(points), name, "resuming" if point_dir.exists() else "starting")
-        point_dir.mkdir(parents=True, exist_ok=True)
+        claim = RunFolderLock(sweep_dir / CLAIMS / name)
         try:
-            run_point(pcfg, point_dir)
-        except BaseException:
-            logger.error("sweep point %s failed; its folder %s is kept, rerun the sweep to resume it", name, point_dir)
-            raise
+            claim.acquire()
+        except RunFolderBusyError as busy:
+            outcome.running_elsewhere.append(name)
+            logger.info("[%d/%d] %s: skipped, %s", i, len(points), name, busy.owner)
+            continue
+        try:
+            if is_done(point_dir):  # finished by another process between the two checks
+                outcome.skipped.append(name)
+                continue
+            logger.info("[%d/%d] %s: %s", i, len(points), name, "resuming" if point_dir.exists() else "starting")
+            point_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_point(pcfg, point_dir)
+            except BaseException:
+                logger.error(
+                    "sweep point %s failed; its folder %s is kept, rerun the sweep to resume it", name, point_dir
+                )
+                raise
+        finally:
+            claim.release()
         if not is_done(point_dir):
             raise SweepError(f"sweep point {name} returned without finishing {point_dir} (no summary.json?)")
         outcome.ran.append(name)
-    aggregate(sweep_dir)
+    outcome.complete = all(is_done(sweep_dir / name) for name in outcome.points)
+    if outcome.complete:
+        aggregate(sweep_dir)
+    else:
+        left = [n for n in outcome.points if not is_done(sweep_dir / n)]
+        logger.info(
+            "%d point(s) still running in other processes (%s): the last process to finish writes the aggregate",
+            len(left),
+            ", ".join(left),
+        )
     return outcome
 
 

@@ -14,10 +14,9 @@ import pytest
 import yaml
 
 from bear_ds.config import ConfigError, load_config, save_config
+from bear_ds.locks import RunFolderBusyError, RunFolderLock
 from bear_ds.training.run_folder import (
     RESUMES_FILE,
-    RunFolderBusyError,
-    RunFolderLock,
     check_launch,
     classify_resume_changes,
     model_is_selected_epoch,
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     code = (
-        "import sys, time; from bear_ds.training.run_folder import RunFolderLock; "
+        "import sys, time; from bear_ds.locks import RunFolderLock; "
         f"RunFolderLock({str(folder)!r}).acquire(); print('held', flush=True); time.sleep(120)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -113,10 +112,7 @@ def test_model_is_selected_epoch():
 
 
 def test_lock_released_when_the_process_exits_by_an_exception(tmp_path):
-    code = (
-        "from bear_ds.training.run_folder import RunFolderLock; "
-        f"RunFolderLock({str(tmp_path)!r}).acquire(); raise SystemExit(3)"
-    )
+    code = f"from bear_ds.locks import RunFolderLock; RunFolderLock({str(tmp_path)!r}).acquire(); raise SystemExit(3)"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 3
     started = time.time()

@@ -6,6 +6,7 @@ import json
 import math
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -122,6 +123,38 @@ def test_run_sweep_is_idempotent_and_reruns_unfinished_points(tmp_path: Path) ->
     third = FakeTrainer()
     run_sweep(cfg, third)
     assert [o.name for _, o in third.calls] == ["loss.lam=0.5__train.seed=1"]
+
+
+def test_two_sweep_processes_share_the_points_and_the_last_one_aggregates(tmp_path: Path) -> None:
+    # another live process holds point seed=2 (its claim lock): this one runs the others, leaves
+    # seed=2 alone and writes no aggregate; once seed=2 is done, a rerun aggregates everything
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1, 2, 3]})
+    claim_dir = tmp_path / "sweep" / ".claims" / "train.seed=2"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from bear_ds.locks import RunFolderLock; "
+            f"RunFolderLock({str(claim_dir)!r}).acquire(); print('held', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        trainer = FakeTrainer()
+        outcome = run_sweep(cfg, trainer)
+        assert [o.name for _, o in trainer.calls] == ["train.seed=1", "train.seed=3"]
+        assert outcome.running_elsewhere == ["train.seed=2"] and not outcome.complete
+        assert not (tmp_path / "sweep" / "results.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without finishing: its claim is free, so the point runs here
+    finisher = FakeTrainer()
+    outcome = run_sweep(cfg, finisher)
+    assert [o.name for _, o in finisher.calls] == ["train.seed=2"] and outcome.complete
+    assert len(pd.read_csv(tmp_path / "sweep" / "results.csv")) == 3
 
 
 def test_run_sweep_crash_stops_and_restart_resumes(tmp_path: Path) -> None:

@@ -1,13 +1,12 @@
 """One owner per run folder, and the checks a training makes before it writes anything there.
 
-    lock = RunFolderLock(out).acquire()        # a second run into `out` is refused (RunFolderBusyError)
+    lock = RunFolderLock(out).acquire()        # bear_ds.locks: a second run into `out` is refused
     changes = check_launch(out, cfg)           # refused launch / changed config: raised before any write
     ...                                        # save config.yaml, record `changes`, train
     lock.release()                             # also released by the kernel when the process dies
 
-- The lock is `fcntl.flock` on `OUT/.lock`, held by one process per run (rank 0). The kernel drops
-  it when that process exits, however it exits, so a lock file left by a dead process is free
-  again; the file only names its last owner (pid, host, time) for the messages.
+- The lock (`bear_ds/locks.py`) is `fcntl.flock` on `OUT/.lock`, held by one process per run
+  (rank 0); the kernel drops it when that process exits, however it exits.
 - A resumed run (`train.resume=auto` with a checkpoint) must have the config of the run it
   continues, except keys that cannot change what was already trained: raising `train.epochs` /
   `train.max_steps`, logging and checkpoint cadence, and evaluation/report keys. Those changes are
@@ -18,12 +17,9 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,7 +32,6 @@ from bear_ds.errors import RunFolderError
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
 RESUMES_FILE = "resumes.jsonl"
 TOKENIZER_RECORD = "trained_from.json"
 
@@ -48,83 +43,6 @@ RESUME_FREE_KEYS = (
 )  # fmt: skip
 RESUME_FREE_SECTIONS = ("eval.", "analyze.", "sweep.")
 RESUME_RAISE_ONLY = ("train.epochs", "train.max_steps")
-
-
-class RunFolderBusyError(RunFolderError):
-    """Another live process holds the run folder's lock."""
-
-
-# ---------------------------------------------------------------------------------------- lock
-class RunFolderLock:
-    """An exclusive, non-blocking `flock` on OUT/.lock for the life of a run."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> RunFolderLock:
-        """Take the lock or raise RunFolderBusyError naming the owner. Creates the folder."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = _describe_owner(_read_owner(fd))
-            os.close(fd)
-            raise RunFolderBusyError(
-                f"output_dir {self.folder} is in use by another run ({owner}): wait for it to finish, "
-                "or choose another output_dir"
-            ) from None
-        previous = _read_owner(fd)
-        if previous and not _alive(previous):
-            logger.info("%s: the run that held it (%s) has ended; taken over", self.path, _describe_owner(previous))
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def __enter__(self) -> RunFolderLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _read_owner(fd: int) -> dict[str, Any]:
-    try:
-        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-    except (OSError, ValueError):
-        return {}
-
-
-def _alive(owner: dict[str, Any]) -> bool:
-    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
-        return True  # cannot tell from here
-    try:
-        os.kill(owner["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _describe_owner(owner: dict[str, Any]) -> str:
-    if not owner:
-        return "owner unknown"
-    return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}"
 
 
 # ---------------------------------------------------------------------------------------- config checks

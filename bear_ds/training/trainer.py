@@ -45,6 +45,7 @@ import torch
 from bear_ds.config import Config, ConfigError, save_config
 from bear_ds.distributed import end_distributed
 from bear_ds.errors import BearDsError
+from bear_ds.locks import RunFolderBusyError, RunFolderLock
 from bear_ds.outputs import write_json_atomic
 from bear_ds.training.accelerator import build_accelerator
 from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micro_batches
@@ -61,8 +62,6 @@ from bear_ds.training.micro_batch import (
 )
 from bear_ds.training.run_folder import (
     TOKENIZER_RECORD,
-    RunFolderBusyError,
-    RunFolderLock,
     check_launch,
     model_is_selected_epoch,
     read_tokenizer_record,
