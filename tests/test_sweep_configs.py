@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bear_ds.config import load_config
 from bear_ds.sweeps import expand_grid, override_value, sweep_base
@@ -59,6 +60,7 @@ def test_ml100k_evidence_sweep_runs_at_a_tiny_budget(tmp_path: Path) -> None:
             "sweep.grid.train.seed=[1]",
             "data.train_sample=64",
             "train.global_batch=32",
+            "train.micro_batch=32",
             "train.eval_max_users=8",
             "eval.max_users=8",
             "analyze.max_users=4",
@@ -70,19 +72,46 @@ def test_ml100k_evidence_sweep_runs_at_a_tiny_budget(tmp_path: Path) -> None:
         "loss.name=msl__train.seed=1",
         "loss.name=bear__loss.form=reweight__train.seed=1",
         "loss.name=bear__loss.form=regularizer__train.seed=1",
+        "loss.name=beamsim__train.seed=1",
     ]
     sweep(cfg)
     text = (tmp_path / "sweep" / "results.md").read_text()
     assert "| most-popular (8 users) |" in text
-    for other in ("loss.name=msl", "loss.name=bear, loss.form=reweight", "loss.name=bear, loss.form=regularizer"):
+    others = ("loss.name=msl", "loss.name=bear, loss.form=reweight", "loss.name=bear, loss.form=regularizer")
+    for other in (*others, "loss.name=beamsim"):
         assert f"**{other} vs loss.name=lml**: pooled, over 1 seed(s) (8 user pairs): NDCG@10 difference" in text
-    assert text.count(" p = ") >= 2 * 2 * 6  # NDCG and HR, pooled and per seed: 4 pairs against LML, 2 BEAR vs MSL
+    assert text.count(" p = ") >= 2 * 2 * 7  # NDCG and HR, pooled and per seed: 5 pairs against LML, 2 BEAR vs MSL
+
+    # stage 2, ml100k_preference.yaml: DPO from this sweep's LML model, on the same tiny budget
+    lml_model = tmp_path / "sweep" / "loss.name=lml__train.seed=1" / "model"
+    pref = load_config(
+        CONFIGS / "sweeps" / "ml100k_preference.yaml",
+        [
+            f"output_dir={tmp_path / 'preference'}",
+            f"model.path={lml_model}",
+            f"model.reference_path={lml_model}",
+            "sweep.grid.loss.num_negatives=[1]",
+            "data.train_sample=64",
+            "train.global_batch=32",
+            "train.eval_max_users=8",
+            "eval.max_users=8",
+            "analyze.max_users=4",
+        ],
+    )
+    sweep(pref)
+    _check_points(tmp_path / "preference", 1)
+    trained = yaml.safe_load(
+        (tmp_path / "preference" / "loss.name=sdpo__train.seed=1__loss.num_negatives=1" / "config.yaml").read_text()
+    )
+    assert trained["loss"]["name"] == "sdpo" and trained["model"]["path"] == str(lml_model)
 
 
-# ml100k_evidence runs in the test above (4 points, with its report); demo_preference is stage 2 of
-# demo_preference_sft and runs after it in the test below
+# ml100k_evidence runs in the test above (5 points, with its report, then its stage 2 ml100k_preference);
+# demo_preference is stage 2 of demo_preference_sft and runs after it in the test below
 SWEEPS = sorted(
-    p for p in (CONFIGS / "sweeps").glob("*.yaml") if p.name not in ("ml100k_evidence.yaml", "demo_preference.yaml")
+    p
+    for p in (CONFIGS / "sweeps").glob("*.yaml")
+    if p.name not in ("ml100k_evidence.yaml", "ml100k_preference.yaml", "demo_preference.yaml")
 )
 # a tiny budget: every stage of a point runs (prepare, tokenizer, train with per-epoch evaluation,
 # export, analysis, aggregate, report), each on a few examples
