@@ -41,7 +41,18 @@ class DataConfig(_Section):
     test_file: str = Field("test_5000.csv", description="bear_csv: test file name")
     catalog_file: str = Field("id2name4Rec.json", description="bear_csv: item id -> title JSON")
     valid_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="bear_csv: chronologically last share of training carved as valid"
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="bear_csv: share carved as valid: of the training windows (valid_from=train_tail), "
+        "or of the test file's users (valid_from=test_users)",
+    )
+    valid_from: Literal["train_tail", "test_users"] = Field(
+        "train_tail",
+        description="bear_csv: where valid comes from (none was released): train_tail = the chronologically "
+        "last training windows (the release's practice); test_users = a seeded sample of the test file's "
+        "users (data.sample_seed), all their windows moved from test to valid: the same period and item "
+        "novelty as test, which the training tail does not have on Office (docs/results.md section 7)",
     )
     category: str | None = Field(None, description="amazon18/23: category file stem, e.g. Office_Products")
     min_catalog_items: int = Field(

@@ -80,6 +80,26 @@ BAD_ROWS = {
 }
 
 
+def test_bear_csv_valid_from_test_users(tmp_path):
+    # valid = all windows of a seeded half of the test file's users, moved out of test; train keeps
+    # every training window; the same seed gives the same users, another seed may not
+    rows = [(f"t{u}", f"[1, {2 + u % 3}]", 1000 + u) for u in range(10)] + [("t3", "[2, 4]", 2000)]
+    folder = make_bear_folder(tmp_path, test_rows=rows)
+    out = prepare(config(folder, tmp_path / "out", "data.valid_from=test_users", "data.valid_fraction=0.5"))
+    train, valid, test = (load_split(out, s).to_dict() for s in ("train", "valid", "test"))
+    assert len(train["user_id"]) == len(TRAIN_ROWS)
+    assert len(set(valid["user_id"])) == 5 and not set(valid["user_id"]) & set(test["user_id"])
+    assert len(valid["user_id"]) + len(test["user_id"]) == len(rows)
+    assert sorted(
+        zip(valid["user_id"] + test["user_id"], valid["timestamp"] + test["timestamp"], strict=True)
+    ) == sorted((u, t) for u, _, t in rows)
+    assert valid["user_id"].count("t3") in (0, 2)  # a user's windows stay together
+    notes = load_stats(out)["notes"]
+    assert any("sample of 0.5 of test_5000.csv's users (5 of 10 users, data.sample_seed=42)" in n for n in notes), notes
+    again = prepare(config(folder, tmp_path / "again", "data.valid_from=test_users", "data.valid_fraction=0.5"))
+    assert load_split(again, "valid")["user_id"][:] == valid["user_id"]
+
+
 @pytest.mark.parametrize("reason", sorted(BAD_ROWS))
 def test_bear_csv_bad_row_is_an_error_with_file_and_line(tmp_path, reason):
     row, line, text = BAD_ROWS[reason]

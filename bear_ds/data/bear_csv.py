@@ -1,8 +1,10 @@
 """The BEAR/BIGRec CSV format: `id2name4Rec.json` + `user_id,item_ids,timestamp` window files.
 
 `item_ids` is a Python-style list, oldest first, whose last id is the target. Train and test come
-from the named files; valid is carved from the chronologically last `data.valid_fraction` of the
-training rows (no validation file was released).
+from the named files. No validation file was released: valid is carved from the chronologically
+last `data.valid_fraction` of the training rows (`data.valid_from=train_tail`, the release's
+practice), or from a seeded sample of the test file's users (`test_users`), whose windows share
+test's period and item novelty.
 """
 
 from __future__ import annotations
@@ -195,6 +197,46 @@ PAPER_DATA_HINT = (
 )
 
 
+def _valid_from_train_tail(train_all: pa.Table, cfg: DataConfig) -> tuple[pa.Table, pa.Table, str]:
+    """valid = the chronologically last share of training rows; a stable sort keeps file order on ties."""
+    order = np.argsort(train_all.column("timestamp").to_numpy(), kind="stable")
+    n_valid = int(round(len(order) * cfg.valid_fraction))
+    valid_idx = order[len(order) - n_valid :]
+    train_mask = np.ones(len(order), dtype=bool)
+    train_mask[valid_idx] = False
+    train = train_all.filter(pa.array(train_mask))  # file order
+    valid = train_all.take(pa.array(valid_idx, pa.int64()))  # chronological order
+    cut = int(valid.column("timestamp")[0].as_py()) if n_valid else None
+    return (
+        train,
+        valid,
+        f"valid is the chronologically last {cfg.valid_fraction:g} of {cfg.train_file} ({n_valid} windows, "
+        f"target timestamps >= {cut}), by a stable sort on the target timestamp (ties keep file order); "
+        "train keeps file order",
+    )
+
+
+def _valid_from_test_users(
+    train_all: pa.Table, test: pa.Table, cfg: DataConfig
+) -> tuple[pa.Table, pa.Table, pa.Table, str]:
+    """valid = every window of a seeded sample of the test file's users (so no user is in both);
+    training keeps all its windows. Both keep file order."""
+    users = np.asarray(test.column("user_id").to_pylist(), dtype=object)
+    distinct = np.array(sorted(set(users)), dtype=object)  # sorted: the sample depends on the seed only
+    n_valid = int(round(len(distinct) * cfg.valid_fraction))
+    chosen = np.random.default_rng(cfg.sample_seed).choice(len(distinct), size=n_valid, replace=False)
+    in_valid = np.isin(users, distinct[chosen])
+    valid, rest = test.filter(pa.array(in_valid)), test.filter(pa.array(~in_valid))
+    return (
+        train_all,
+        valid,
+        rest,
+        f"valid is a sample of {cfg.valid_fraction:g} of {cfg.test_file}'s users ({n_valid} of {len(distinct)} "
+        f"users, data.sample_seed={cfg.sample_seed}) with all their windows ({len(valid)}), moved out of test "
+        f"({len(rest)} windows left); train is all of {cfg.train_file}",
+    )
+
+
 def load_bear_csv(cfg: DataConfig) -> SourceData:
     folder = Path(cfg.path)
     if not folder.is_dir():
@@ -214,15 +256,10 @@ def load_bear_csv(cfg: DataConfig) -> SourceData:
                 + ")"
             )
 
-    # valid = the chronologically last share of training rows; stable sort keeps file order on ties
-    order = np.argsort(train_all.column("timestamp").to_numpy(), kind="stable")
-    n_valid = int(round(len(order) * cfg.valid_fraction))
-    valid_idx = order[len(order) - n_valid :]
-    train_mask = np.ones(len(order), dtype=bool)
-    train_mask[valid_idx] = False
-    train = train_all.filter(pa.array(train_mask))  # file order
-    valid = train_all.take(pa.array(valid_idx, pa.int64()))  # chronological order
-    cut = int(valid.column("timestamp")[0].as_py()) if n_valid else None
+    if cfg.valid_from == "test_users":
+        train, valid, test, valid_note = _valid_from_test_users(train_all, test, cfg)
+    else:
+        train, valid, valid_note = _valid_from_train_tail(train_all, cfg)
 
     dropped = problems.dropped()
     short = sum(int(t.schema.metadata[b"short_history"]) for t in (train_all, test))
@@ -230,10 +267,10 @@ def load_bear_csv(cfg: DataConfig) -> SourceData:
         dropped["history_shorter_than_min_history"] = short
     blank = sum(int(t.schema.metadata[b"blank"]) for t in (train_all, test))
     notes = [
-        f"train and valid come from {cfg.train_file} ({len(train_all)} windows kept of {train_read} rows); "
-        f"valid is its chronologically last {cfg.valid_fraction:g} ({n_valid} windows, target timestamps >= {cut}), "
-        "by a stable sort on the target timestamp (ties keep file order); train keeps file order",
-        f"test comes from {cfg.test_file} ({len(test)} windows kept of {test_read} rows)",
+        f"train comes from {cfg.train_file} ({len(train_all)} windows kept of {train_read} rows)",
+        f"test comes from {cfg.test_file} ({len(test) + (len(valid) if cfg.valid_from == 'test_users' else 0)} "
+        f"windows kept of {test_read} rows)",
+        valid_note,
     ]
     if train_trunc + test_trunc:
         notes.append(
