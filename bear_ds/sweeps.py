@@ -231,6 +231,10 @@ def _check_same_base(sweep_dir: Path, base: Config) -> None:
             raise SweepError(f"cannot compare with the previous sweep's base config: {why}")
         return
     old, new = flatten(previous), flatten(base.model_dump())
+    # a key the saved base lacks was added to bear_ds since (with a default that keeps the old
+    # behaviour): at its default it is no change, so upgrading does not orphan a running sweep
+    defaults = flatten(Config().model_dump())
+    old.update({k: defaults[k] for k in new if k not in old and k in defaults})
     changed = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
     ]

@@ -193,6 +193,18 @@ def test_run_sweep_requires_summary_and_same_base(tmp_path: Path) -> None:
         run_sweep(changed, FakeTrainer())
 
 
+def test_a_key_added_since_the_sweep_started_is_no_change_at_its_default(tmp_path: Path) -> None:
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1]})
+    run_sweep(cfg, FakeTrainer())
+    base = tmp_path / "sweep" / "base.yaml"
+    saved = yaml.safe_load(base.read_text())
+    del saved["data"]["valid_from"]  # as written by a bear_ds without that key
+    base.write_text(yaml.safe_dump(saved))
+    assert run_sweep(cfg, FakeTrainer()).complete
+    with pytest.raises(SweepError, match=r"data.valid_from: 'train_tail' -> 'test_users'"):
+        run_sweep(with_overrides(cfg, ["data.valid_from=test_users"]), FakeTrainer())
+
+
 def test_sweep_base_file(tmp_path: Path) -> None:
     base = tmp_path / "base.yaml"
     base.write_text("loss: {name: msl, tau: 3.0}\n")
