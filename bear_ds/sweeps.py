@@ -463,7 +463,7 @@ def collect_points(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]
             if missing:
                 notes.append(f"point {name}: {point_dir / 'summary.json'} lacks {', '.join(missing)}")
         rows.append(row)
-    known = set(names) | {POINT_CONFIGS, "jobs", "plots"}
+    known = set(names) | {POINT_CONFIGS, CLAIMS, "data", "jobs", "plots"}  # data: the points' prepared splits
     for sub in sorted(sweep_dir.iterdir()):
         if sub.is_dir() and sub.name not in known:
             notes.append(f"folder {sub} is not a point of this sweep's grid; ignored")

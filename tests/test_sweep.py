@@ -155,6 +155,10 @@ def test_two_sweep_processes_share_the_points_and_the_last_one_aggregates(tmp_pa
     outcome = run_sweep(cfg, finisher)
     assert [o.name for _, o in finisher.calls] == ["train.seed=2"] and outcome.complete
     assert len(pd.read_csv(tmp_path / "sweep" / "results.csv")) == 3
+    (tmp_path / "sweep" / "stray").mkdir()
+    aggregate(tmp_path / "sweep")
+    text = (tmp_path / "sweep" / "results.md").read_text()
+    assert "stray is not a point" in text and ".claims" not in text  # the claims folder is the sweep's own
 
 
 def test_run_sweep_crash_stops_and_restart_resumes(tmp_path: Path) -> None:
