@@ -188,3 +188,40 @@ def test_report_sweep_has_most_popular_row_and_paired_comparisons(tmp_path: Path
     assert "distinguishable from noise: loss.name=msl vs loss.name=lml" in text
     assert text.count("  - seed ") == 2 * 4  # each pair per seed too
     assert "| 32/40 / 32/40 | 64/80 = 80.0% [70.0%, 87.3%] |" in text  # two seeds pooled, Wilson interval
+
+
+def test_report_of_a_one_method_ablation_compares_each_configuration_with_the_first(tmp_path: Path) -> None:
+    # BEAR over lam, no LML or MSL in the sweep: lam 0.5 and most-popular are compared with lam 0.1
+    prepared = write_prepared(tmp_path / "data")
+    hits = {0.1: lambda i: i < 2, 0.5: lambda i: i < 14}
+    cfg = Config.model_validate(
+        {
+            "output_dir": str(tmp_path / "sweep"),
+            "sweep": {"grid": {"loss.name": ["bear"], "loss.lam": [0.1, 0.5], "train.seed": [1]}},
+        }
+    )
+
+    def fake_point(point_cfg: Config, out: Path) -> None:
+        lam = point_cfg.loss.lam
+        write_run(
+            out, ["loss.name=bear", f"loss.lam={lam}", "train.seed=1", f"data.path={prepared}", "data.source=prepared"]
+        )
+        write_jsonl(
+            out / "test_predictions.jsonl",
+            [{"epoch": 3, "user_id": f"u5_{i}", "target_rank": 0 if hits[lam](i) else None} for i in range(16)],
+        )
+        items = [{"item_id": f"i{k}", "title": f"t{k}", "group": k, "token_ids": [k, 99]} for k in range(20)]
+        (out / "model").mkdir()
+        (out / "model" / "catalog.json").write_text(json.dumps({"items": items}))
+
+    run_sweep(cfg, fake_point)
+    text = report(tmp_path / "sweep").read_text()
+    compared = re.findall(r"\*\*([^*]+) vs ([^*]+)\*\*: pooled", text)
+    assert compared == [
+        ("loss.name=bear, loss.lam=0.5", "loss.name=bear, loss.lam=0.1"),
+        ("most-popular", "loss.name=bear, loss.lam=0.1"),
+    ], compared
+    assert re.search(
+        r"lam=0.5 vs loss.name=bear, loss.lam=0.1\*\*: pooled, over 1 seed\(s\) \(16 user pairs\): NDCG@10 difference \+0\.7500",
+        text,
+    )

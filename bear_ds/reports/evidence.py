@@ -130,7 +130,9 @@ def _fmt_p(p: float) -> str:
 
 
 def _comparison_pairs(methods: list[MethodRuns]) -> list[tuple[str, str]]:
-    """(a, b) labels: every other method against each LML configuration, and BEAR against MSL."""
+    """(a, b) labels: every other method against each LML configuration, and BEAR against MSL; in a
+    folder with neither (an ablation of one method, e.g. BEAR over lam), every configuration and
+    most-popular against the first configuration."""
     by_loss: dict[str | None, list[str]] = {}
     for m in methods:
         by_loss.setdefault(m.loss_name, []).append(m.label)
@@ -140,6 +142,9 @@ def _comparison_pairs(methods: list[MethodRuns]) -> list[tuple[str, str]]:
         pairs += [(MOST_POPULAR, ref)]
     for msl in by_loss.get("msl", []):
         pairs += [(bear, msl) for bear in by_loss.get("bear", [])]
+    if not pairs and len(methods) > 1:
+        first = methods[0].label
+        pairs = [(m.label, first) for m in methods[1:]] + [(MOST_POPULAR, first)]
     return pairs
 
 
@@ -248,7 +253,7 @@ def _paired_section(methods: list[MethodRuns], ranks: dict[str, dict[Any, UserRa
     ]
     pairs = _comparison_pairs(methods)
     if not pairs:
-        return [*lines, "No pair to compare (needs an LML configuration, or MSL and BEAR).", ""]
+        return [*lines, "No pair to compare (needs two configurations).", ""]
     compared = 0
     clear: list[str] = []
     unclear: list[str] = []
