@@ -9,7 +9,7 @@ from launching import BIN, REPO, launch_env
 from train_data import write_prepared
 
 from bear_ds.distributed import free_port
-from bear_ds.training.run_folder import RunFolderLock
+from bear_ds.locks import RunFolderLock
 
 pytestmark = pytest.mark.slow
 YAML = REPO / "launchers" / "accelerate" / "cpu_zero3.yaml"

@@ -14,8 +14,9 @@ from train_data import write_prepared
 
 from bear_ds.cli import main
 from bear_ds.config import ConfigError, load_config
+from bear_ds.locks import RunFolderLock
 from bear_ds.training import train
-from bear_ds.training.run_folder import RESUMES_FILE, TOKENIZER_RECORD, RunFolderLock
+from bear_ds.training.run_folder import RESUMES_FILE, TOKENIZER_RECORD
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
