@@ -21,7 +21,9 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def run_ok(cmd: list[str], timeout: float = 85) -> subprocess.CompletedProcess:
+def run_ok(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    # the outer timeout only catches a hang: 85 s was too short for a 6-step ZeRO-3 launch on a
+    # 2-core machine that ran two trainings and the demo beside the suite
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -33,7 +35,7 @@ def newest_checkpoint_step(out: Path) -> int:
     return max(steps, default=0)
 
 
-def kill_after_checkpoint(cmd: list[str], out: Path, step: int, timeout: float = 85) -> int:
+def kill_after_checkpoint(cmd: list[str], out: Path, step: int, timeout: float = 240) -> int:
     """Start `cmd`, SIGKILL it (the launcher and every rank) once a complete checkpoint of `step` or
     later exists; return the newest complete checkpoint's step after the kill."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
