@@ -387,11 +387,11 @@ def run_sweep(
         if not is_done(point_dir):
             raise SweepError(f"sweep point {name} returned without finishing {point_dir} (no summary.json?)")
         outcome.ran.append(name)
-    outcome.complete = all(is_done(sweep_dir / name) for name in outcome.points)
+    left = [n for n in outcome.points if not is_done(sweep_dir / n)]
+    outcome.complete = not left
     if outcome.complete:
         aggregate(sweep_dir)
     else:
-        left = [n for n in outcome.points if not is_done(sweep_dir / n)]
         logger.info(
             "%d point(s) still running in other processes (%s): the last process to finish writes the aggregate",
             len(left),

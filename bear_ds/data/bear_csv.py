@@ -256,6 +256,7 @@ def load_bear_csv(cfg: DataConfig) -> SourceData:
                 + ")"
             )
 
+    test_kept = len(test)  # before test_users moves some of them to valid
     if cfg.valid_from == "test_users":
         train, valid, test, valid_note = _valid_from_test_users(train_all, test, cfg)
     else:
@@ -268,8 +269,7 @@ def load_bear_csv(cfg: DataConfig) -> SourceData:
     blank = sum(int(t.schema.metadata[b"blank"]) for t in (train_all, test))
     notes = [
         f"train comes from {cfg.train_file} ({len(train_all)} windows kept of {train_read} rows)",
-        f"test comes from {cfg.test_file} ({len(test) + (len(valid) if cfg.valid_from == 'test_users' else 0)} "
-        f"windows kept of {test_read} rows)",
+        f"test comes from {cfg.test_file} ({test_kept} windows kept of {test_read} rows)",
         valid_note,
     ]
     if train_trunc + test_trunc:
