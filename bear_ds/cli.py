@@ -16,14 +16,14 @@ Every subcommand takes `--config FILE.yaml` plus dotted overrides:
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from bear_ds import __version__
 from bear_ds.config import Config, load_config
 from bear_ds.errors import BearDsError, report_user_error
-from bear_ds.runtime import configure_logging, run_scope
+from bear_ds.runtime import configure_logging, exit_process, run_scope
 
 SUBCOMMANDS: dict[str, str] = {
     "prepare": "build train/valid/test splits, the catalog and stats.json from a data source",
@@ -183,5 +183,10 @@ def _run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def console_main() -> NoReturn:
+    """The `bear-ds` console script and `python -m bear_ds[.cli]`."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -12,11 +12,10 @@ traceback for anything else), so the launcher stops the other ranks.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from bear_ds.config import load_config
 from bear_ds.errors import BearDsError, report_user_error
-from bear_ds.runtime import configure_logging, run_scope
+from bear_ds.runtime import configure_logging, exit_process, run_scope
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -101,6 +101,36 @@ def test_entry_point_processes_exit_2_without_traceback(tmp_path, module):
     assert len(errors) == 1 and str(missing) in errors[0], proc.stderr[-3000:]
 
 
+EXIT_PROBE = """
+import atexit, sys
+from bear_ds.runtime import exit_process
+atexit.register(lambda: print("|finalized"))
+print("written", end="")  # buffered: a pipe is not a terminal
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_rank_among_several_exits_without_finalization(world_size):
+    # one rank of several skips interpreter finalization (gloo may abort there), output flushed first
+    env = {**_env(), "WORLD_SIZE": world_size}
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stdout == ("written|finalized\n" if world_size == "1" else "written")
+
+
+def test_console_script_and_module_run_the_cli():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "bear-ds"]
+    assert script.value == "bear_ds.cli:console_main"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bear_ds", "config", "loss.lam=0.3"],
+        capture_output=True, text=True, env={**_env(), "WORLD_SIZE": "2"}, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "lam: 0.3" in proc.stdout, proc.stderr[-3000:]
+
+
 IMPORT_PROBE = r"""
 import json, logging, os, pkgutil, sys, warnings, importlib
 # the libraries bear_ds builds on, first: their own import-time effects are not ours
