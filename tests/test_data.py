@@ -189,6 +189,18 @@ def test_empty_split_is_an_error_naming_it_and_empty_valid_a_note(tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_valid_from_test_users_is_refused_outside_bear_csv(tmp_path):
+    ml = tmp_path / "ml-100k"
+    ml.mkdir()
+    (ml / "u.data").write_text("1\t10\t5\t3\n1\t11\t4\t4\n1\t12\t4\t5\n")
+    (ml / "u.item").write_text("".join(f"{i}|T{i}|||" + "|0" * 19 + "\n" for i in (10, 11, 12)))
+    with pytest.raises(
+        DataError, match=r"data.valid_from=test_users applies to data.source=bear_csv only, not to ml100k"
+    ):
+        prepare(config(ml, tmp_path / "out", "data.valid_from=test_users"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_duplicate_rows_are_kept_and_counted(tmp_path):
     folder = make_bear_folder(tmp_path, train_rows=TRAIN_ROWS, test_rows=[*TEST_ROWS, TEST_ROWS[0], TEST_ROWS[0]])
     stats = load_stats(prepare(config(folder, tmp_path / "out", "data.valid_fraction=0")))

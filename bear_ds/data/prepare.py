@@ -59,6 +59,12 @@ def detect_source(path: str | None) -> str:
 def load_source(cfg: Config) -> SourceData:
     data = cfg.data
     source = detect_source(data.path) if data.source == "auto" else data.source
+    if data.valid_from != "train_tail" and source != "bear_csv":
+        # the other sources split by their own rule (ml100k: data.split); never ignore the key silently
+        raise DataError(
+            f"data.valid_from={data.valid_from} applies to data.source=bear_csv only, not to {source} "
+            f"(data.path {data.path or 'the default'}); remove it or use the default train_tail"
+        )
     if source == "bear_csv":
         if not data.path:
             raise DataError("data.source=bear_csv needs data.path (the dataset folder)")
