@@ -60,7 +60,7 @@ def test_wheel_holds_the_package_data_and_the_entry_point(tmp_path):
             assert zf.read(f"bear_ds/ds_configs/{path.name}") == path.read_bytes()
         assert "bear_ds/py.typed" in names
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
-        assert "bear-ds = bear_ds.cli:main" in zf.read(f"{dist_info}/entry_points.txt").decode()
+        assert "bear-ds = bear_ds.cli:console_main" in zf.read(f"{dist_info}/entry_points.txt").decode()
         metadata = zf.read(f"{dist_info}/METADATA").decode()
     assert f"Version: {bear_ds.__version__}" in metadata
     assert "Requires-Dist: transformers<6,>=4.57" in metadata
