@@ -52,12 +52,13 @@ def exit_process(code: int) -> NoReturn:
     """End an entry point with exit status `code` after its command returned.
 
     A rank that a launcher started among several (WORLD_SIZE > 1) flushes its output and leaves with
-    `os._exit`, skipping interpreter finalization: objects that outlive the destroyed process group
-    (a ZeRO-3 model's parameters keep references to it and to gloo work) are freed there while
-    gloo's threads still run, and a rank whose results were already gathered and written can abort
-    with "terminate called without an active exception" (exit -6, seen once in a clean-clone CI run
-    of a two-rank ZeRO-3 evaluation), which fails the whole launch. Every command has left its
-    process group and closed its files and trackers (`end_distributed`) before this point.
+    `os._exit`, skipping interpreter finalization. In a clean-clone CI run, rank 1 of a two-rank
+    ZeRO-3 evaluation aborted there once ("terminate called without an active exception", exit -6)
+    after the results were gathered and written, which failed the whole launch (16 local runs did
+    not repeat it). The likely cause: objects that outlive the destroyed process group (a ZeRO-3
+    model's parameters refer to it) are freed during finalization, which gloo's C++ threads do
+    not survive. Every command has already left its process group and closed its files and
+    trackers (`end_distributed`).
     """
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         logging.shutdown()
