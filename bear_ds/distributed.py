@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from bear_ds.runtime import launcher_world_size
+
 
 def free_port() -> int:
     """A free TCP port on the loopback interface (for a one-process rendezvous)."""
@@ -81,7 +83,7 @@ def make_accelerator(
     on_cuda = torch.cuda.is_available()
     if not on_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launcher_world_size()
     plugin = None
     if deepspeed_config is not None:
         if "RANK" not in os.environ:  # plain `python -m ...`: a one-process DeepSpeed group

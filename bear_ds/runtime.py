@@ -24,6 +24,11 @@ def launcher_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def launcher_world_size() -> int:
+    """The number of ranks a launcher started (WORLD_SIZE); 1 outside one."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def configure_logging(rank: int | None = None) -> None:
     """Root handler on stderr (WARNING for other libraries); bear_ds at INFO on rank 0, ERROR elsewhere
     (the other ranks would repeat every line)."""
@@ -60,7 +65,7 @@ def exit_process(code: int) -> NoReturn:
     not survive. Every command has already left its process group and closed its files and
     trackers (`end_distributed`).
     """
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if launcher_world_size() > 1:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -22,6 +22,7 @@ from typing import Any
 from bear_ds.config import TrainConfig
 from bear_ds.distributed import make_accelerator
 from bear_ds.errors import ConfigError, MissingPathError
+from bear_ds.runtime import launcher_world_size
 
 # package data, so an installed wheel finds them too (the checkout's ds_configs/ links to this folder)
 DS_CONFIG_DIR = Path(str(resources.files("bear_ds") / "ds_configs"))
@@ -110,10 +111,6 @@ def launched_with_accelerate_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def resolve_ds_config_path(train_cfg: TrainConfig) -> Path | None:
     """The DeepSpeed JSON to use, or None for no DeepSpeed (train.zero_stage=0 outside accelerate)."""
     if launched_with_accelerate_deepspeed():
@@ -132,7 +129,7 @@ def build_accelerator(train_cfg: TrainConfig, project_dir: str | Path | None = N
 
     Must run before the model is built so that ZeRO-3 partitions the model on creation.
     """
-    plan = batch_plan(train_cfg, world_size_from_env())
+    plan = batch_plan(train_cfg, launcher_world_size())
     ds_path = resolve_ds_config_path(train_cfg)
     config, zero_stage, zero3_init = None, 0, False
     if ds_path is not None:

@@ -47,6 +47,7 @@ from bear_ds.distributed import end_distributed
 from bear_ds.errors import BearDsError
 from bear_ds.locks import RunFolderBusyError, RunFolderLock
 from bear_ds.outputs import write_json_atomic
+from bear_ds.runtime import launcher_rank, launcher_world_size
 from bear_ds.training.accelerator import build_accelerator
 from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -300,12 +301,12 @@ class Trainer:
         refused at once; with several ranks the error is returned and raised by all ranks together
         once the process group exists, so that none waits for a rank that has left."""
         self.lock = RunFolderLock(self.out)
-        if int(os.environ.get("RANK", "0")) != 0:
+        if launcher_rank() != 0:
             return None
         try:
             self.lock.acquire()
         except RunFolderBusyError as err:
-            if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            if launcher_world_size() == 1:
                 raise
             return err
         return None
