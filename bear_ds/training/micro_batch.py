@@ -264,4 +264,4 @@ __all__ = [
 ]
 
 # losses defined in their own modules register themselves on import
-import bear_ds.training.preference  # noqa: E402, F401  (loss.name=sdpo)
+import bear_ds.training.preference_pairs  # noqa: E402, F401  (loss.name=sdpo)
