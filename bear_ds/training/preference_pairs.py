@@ -29,7 +29,6 @@ folder and no step has run, the pass uses the policy itself: no second load at a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import logging
 import os
@@ -42,7 +41,6 @@ import torch
 
 from bear_ds.catalog import IGNORE_INDEX, Catalog, encode_example
 from bear_ds.training.batching import collate
-from bear_ds.training.micro_batch import LossContext, MicroBatch, MicroBatchLoss, register_loss, token_loss
 from bear_ds.training.negatives import group_weights, sample_negatives, self_negatives
 
 logger = logging.getLogger(__name__)
@@ -355,84 +353,10 @@ class PreferencePairs:
         return {k: v.to(device) for k, v in batch.items()}
 
 
-# ---------------------------------------------------------------------------------------- the trainer's loss
-def _setup(model: Any, ctx: LossContext) -> PreferencePairs:
-    from bear_ds.evaluation.evaluate import check_context
-    from bear_ds.models import pretrained_folder
-
-    rows, catalog = ctx.train_rows, ctx.catalog
-    prompts = prompt_ids_of(ctx.examples.input_ids, ctx.examples.labels)
-    context = int(getattr(getattr(model, "module", model).config, "max_position_embeddings", 0) or 10**9)
-    check_context(prompts, catalog.trie.max_depth, context, what="training row")  # any title may be a negative
-    return PreferencePairs(
-        ctx.cfg, prompts=prompts, target_groups=[catalog.group_of_item(t) for t in rows["target"]],
-        history_groups=[[catalog.group_of_item(i) for i in h] for h in rows["history"]], catalog=catalog,
-        tokenizer=ctx.tokenizer, zero3=ctx.zero3, policy_folder=pretrained_folder(ctx.cfg.model),
-        accelerator=ctx.accelerator,
-    )  # fmt: skip
-
-
-def _epoch_start(model: Any, ctx: LossContext, epoch: int, step: int) -> None:
-    ctx.loss_state.start_epoch(epoch, model, step)
-
-
-@contextlib.contextmanager
-def sdpo_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
-    """S-DPO of one micro-batch: its examples' 1 + K sequences through the backbone and the chunked head."""
-    from bear_ds.losses import backbone_hidden_states, lm_head_context, preference_loss, response_rows, select_response
-
-    if ctx.loss_state.sft_epoch:  # self-play: this round's SFT epoch
-        with _sft_loss(model, batch, ctx) as out:
-            yield out
-        return
-    pairs = ctx.loss_state.batch(batch.indices, batch.input_ids.device)
-    hidden = backbone_hidden_states(model, pairs["input_ids"], pairs["attention_mask"])  # [b(1+K), L, H]
-    h, y, s = select_response(hidden, pairs["labels"], ctx.trie)
-    rows = response_rows(pairs["labels"])  # [N]: the sequence of each response position
-    with lm_head_context(model) as head:
-        out = preference_loss(h, head, y, s, rows, pairs["reference_logps"], ctx.trie, ctx.cfg.loss)
-        sums = out.sums
-        yield MicroBatchLoss(
-            loss=out.loss,
-            sums=sums.token_sums(),
-            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
-            extras={
-                "pref_loss": (sums.pref.detach(), sums.examples),
-                "reward_margin": (sums.margin, sums.examples),
-                "reward_accuracy": (sums.correct, sums.negatives),
-            },
-        )
-
-
-@contextlib.contextmanager
-def _sft_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
-    """The positives' CE with the loss's softmax (MSL with tau when loss.masked, else LML); no pairs."""
-    name = "msl" if ctx.cfg.loss.masked else "lml"
-    sft_ctx = dataclasses.replace(
-        ctx, cfg=ctx.cfg.model_copy(update={"loss": ctx.cfg.loss.model_copy(update={"name": name})})
-    )
-    with token_loss(model, batch, sft_ctx) as out:
-        none = out.loss.new_zeros(()).detach()  # logged as nan: no pairs in an SFT epoch
-        out.extras = {key: (none, none) for key in PREFERENCE_METRICS}
-        yield out
-
-
-PREFERENCE_METRICS = ("pref_loss", "reward_margin", "reward_accuracy")
-
-register_loss(
-    "sdpo",
-    sdpo_loss,
-    extra_metrics=PREFERENCE_METRICS,
-    setup=_setup,
-    epoch_start=_epoch_start,
-)
-
-
 __all__ = [
     "REFERENCE_DIR",
     "PreferencePairs",
     "collate_pairs",
     "item_logps_pass",
     "prompt_ids_of",
-    "sdpo_loss",
 ]

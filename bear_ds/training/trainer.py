@@ -53,14 +53,9 @@ from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micr
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
-from bear_ds.training.micro_batch import (
-    LossContext,
-    MicroBatch,
-    StepTotals,
-    load_micro_batch,
-    loss_spec,
-    micro_batch_loss,
-)
+from bear_ds.training.loss_api import LossContext, MicroBatch
+from bear_ds.training.loss_table import loss_spec
+from bear_ds.training.micro_batch import StepTotals, load_micro_batch, micro_batch_loss
 from bear_ds.training.run_folder import (
     TOKENIZER_RECORD,
     check_launch,
