@@ -14,7 +14,7 @@ from bear_ds.losses.functional import (
     msl_loss,
     position_terms,
 )
-from bear_ds.losses.head import LMHead, LossOutput, response_loss, select_response
+from bear_ds.losses.head import LMHead, LossOutput, response_loss, select_response, zero_through
 from bear_ds.losses.model import (
     BackboneOutput,
     backbone_forward,
@@ -67,4 +67,5 @@ __all__ = [
     "sequence_logps",
     "survival_terms",
     "token_logps",
+    "zero_through",
 ]

@@ -14,6 +14,8 @@ no second pass over the chunks.
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -105,6 +107,19 @@ def _chunk_sums(
     return (*(getattr(sums, name) for name in LossSums.__dataclass_fields__), log_p_gold)
 
 
+def zero_through(*tensors: torch.Tensor | None) -> torch.Tensor:
+    """A float32 0 whose graph reaches every given tensor (None ones skipped).
+
+    Added to a loss, or backpropagated instead of one, it makes every parameter behind those
+    tensors take part in the backward, so gradient synchronisation (DDP, ZeRO) sees the same
+    parameters on every rank whatever the micro-batch held.
+    """
+    terms = [t.float().sum() * 0.0 for t in tensors if t is not None]
+    if not terms:
+        raise ValueError("zero_through needs at least one tensor")
+    return functools.reduce(operator.add, terms)
+
+
 def _check_response(
     hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, states: torch.Tensor, trie: TokenTrie
 ) -> None:
@@ -163,9 +178,7 @@ def response_loss(
     trie = trie if trie.device == hidden.device else trie.to(hidden.device)
     if (loss_cfg.name == "beamsim") != (search is not None):
         raise ValueError(f"loss.name={loss_cfg.name}: `search` must be given exactly for the beamsim loss")
-    touch = hidden.float().sum() * 0.0 + head.weight.float().sum() * 0.0  # a 0 that reaches every input
-    if head.bias is not None:
-        touch = touch + head.bias.float().sum() * 0.0
+    touch = zero_through(hidden, head.weight, head.bias)  # a 0 that reaches every input
     totals = LossSums.zeros(hidden)
     gold_log_probs: list[torch.Tensor] = []
     n = hidden.shape[0]

@@ -30,6 +30,8 @@ This module imports no other training module: the losses, the table and the trai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from bear_ds.catalog import IGNORE_INDEX
+from bear_ds.losses import LMHead, zero_through
 
 if TYPE_CHECKING:
     from bear_ds.catalog import Catalog
@@ -86,7 +89,7 @@ class LossContext:
 class MicroBatchLoss:
     loss: torch.Tensor  # scalar float32, carries gradient
     sums: LossSums  # the LossSums diagnostics (ce, counted, positions, pruning risk, ...)
-    zero: Callable[[], torch.Tensor]  # a 0 that reaches every parameter the loss reaches (a skipped batch)
+    zero: Callable[[], torch.Tensor]  # a 0 that reaches every parameter the loss reaches (a skipped batch): `head_zero`
     extras: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (num, den)
     # seconds of named phases of this micro-batch (this rank); the trainer logs each phase's sum over
     # the step's micro-batches divided by the step time as `{name}_time_frac` (rank 0's)
@@ -106,3 +109,45 @@ class LossSpec:
     # (model, ctx, epoch, step) at the start of every epoch (also a resumed one), before its first step;
     # step = optimiser steps done so far
     epoch_start: Callable[[Any, LossContext, int, int], None] | None = None
+
+
+def head_zero(hidden: torch.Tensor, head: LMHead) -> Callable[[], torch.Tensor]:
+    """`MicroBatchLoss.zero` of a loss computed through the chunked head: a 0 through the hidden
+    states and the head's parameters, backpropagated instead of a skipped micro-batch's loss so
+    that every rank's backward reaches the same parameters (ZeRO's gradient hooks still fire)."""
+    return functools.partial(zero_through, hidden, head.weight, head.bias)
+
+
+def with_loss_name(ctx: LossContext, name: str) -> LossContext:
+    """`ctx` whose config says `loss.name=name`, the other loss settings kept (`ctx` itself if it does)."""
+    if ctx.cfg.loss.name == name:
+        return ctx
+    loss_cfg = ctx.cfg.loss.model_copy(update={"name": name})
+    return dataclasses.replace(ctx, cfg=ctx.cfg.model_copy(update={"loss": loss_cfg}))
+
+
+def as_loss(name: str, compute: MicroBatchLossFn) -> MicroBatchLossFn:
+    """`compute` run as loss `name` whatever `loss.name` selected it.
+
+    The pure losses choose their math by `loss_cfg.name`, so without this a built-in loss registered
+    again under a new name (`register_loss("lml_copy", loss_spec("lml").compute)`) would compute
+    another loss; with it, the copy computes the same one.
+    """
+
+    @functools.wraps(compute)
+    def named(model: Any, batch: MicroBatch, ctx: LossContext) -> contextlib.AbstractContextManager[MicroBatchLoss]:
+        return compute(model, batch, with_loss_name(ctx, name))
+
+    return named
+
+
+__all__ = [
+    "LossContext",
+    "LossSpec",
+    "MicroBatch",
+    "MicroBatchLoss",
+    "MicroBatchLossFn",
+    "as_loss",
+    "head_zero",
+    "with_loss_name",
+]

@@ -10,7 +10,7 @@ from typing import Any
 from bear_ds.generation.survival import prompt_ends, prompt_state_of_forward, simulate_beam_search
 from bear_ds.losses import backbone_forward, lm_head_context, response_loss, select_response
 from bear_ds.models import unwrap_model
-from bear_ds.training.loss_api import LossContext, MicroBatch, MicroBatchLoss
+from bear_ds.training.loss_api import LossContext, MicroBatch, MicroBatchLoss, head_zero
 
 
 @contextlib.contextmanager
@@ -37,7 +37,7 @@ def beamsim_micro_batch_loss(model: Any, batch: MicroBatch, ctx: LossContext) ->
         yield MicroBatchLoss(
             loss=result.loss,
             sums=result.sums,
-            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
+            zero=head_zero(h, head),
             extras={"sim_pruned_frac": (pruned, pruned.new_tensor(float(search.pruned.numel())))},
             timings={"search": search.search_s},
         )

@@ -4,19 +4,19 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from bear_ds.training.loss_api import LossContext, MicroBatch, MicroBatchLoss
+from bear_ds.evaluation.evaluate import check_context
+from bear_ds.losses import backbone_hidden_states, lm_head_context, preference_loss, response_rows, select_response
+from bear_ds.models import pretrained_folder
+from bear_ds.training.loss_api import LossContext, MicroBatch, MicroBatchLoss, head_zero, with_loss_name
 from bear_ds.training.loss_token import token_loss
 from bear_ds.training.preference_pairs import PreferencePairs, prompt_ids_of
 
 
-def _setup(model: Any, ctx: LossContext) -> PreferencePairs:
-    from bear_ds.evaluation.evaluate import check_context
-    from bear_ds.models import pretrained_folder
-
+def sdpo_setup(model: Any, ctx: LossContext) -> PreferencePairs:
+    """`ctx.loss_state`: the run's `PreferencePairs` (negatives and reference log-probabilities per epoch)."""
     rows, catalog = ctx.train_rows, ctx.catalog
     prompts = prompt_ids_of(ctx.examples.input_ids, ctx.examples.labels)
     context = int(getattr(getattr(model, "module", model).config, "max_position_embeddings", 0) or 10**9)
@@ -29,15 +29,15 @@ def _setup(model: Any, ctx: LossContext) -> PreferencePairs:
     )  # fmt: skip
 
 
-def _epoch_start(model: Any, ctx: LossContext, epoch: int, step: int) -> None:
+def sdpo_epoch_start(model: Any, ctx: LossContext, epoch: int, step: int) -> None:
+    """This epoch's pairs, built (or reloaded on a resume) before its first step."""
     ctx.loss_state.start_epoch(epoch, model, step)
 
 
 @contextlib.contextmanager
-def sdpo_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
-    """S-DPO of one micro-batch: its examples' 1 + K sequences through the backbone and the chunked head."""
-    from bear_ds.losses import backbone_hidden_states, lm_head_context, preference_loss, response_rows, select_response
-
+def sdpo_micro_batch_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
+    """S-DPO of one micro-batch: its examples' 1 + K sequences through the backbone and the chunked head
+    (the pure loss is `bear_ds.losses.sdpo_loss`)."""
     if ctx.loss_state.sft_epoch:  # self-play: this round's SFT epoch
         with _sft_loss(model, batch, ctx) as out:
             yield out
@@ -52,7 +52,7 @@ def sdpo_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[Micro
         yield MicroBatchLoss(
             loss=out.loss,
             sums=sums.token_sums(),
-            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
+            zero=head_zero(h, head),
             extras={
                 "pref_loss": (sums.pref.detach(), sums.examples),
                 "reward_margin": (sums.margin, sums.examples),
@@ -64,11 +64,7 @@ def sdpo_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[Micro
 @contextlib.contextmanager
 def _sft_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
     """The positives' CE with the loss's softmax (MSL with tau when loss.masked, else LML); no pairs."""
-    name = "msl" if ctx.cfg.loss.masked else "lml"
-    sft_ctx = dataclasses.replace(
-        ctx, cfg=ctx.cfg.model_copy(update={"loss": ctx.cfg.loss.model_copy(update={"name": name})})
-    )
-    with token_loss(model, batch, sft_ctx) as out:
+    with token_loss(model, batch, with_loss_name(ctx, "msl" if ctx.cfg.loss.masked else "lml")) as out:
         none = out.loss.new_zeros(()).detach()  # logged as nan: no pairs in an SFT epoch
         out.extras = {key: (none, none) for key in PREFERENCE_METRICS}
         yield out
@@ -77,4 +73,4 @@ def _sft_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[Micro
 PREFERENCE_METRICS = ("pref_loss", "reward_margin", "reward_accuracy")
 
 
-__all__ = ["PREFERENCE_METRICS", "sdpo_loss"]
+__all__ = ["PREFERENCE_METRICS", "sdpo_epoch_start", "sdpo_micro_batch_loss", "sdpo_setup"]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bear_ds.losses import backbone_hidden_states, lm_head_context, response_loss, select_response
-from bear_ds.training.loss_api import LossContext, MicroBatch, MicroBatchLoss
+from bear_ds.training.loss_api import LossContext, MicroBatch, MicroBatchLoss, head_zero
 
 
 @contextlib.contextmanager
@@ -23,7 +23,7 @@ def token_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[Micr
         yield MicroBatchLoss(
             loss=result.loss,
             sums=result.sums,
-            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
+            zero=head_zero(h, head),
         )
 
 

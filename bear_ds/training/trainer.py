@@ -266,6 +266,7 @@ class Trainer:
     def setup(self) -> None:
         """Accelerator, data, model (partitioned on creation under ZeRO-3), optimiser, resume, evaluator."""
         self.t_start = time.time()
+        self.loss = loss_spec(self.cfg.loss.name)  # an unknown loss.name is refused before any work
         if self.cfg.train.eval_every_epoch:
             _check_select_metric(self.cfg)
         # check first, write after: the lock, then a refused launch or resume, before config.yaml
@@ -362,7 +363,6 @@ class Trainer:
         optimizer = _optimizer(cfg, model)
         scheduler = _schedule(cfg.train.schedule, optimizer, cfg.train.warmup_steps, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        self.loss = loss_spec(cfg.loss.name)
         self.loss_ctx = LossContext(
             cfg, data.catalog.trie.to(self.device), data.catalog, data.tokenizer, data.examples,
             zero3=is_zero3_partitioned(self.model), train_rows=self.rows, accelerator=self.accelerator,
