@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.config import LossConfig
 from bear_ds.losses.beamsim import SimulatedSearch, survival_terms
 from bear_ds.losses.functional import LossSums, loss_from_sums, loss_sums, metrics_from_sums
@@ -208,7 +209,7 @@ def response_loss(
 
 
 def select_response(
-    hidden: torch.Tensor, labels: torch.Tensor, trie: TokenTrie, ignore_index: int = -100
+    hidden: torch.Tensor, labels: torch.Tensor, trie: TokenTrie, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states, targets and trie states of the response positions of a batch.
 

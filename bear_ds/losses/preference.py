@@ -14,7 +14,7 @@ vocabulary (tau 1). K = 1: -log sigmoid(r(y) - r(y_1)), the DPO loss.
 Item log-probabilities come from hidden states at response positions through the chunked head
 (C = loss.chunk_size positions projected at a time, each chunk under activation checkpointing):
 the [B, L, V] logits are never built. Reference log-probabilities are inputs (precomputed by a
-pass of the frozen reference, `bear_ds.training.preference`), so this module has no second model.
+pass of the frozen reference, `bear_ds.training.preference_pairs`), so this module has no second model.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.config import LossConfig
 from bear_ds.losses.functional import LossSums, log_probs
 from bear_ds.losses.head import LMHead, _as_lm_head, _check_response
@@ -278,6 +279,6 @@ def preference_loss(
     return PreferenceOutput(loss=sums.loss(loss_cfg.sft_weight) + touch, sums=sums, policy_logps=policy)
 
 
-def response_rows(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def response_rows(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The row of each response position of a batch [N], in `select_response`'s (row-major) order."""
     return (labels[:, 1:] != ignore_index).nonzero()[:, 0]
