@@ -13,8 +13,9 @@ from bear_ds.losses.functional import (
     metrics_from_sums,
     msl_loss,
     position_terms,
+    zero_through,
 )
-from bear_ds.losses.head import LMHead, LossOutput, response_loss, select_response, zero_through
+from bear_ds.losses.head import LMHead, LossOutput, response_loss, select_response
 from bear_ds.losses.model import (
     BackboneOutput,
     backbone_forward,

@@ -14,8 +14,6 @@ no second pass over the chunks.
 
 from __future__ import annotations
 
-import functools
-import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.config import LossConfig
 from bear_ds.losses.beamsim import SimulatedSearch, survival_terms
-from bear_ds.losses.functional import LossSums, loss_from_sums, loss_sums, metrics_from_sums
+from bear_ds.losses.functional import LossSums, loss_from_sums, loss_sums, metrics_from_sums, zero_through
 from bear_ds.trie import TokenTrie
 
 
@@ -106,19 +104,6 @@ def _chunk_sums(
         return_log_p_gold=True,
     )
     return (*(getattr(sums, name) for name in LossSums.__dataclass_fields__), log_p_gold)
-
-
-def zero_through(*tensors: torch.Tensor | None) -> torch.Tensor:
-    """A float32 0 whose graph reaches every given tensor (None ones skipped).
-
-    Added to a loss, or backpropagated instead of one, it makes every parameter behind those
-    tensors take part in the backward, so gradient synchronisation (DDP, ZeRO) sees the same
-    parameters on every rank whatever the micro-batch held.
-    """
-    terms = [t.float().sum() * 0.0 for t in tensors if t is not None]
-    if not terms:
-        raise ValueError("zero_through needs at least one tensor")
-    return functools.reduce(operator.add, terms)
 
 
 def _check_response(

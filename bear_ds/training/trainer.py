@@ -7,7 +7,7 @@
                                under ZeRO-3), optimiser and schedule, resume, the per-epoch evaluator
     Trainer.run_epochs()       epochs; epoch E runs the steps of `epoch_schedule(seed, epoch=E)`
       .optimizer_step(...)     forward/backward of this rank's micro-batches, optimiser step, log record
-        micro_batch_loss(...)  the loss of one micro-batch (`micro_batch.py`: the place to add a loss)
+        micro_batch_loss(...)  the loss of one micro-batch (`loss_table.py`; adding a loss: `loss_api.py`)
       .epoch_end()             evaluate valid (+ test), select the best epoch, export it; then a checkpoint
     Trainer.finish()           final export, summary.json, leave the process group together
 
@@ -18,7 +18,7 @@ gradient is their mean, so it does not depend on the number of ranks. A checkpoi
 (step, epoch, step within the epoch); a resumed run recomputes that epoch's schedule and so
 continues with exactly the batches the uninterrupted run would have used.
 
-Extension points (details in `bear_ds/training/micro_batch.py`):
+Extension points (details in `bear_ds/training/loss_api.py`):
 - a new loss: `register_loss(name, compute, extra_metrics=..., setup=...)`, where `compute(model,
   batch, ctx)` is a context manager yielding a `MicroBatchLoss`; the trainer runs the backward
   inside it and never needs editing;
