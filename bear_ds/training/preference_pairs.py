@@ -32,14 +32,26 @@ import contextlib
 import gc
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 
-from bear_ds.catalog import IGNORE_INDEX, Catalog, encode_example
+from bear_ds.catalog import CATALOG_FILE, IGNORE_INDEX, Catalog, encode_example
+from bear_ds.evaluation.evaluate import run_beam_evaluation, shard_indices
+from bear_ds.losses import (
+    backbone_hidden_states,
+    lm_head_context,
+    response_rows,
+    select_response,
+    sequence_logps,
+    token_logps,
+)
+from bear_ds.models import build_model
 from bear_ds.training.batching import collate
 from bear_ds.training.negatives import group_weights, sample_negatives, self_negatives
 
@@ -94,18 +106,6 @@ def item_logps_pass(
     and gathered; under ZeRO-3 (`synced`) every rank runs as many forwards as the busiest one (extra
     ones score example 0 and are dropped).
     """
-    from accelerate.utils import gather_object
-
-    from bear_ds.evaluation.evaluate import shard_indices
-    from bear_ds.losses import (
-        backbone_hidden_states,
-        lm_head_context,
-        response_rows,
-        select_response,
-        sequence_logps,
-        token_logps,
-    )
-
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     width = groups.shape[1]
     mine = shard_indices(len(prompts), rank, world)
@@ -144,8 +144,6 @@ def item_logps_pass(
 
 def _check_reference_catalog(folder: Path, catalog: Catalog) -> None:
     """The reference must score the same token ids: its exported catalog must match the run's."""
-    from bear_ds.catalog import CATALOG_FILE
-
     if not (folder / CATALOG_FILE).is_file():
         return  # a plain HF folder: the tokenizer check of build_model is all we can do
     theirs = Catalog.load(folder)
@@ -161,8 +159,6 @@ def reference_network(
     cfg: Any, device: torch.device, tokenizer: Any, catalog: Catalog, dtype: torch.dtype, zero3: bool
 ) -> Iterator[torch.nn.Module]:
     """The frozen `model.reference_path` model for one pass, partitioned under ZeRO-3, then released."""
-    from bear_ds.models import build_model
-
     folder = Path(cfg.model.reference_path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -182,7 +178,7 @@ def reference_network(
     engine = None
     try:
         if zero3:
-            import deepspeed
+            import deepspeed  # deferred: DeepSpeed is heavy and needed under ZeRO-3 only
 
             if not any(hasattr(p, "ds_id") for p in model.parameters()):  # partitioned as it loaded?
                 raise RuntimeError(
@@ -281,8 +277,6 @@ class PreferencePairs:
     def _negatives(self, epoch: int, policy: Any) -> tuple[np.ndarray, int]:
         k, seed, source = self.loss_cfg.num_negatives, self.cfg.train.seed, self.loss_cfg.negative_source
         if source == "self":
-            from bear_ds.evaluation.evaluate import run_beam_evaluation
-
             predictions, _ = run_beam_evaluation(
                 policy, self.tokenizer, self.catalog, self.prompts, list(self.target_groups), self.cfg.eval,
                 self.accelerator, loss_name=self.loss_cfg.name, progress=self.accelerator.is_main_process,
@@ -296,8 +290,6 @@ class PreferencePairs:
         return sample_negatives(self.target_groups, history, weights, k, seed=seed), 0
 
     def _build(self, epoch: int, policy: Any, step: int, path: Path) -> None:
-        import time
-
         started = time.perf_counter()
         negatives, filled = self._negatives(epoch, policy)
         groups = np.concatenate([self.target_groups[:, None], negatives], axis=1)
