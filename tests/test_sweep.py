@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,40 @@ def test_two_sweep_processes_share_the_points_and_the_last_one_aggregates(tmp_pa
     aggregate(tmp_path / "sweep")
     text = (tmp_path / "sweep" / "results.md").read_text()
     assert "stray is not a point" in text and ".claims" not in text  # the claims folder is the sweep's own
+
+
+def test_a_point_whose_holder_dies_after_it_was_passed_is_taken_over(tmp_path: Path) -> None:
+    # another process holds seed=2 when this one passes it, and is killed (SIGKILL) while this one
+    # runs seed=3: before ending, this process finds seed=2's claim free, runs it and aggregates
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1, 2, 3]})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from bear_ds.locks import RunFolderLock; "
+            f"RunFolderLock({str(tmp_path / 'sweep' / '.claims' / 'train.seed=2')!r}).acquire(); "
+            "print('held', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    trainer = FakeTrainer()
+
+    def kill_holder_during_seed_3(point_cfg: Config, out: Path) -> None:
+        if out.name == "train.seed=3":
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+        trainer(point_cfg, out)
+
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        outcome = run_sweep(cfg, kill_holder_during_seed_3)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [o.name for _, o in trainer.calls] == ["train.seed=1", "train.seed=3", "train.seed=2"]
+    assert outcome.complete and outcome.running_elsewhere == [] and sorted(outcome.ran) == sorted(outcome.points)
+    assert len(pd.read_csv(tmp_path / "sweep" / "results.csv")) == 3
 
 
 def test_run_sweep_crash_stops_and_restart_resumes(tmp_path: Path) -> None:
