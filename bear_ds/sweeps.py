@@ -380,9 +380,7 @@ def run_sweep(
                 if is_done(point_dir):  # finished by another process between the two checks
                     outcome.skipped.append(name)
                     continue
-                logger.info(
-                    "[%d/%d] %s: %s", i, len(points), name, "resuming" if point_dir.exists() else "starting"
-                )
+                logger.info("[%d/%d] %s: %s", i, len(points), name, "resuming" if point_dir.exists() else "starting")
                 point_dir.mkdir(parents=True, exist_ok=True)
                 try:
                     run_point(pcfg, point_dir)
