@@ -80,6 +80,26 @@ def test_report_tolerates_malformed_lines_and_missing_analysis_keys(tmp_path: Pa
     assert (root / "plots" / "pruning.png").is_file()  # lml and bear still have it
 
 
+def test_report_skips_bad_prediction_rows_with_a_note_naming_file_line_and_value(tmp_path: Path) -> None:
+    # ranks are 0-based or null: -1 and 3.7 are not ranks, nor a rank past the end of the returned list
+    root = demo_folder(tmp_path)
+    rows = [{"epoch": 3, "user_id": f"u{i}", "target_rank": i % 2 or None} for i in range(6)]
+    for name, line, bad in (("lml", 2, {"target_rank": -1}), ("bear", 3, {"target_rank": 3.7})):
+        write_jsonl(
+            root / name / "test_predictions.jsonl", [{**r, **bad} if i == line - 1 else r for i, r in enumerate(rows)]
+        )
+    evaluated = [{"user_id": f"u{i}", "predictions": ["a", "b"], "target_rank": 1} for i in range(6)]
+    evaluated[4] = {**evaluated[4], "target_rank": 2}
+    write_jsonl(root / "msl" / "eval" / "predictions.jsonl", evaluated)
+    text = report(root).read_text()
+    assert "lml/test_predictions.jsonl line 2: target_rank -1 is not null or an integer >= 0" in text
+    assert "bear/test_predictions.jsonl line 3: target_rank 3.7 is not null or an integer >= 0" in text
+    assert "msl/eval/predictions.jsonl line 5: target_rank 2 is past the end of its 2 predictions" in text
+    # no run's ranks are used, so no comparison is made on them; the tables from summary.json remain
+    assert "bear vs msl: no seed with per-user test ranks for both" in text
+    assert "| bear | 0.1200 | 0.2400 | 0.0600 | 0.1200 | 3 | 12.5 | 10.0 | 60.0% |" in text
+
+
 def test_report_sweep_plots_metric_vs_lam(tmp_path: Path) -> None:
     grid = {"loss.name": ["lml", "bear"], "loss.lam": [0.1, 0.5], "train.seed": [1, 2]}
     cfg = Config.model_validate(

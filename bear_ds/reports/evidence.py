@@ -19,6 +19,7 @@ import numpy as np
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.reports.stats import (
     PairedDifference,
+    is_rank,
     paired_difference,
     per_user_metrics,
     seed_summary,
@@ -55,12 +56,34 @@ class MethodRuns:
     runs: dict[Any, RunData] = field(default_factory=dict)
 
 
+def rank_row_problem(record: dict[str, Any]) -> str | None:
+    """What makes a per-user prediction row unusable for the statistics, or None. The writers
+    (the trainer's test_predictions.jsonl, evaluate's predictions.jsonl) give each row a user_id and
+    the target's 0-based rank in the returned list, null when it is not there; evaluate's rows also
+    hold that list ("predictions"), which the rank must point into."""
+    user = record.get("user_id")
+    if not isinstance(user, (str, int)) or isinstance(user, bool):
+        return f"user_id {json.dumps(user)} is not a string or an integer"
+    if "target_rank" not in record:
+        return "no target_rank"
+    rank = record["target_rank"]
+    if rank is not None and not is_rank(rank):
+        return f"target_rank {json.dumps(rank)} is not null or an integer >= 0 (the 0-based rank of the target)"
+    if "predictions" in record:
+        listed = record["predictions"]
+        if not isinstance(listed, list):
+            return f"predictions is {type(listed).__name__}, not a list"
+        if rank is not None and rank >= len(listed):
+            return f"target_rank {rank} is past the end of its {len(listed)} predictions"
+    return None
+
+
 def test_ranks(run: RunData) -> tuple[UserRanks | None, str | None]:
     """The selected epoch's per-user test ranks of a run, or (None, why)."""
     path = run.folder / "test_predictions.jsonl"
     selected = (run.summary or {}).get("selected_epoch")
     if path.is_file():
-        records, notes = read_jsonl(path)
+        records, notes = read_jsonl(path, rank_row_problem)
         if notes:
             return None, "; ".join(notes)
         epochs = {r.get("epoch") for r in records}
@@ -70,7 +93,7 @@ def test_ranks(run: RunData) -> tuple[UserRanks | None, str | None]:
     found, why = find_output(run.folder, "predictions.jsonl")
     if found is None:
         return None, f"no test_predictions.jsonl and {why}"
-    records, notes = read_jsonl(found)
+    records, notes = read_jsonl(found, rank_row_problem)
     if notes:
         return None, "; ".join(notes)
     return UserRanks([str(r["user_id"]) for r in records], [r["target_rank"] for r in records], str(found)), None
