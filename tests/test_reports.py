@@ -87,16 +87,16 @@ def test_report_skips_bad_prediction_rows_with_a_note_naming_file_line_and_value
     # ranks are 0-based or null: -1 and 3.7 are not ranks, nor a rank past the end of the returned list
     root = demo_folder(tmp_path)
     rows = [{"epoch": 3, "user_id": f"u{i}", "target_rank": i % 2 or None} for i in range(6)]
-    for name, line, bad in (("lml", 2, {"target_rank": -1}), ("bear", 3, {"target_rank": 3.7})):
-        write_jsonl(
-            root / name / "test_predictions.jsonl", [{**r, **bad} if i == line - 1 else r for i, r in enumerate(rows)]
-        )
+    bad_rows = {"lml": {2: {"target_rank": -1}, 4: {"epoch": [3]}}, "bear": {3: {"target_rank": 3.7}}}
+    for name, bad in bad_rows.items():
+        write_jsonl(root / name / "test_predictions.jsonl", [{**r, **bad.get(i + 1, {})} for i, r in enumerate(rows)])
     evaluated = [{"user_id": f"u{i}", "predictions": ["a", "b"], "target_rank": 1} for i in range(6)]
     evaluated[4] = {**evaluated[4], "target_rank": 2}
     write_jsonl(root / "msl" / "eval" / "predictions.jsonl", evaluated)
     text = report(root).read_text()
     assert "lml/test_predictions.jsonl line 2: target_rank -1 is not null or an integer >= 0" in text
     assert "bear/test_predictions.jsonl line 3: target_rank 3.7 is not null or an integer >= 0" in text
+    assert "lml/test_predictions.jsonl line 4: epoch [3] is not an integer" in text
     assert "msl/eval/predictions.jsonl line 5: target_rank 2 is past the end of its 2 predictions" in text
     # no run's ranks are used, so no comparison is made on them; the tables from summary.json remain
     assert "bear vs msl: no seed with per-user test ranks for both" in text

@@ -106,8 +106,8 @@ def statistics_k(runs: list[RunData]) -> tuple[int, str | None]:
 def rank_row_problem(record: dict[str, Any]) -> str | None:
     """What makes a per-user prediction row unusable for the statistics, or None. The writers
     (the trainer's test_predictions.jsonl, evaluate's predictions.jsonl) give each row a user_id and
-    the target's 0-based rank in the returned list, null when it is not there; evaluate's rows also
-    hold that list ("predictions"), which the rank must point into."""
+    the target's 0-based rank in the returned list, null when it is not there; the trainer's rows
+    also an epoch, evaluate's that list ("predictions"), which the rank must point into."""
     user = record.get("user_id")
     if not isinstance(user, (str, int)) or isinstance(user, bool):
         return f"user_id {json.dumps(user)} is not a string or an integer"
@@ -116,6 +116,9 @@ def rank_row_problem(record: dict[str, Any]) -> str | None:
     rank = record["target_rank"]
     if rank is not None and not is_rank(rank):
         return f"target_rank {json.dumps(rank)} is not null or an integer >= 0 (the 0-based rank of the target)"
+    epoch = record.get("epoch")  # the trainer's rows name the epoch they are from
+    if "epoch" in record and (not isinstance(epoch, int) or isinstance(epoch, bool)):
+        return f"epoch {json.dumps(epoch)} is not an integer"
     if "predictions" in record:
         listed = record["predictions"]
         if not isinstance(listed, list):
