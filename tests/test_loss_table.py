@@ -1,5 +1,6 @@
 """The table of training losses: a loss registered from outside the package trains under its own
-loss.name, a copy of a built-in loss computes that loss, and an unknown name is refused early."""
+loss.name, a copy of a built-in loss computes that loss, an unknown name is refused early; the
+zero a skipped micro-batch backpropagates."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bear_ds.cli import main
 from bear_ds.config import ConfigError, load_config
+from bear_ds.losses import LMHead, zero_through
 from bear_ds.training import loss_spec, register_loss, train
+from bear_ds.training.loss_api import head_zero
 from bear_ds.training.loss_table import LOSSES
 
 # MovieLens-100k from the installed recbole wheel, 64 training windows, a tiny model, 3 steps
@@ -61,3 +65,16 @@ def test_unknown_loss_name_is_refused_before_any_work(tmp_path, capsys):
     assert main(["train", "loss.name=foo", f"output_dir={out}"]) == 2
     message = capsys.readouterr().err.strip().splitlines()
     assert len(message) == 1 and "loss.name: got 'foo'" in message[0]
+
+
+def test_a_skipped_micro_batch_zero_reaches_the_hidden_states_and_every_head_parameter():
+    hidden = torch.randn(3, 4, requires_grad=True)
+    head = LMHead(torch.randn(5, 4, requires_grad=True), torch.randn(5, requires_grad=True))
+    zero = head_zero(hidden, head)()
+    assert zero.dtype == torch.float32 and float(zero) == 0.0
+    zero.backward()
+    for tensor in (hidden, head.weight, head.bias):  # a gradient (0), not None: every hook fires
+        assert tensor.grad is not None and not tensor.grad.any()
+    assert float(zero_through(torch.randn(2), None)) == 0.0  # a head without bias
+    with pytest.raises(ValueError, match="at least one tensor"):
+        zero_through(None)
