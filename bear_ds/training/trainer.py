@@ -53,6 +53,7 @@ from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micr
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
+from bear_ds.training.host_syncs import count_host_syncs, not_counted
 from bear_ds.training.loss_api import LossContext, MicroBatch
 from bear_ds.training.loss_table import loss_spec
 from bear_ds.training.micro_batch import StepTotals, load_micro_batch, micro_batch_loss
@@ -450,21 +451,13 @@ class Trainer:
         self.step_timings: dict[str, float] = {}  # the losses' named phases, summed over this rank's micro-batches
         unchecked: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # on_nonfinite=stop: checked after the step
         grad_norm = None
-        for round_index, indices in enumerate(rank_micro_batches(step_micro_batches, self.rank, self.world)):
-            where = (
-                f"step {state.step + 1} (epoch {state.epoch}, step {state.step_in_epoch} of the epoch), "
-                f"accumulation round {round_index}, examples {[int(i) for i in indices[:8]]} on rank {self.rank}"
-            )
-            batch = load_micro_batch(self.data.examples, indices, self.data.tokenizer.pad_token_id, self.device, where)
-            with accelerator.accumulate(self.model):
-                self._forward_backward(batch, totals, unchecked)
-                if not self.use_deepspeed:  # Accelerate steps only on the accumulation's last round
-                    if accelerator.sync_gradients and self.cfg.train.grad_clip > 0:
-                        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
-        if unchecked:
-            _stop_on_nonfinite(accelerator, unchecked, state.step)
+        micro_batches = rank_micro_batches(step_micro_batches, self.rank, self.world)
+        with count_host_syncs() as syncs:  # logging (the reads below) excluded
+            for round_index, indices in enumerate(micro_batches):
+                norm = self._micro_step(round_index, indices, totals, unchecked)
+                grad_norm = norm if norm is not None else grad_norm  # `or` would read the tensor
+            if unchecked:
+                _stop_on_nonfinite(accelerator, unchecked, state.step)
         if not accelerator.sync_gradients:
             raise RuntimeError(
                 f"step {state.step + 1}: accumulation out of sync ({self.plan.accumulation} rounds expected per step)"
@@ -491,11 +484,34 @@ class Trainer:
             **{f"{name}_time_frac": seconds / max(step_time, 1e-9) for name, seconds in self.step_timings.items()},
             "tokens_per_s": real_tokens / max(step_time, 1e-9),
             "padded_frac": padded_fraction(lengths, step_micro_batches),
+            "host_syncs": syncs.total,  # device-to-host synchronisations of this rank's step (host_syncs.py)
             "world_size": self.world,
             "zero_stage": self.zero_stage,
             "skipped_micro_batches": state.counters["skipped_micro_batches"],
             "elapsed_s": self.elapsed(),
         }
+
+    def _micro_step(
+        self, round_index: int, indices: np.ndarray, totals: StepTotals,
+        unchecked: list[tuple[torch.Tensor, torch.Tensor, str]],
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Load one micro-batch, its forward and backward; without DeepSpeed the optimiser step after
+        the accumulation's last round (returns the gradient norm when it clipped)."""
+        state, accelerator, grad_norm = self.state, self.accelerator, None
+        where = (
+            f"step {state.step + 1} (epoch {state.epoch}, step {state.step_in_epoch} of the epoch), "
+            f"accumulation round {round_index}, examples {[int(i) for i in indices[:8]]} on rank {self.rank}"
+        )
+        batch = load_micro_batch(self.data.examples, indices, self.data.tokenizer.pad_token_id, self.device, where)
+        with accelerator.accumulate(self.model):
+            self._forward_backward(batch, totals, unchecked)
+            if not self.use_deepspeed:  # Accelerate steps only on the accumulation's last round
+                if accelerator.sync_gradients and self.cfg.train.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+                with not_counted():  # torch's AdamW reads its step counts with .item(): host memory, no wait
+                    self.optimizer.step()
+                self.optimizer.zero_grad()
+        return grad_norm
 
     def _forward_backward(
         self, batch: MicroBatch, totals: StepTotals, unchecked: list[tuple[torch.Tensor, torch.Tensor, str]]
