@@ -222,6 +222,12 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     resume: Literal["none", "auto"] = Field("none", description="auto: continue from the newest complete checkpoint")
     log_every: int = Field(1, ge=1, description="write train_log.jsonl every N optimiser steps")
+    peak_flops: float | None = Field(
+        None,
+        gt=0.0,
+        description="peak FLOP/s of one device, for the `mfu` of train_log.jsonl; unset: the dense bf16 peak of "
+        "a known GPU in a bf16 run (bear_ds/training/mfu.py), else no MFU (null)",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="non-finite loss: stop naming the batch, or skip it (counted)"
     )

@@ -56,6 +56,7 @@ from bear_ds.training.export import export_model
 from bear_ds.training.host_syncs import count_host_syncs, not_counted
 from bear_ds.training.loss_api import LossContext, MicroBatch
 from bear_ds.training.loss_table import loss_spec
+from bear_ds.training.mfu import FlopModel, mean_mfu, mfu, peak_flops
 from bear_ds.training.micro_batch import StepTotals, load_micro_batch, micro_batch_loss
 from bear_ds.training.run_folder import (
     TOKENIZER_RECORD,
@@ -364,6 +365,8 @@ class Trainer:
         optimizer = _optimizer(cfg, model)
         scheduler = _schedule(cfg.train.schedule, optimizer, cfg.train.warmup_steps, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.flop_model = FlopModel.of(self.model)
+        self.peak_flops = peak_flops(self.device, cfg.train.precision, cfg.train.peak_flops)
         self.loss_ctx = LossContext(
             cfg, data.catalog.trie.to(self.device), data.catalog, data.tokenizer, data.examples,
             zero3=is_zero3_partitioned(self.model), train_rows=self.rows, accelerator=self.accelerator,
@@ -472,8 +475,10 @@ class Trainer:
         step_time = time.time() - t_step
         # optimisation time alone (no evaluation, checkpoint or export): what BEAR/MSL cost ratios use
         state.counters["optim_time_s"] = state.counters.get("optim_time_s", 0.0) + step_time
-        lengths = self.data.examples.lengths
-        real_tokens = int(sum(int(lengths[m].sum()) for m in step_micro_batches))
+        examples = self.data.examples
+        lengths = examples.lengths[np.concatenate(step_micro_batches)]  # every rank's examples of the step
+        responses = sum(len(examples.response_states[i]) for m in step_micro_batches for i in m)
+        flops = self.flop_model.step_flops(lengths, responses)
         return {
             "step": state.step,
             "epoch": state.epoch + state.step_in_epoch / self.steps_per_epoch,
@@ -482,8 +487,9 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "step_time_s": step_time,
             **{f"{name}_time_frac": seconds / max(step_time, 1e-9) for name, seconds in self.step_timings.items()},
-            "tokens_per_s": real_tokens / max(step_time, 1e-9),
-            "padded_frac": padded_fraction(lengths, step_micro_batches),
+            "tokens_per_s": int(lengths.sum()) / max(step_time, 1e-9),
+            "padded_frac": padded_fraction(examples.lengths, step_micro_batches),
+            "mfu": mfu(flops, step_time, self.world, self.peak_flops),  # null where the peak is unknown (mfu.py)
             "host_syncs": syncs.total,  # device-to-host synchronisations of this rank's step (host_syncs.py)
             "world_size": self.world,
             "zero_stage": self.zero_stage,
@@ -599,6 +605,7 @@ class Trainer:
             summary.update(self._selection(records, summary["model"]))
         logs = self.train_log.read()
         summary["loss"] = logs[-1]["loss"] if logs else None
+        summary["mfu_mean"] = mean_mfu(logs)  # over the logged steps; null where the peak is unknown
         summary["train_time_s"] = self.elapsed()  # including per-epoch evaluation
         summary["optim_time_s"] = self.state.counters.get("optim_time_s", 0.0)  # optimiser steps only
         summary["wall_time_s"] = time.time() - self.t_start
