@@ -148,7 +148,12 @@ class ModelConfig(_Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto: flash_attention_2 when flash-attn is installed and on GPU, else sdpa"
     )
-    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory)")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto",
+        description="recompute activations in the backward (less memory, about a third more compute); auto: on "
+        "when the memory estimate (bear_ds/memory.py) says the activations would not fit the GPU, off otherwise "
+        "and on a CPU",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     reference_path: str | None = Field(
         None,

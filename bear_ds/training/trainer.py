@@ -46,6 +46,7 @@ from bear_ds.config import Config, ConfigError, save_config
 from bear_ds.distributed import end_distributed
 from bear_ds.errors import BearDsError
 from bear_ds.locks import RunFolderBusyError, RunFolderLock
+from bear_ds.models import model_hidden_size
 from bear_ds.outputs import write_json_atomic
 from bear_ds.runtime import launcher_rank, launcher_world_size
 from bear_ds.training.accelerator import build_accelerator
@@ -276,7 +277,9 @@ class Trainer:
         self.checkpoint = latest_checkpoint(self.out)
         self.resume_changes = check_launch(self.out, self.cfg, self.checkpoint)  # the same on every rank
         self.out.mkdir(parents=True, exist_ok=True)
-        self.accelerator, self.plan, self.zero_stage = build_accelerator(self.cfg.train, self.out)
+        self.accelerator, self.plan, self.zero_stage = build_accelerator(
+            self.cfg.train, self.out, hidden_size=model_hidden_size(self.cfg.model)
+        )
         self.main = self.accelerator.is_main_process
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
@@ -356,6 +359,7 @@ class Trainer:
             self.rows["history"], self.rows["target"], data.titles, data.catalog, data.tokenizer, data.builder,
             max_length=data.max_length, truncate_history=cfg.train.truncate_history,
         )  # fmt: skip
+        self.gradient_checkpointing = self._activation_checkpointing(model)
         self.steps_per_epoch = len(data.examples.lengths) // self.plan.global_batch
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -373,6 +377,36 @@ class Trainer:
         )  # fmt: skip
         if self.loss.setup is not None:
             self.loss_ctx.loss_state = self.loss.setup(self.model, self.loss_ctx)
+
+    def _activation_checkpointing(self, model) -> bool:
+        """model.gradient_checkpointing, with auto decided from the memory estimate (bear_ds/memory.py)
+        for the longest training example; enables it on `model` when auto says on."""
+        from bear_ds.memory import TrainingShape, checkpointing_needed
+        from bear_ds.models import enable_activation_checkpointing
+
+        setting = self.cfg.model.gradient_checkpointing
+        if setting != "auto":
+            return bool(setting)
+        sizes = [int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()]  # ZeRO-3: full sizes
+        trainable = sum(n for n, p in zip(sizes, model.parameters(), strict=True) if p.requires_grad)
+        config = model.config
+        shape = TrainingShape(
+            params=sum(sizes), trainable=trainable, largest_layer=max(sizes), hidden=int(config.hidden_size),
+            layers=int(config.num_hidden_layers), vocab=int(config.vocab_size), micro_batch=self.plan.micro_batch,
+            seq_len=int(self.data.examples.lengths.max()), zero_stage=self.zero_stage, world_size=self.world,
+            chunk_size=self.cfg.loss.chunk_size,
+        )  # fmt: skip
+        device_bytes = (
+            torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        )
+        needed = checkpointing_needed(shape, device_bytes)
+        if needed:
+            enable_activation_checkpointing(model)
+        if self.main:
+            logger.info(
+                "model.gradient_checkpointing=auto: %s (memory estimate, bear_ds/memory.py)", "on" if needed else "off"
+            )
+        return needed
 
     def _restore_or_start(self) -> None:
         """train.resume=auto continues from the newest complete checkpoint; a fresh run starts fresh logs."""
@@ -598,7 +632,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
         """Final export and OUT/summary.json (OUT/model is the selected epoch when epochs were evaluated)."""
-        summary: dict[str, Any] = {"steps": self.state.step, "world_size": self.world, "zero_stage": self.zero_stage}
+        summary: dict[str, Any] = {"steps": self.state.step, "world_size": self.world, "zero_stage": self.zero_stage,
+                                   "gradient_checkpointing": self.gradient_checkpointing}  # fmt: skip
         summary["model"] = self._export_final()
         records = self.epochs_log.read() if self.main else []
         if records:
