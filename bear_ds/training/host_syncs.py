@@ -19,7 +19,11 @@ GPU, so a CPU test can hold the count down. Host-device copies are the exception
 
 Not counted: reads of tensors that live on the host on every device, which the caller marks with
 `SyncCounter.paused()` (torch's optimisers keep their step counts on the host and read them with
-`.item()`; that reads host memory). The mode costs a few microseconds per operator.
+`.item()`; that reads host memory).
+
+Cost: the mode adds about 10 microseconds of host time per operator (measured on a 2-core Zen 1:
+9% of a tiny model's CPU training step, where operators are smallest); on a GPU that host time
+overlaps the kernels unless the step is bound by the host.
 """
 
 from __future__ import annotations
