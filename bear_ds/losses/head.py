@@ -112,7 +112,12 @@ def _chunk_sums(
 
 
 def _check_response(
-    hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, states: torch.Tensor, trie: TokenTrie, values: bool
+    hidden: torch.Tensor,
+    head: LMHead,
+    targets: torch.Tensor,
+    states: torch.Tensor,
+    trie: TokenTrie,
+    values: bool = True,
 ) -> None:
     """Shapes always; the values (reads of the device) only when `values`."""
     if hidden.dim() != 2:
@@ -216,6 +221,11 @@ class ResponsePositions:
     targets: torch.Tensor  # [N] the response tokens
     states: torch.Tensor  # [N] the trie state before each
     children: np.ndarray  # [N] on the host: the number of trie children of each state (`response_loss`)
+
+    def pin_memory(self) -> ResponsePositions:
+        """The host tensors in page-locked memory (copied to a GPU without waiting)."""
+        return ResponsePositions(self.index.pin_memory(), self.targets.pin_memory(), self.states.pin_memory(),
+                                 self.children)  # fmt: skip
 
     def to(self, device: torch.device, non_blocking: bool = False) -> ResponsePositions:
         move = {"device": device, "non_blocking": non_blocking}

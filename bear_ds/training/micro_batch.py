@@ -33,8 +33,7 @@ def load_micro_batch(
     non_blocking = device.type == "cuda"
     if non_blocking:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
-        response = ResponsePositions(*(t.pin_memory() for t in (response.index, response.targets, response.states)),
-                                     response.children)  # fmt: skip
+        response = response.pin_memory()
     tensors = {k: v.to(device, non_blocking=non_blocking) for k, v in tensors.items()}
     return MicroBatch(**tensors, indices=indices, where=where, response=response.to(device, non_blocking))
 
