@@ -131,6 +131,8 @@ def test_a_title_longer_than_the_context_names_the_item(sft, tmp_path):
     catalog = pq.read_table(prepared / "catalog.parquet").to_pylist()
     catalog[0]["title"] = " ".join(["stapler"] * 400)  # item i0 is a training target
     pq.write_table(pa.Table.from_pylist(catalog), prepared / "catalog.parquet")
-    with pytest.raises(DataError, match=r"titles are too long for the model context of 298 positions, e\.g\. item 'i0'"):
+    with pytest.raises(
+        DataError, match=r"titles are too long for the model context of 298 positions, e\.g\. item 'i0'"
+    ):
         train(load_config(None, [f"data.path={prepared}", f"output_dir={tmp_path / 'run'}", "loss.name=lml",
                                  "train.max_steps=1", *QUICK, *TINY]))  # fmt: skip

@@ -202,9 +202,7 @@ def check_reference_model(folder: Path, tokenizer: Any, catalog: Catalog) -> Non
     except (OSError, ValueError) as exc:
         raise ModelInputError(f"model.reference_path={folder}: its tokenizer cannot be loaded ({exc})") from None
     special = ("eos_token_id", "pad_token_id", "bos_token_id")
-    if theirs.get_vocab() != tokenizer.get_vocab() or any(
-        getattr(theirs, k) != getattr(tokenizer, k) for k in special
-    ):
+    if theirs.get_vocab() != tokenizer.get_vocab() or any(getattr(theirs, k) != getattr(tokenizer, k) for k in special):
         raise ModelInputError(
             f"model.reference_path={folder} has another tokenizer than the policy ({len(theirs)} vs {len(tokenizer)} "
             "tokens, or other ids): the reference must score the same token ids; use a model trained from the "
