@@ -28,11 +28,12 @@ from typing import Any
 import yaml
 
 from bear_ds.config import Config, ConfigError
-from bear_ds.errors import RunFolderError
+from bear_ds.errors import RunFolderError, RunStateError
 
 logger = logging.getLogger(__name__)
 
 RESUMES_FILE = "resumes.jsonl"
+SUMMARY_FILE = "summary.json"  # written when a run ends: its presence says the run finished
 TOKENIZER_RECORD = "trained_from.json"
 
 # keys a resumed run may change: none of them changes the steps already taken
@@ -86,33 +87,67 @@ def classify_resume_changes(
 def check_launch(out: str | Path, cfg: Config, checkpoint: Path | None) -> dict[str, tuple[Any, Any]]:
     """The checks before a training writes anything into `out`; pure reads, the same on every rank.
 
-    Raises FileExistsError when `out` holds checkpoints and train.resume is not auto, ConfigError
-    listing the changed keys when a resume changes a key that matters. Returns the allowed
-    changes of a resume (to record), else {}.
+    Raises RunFolderError when `out` holds checkpoints or a finished run (summary.json) and
+    train.resume is not auto, or holds a finished run it cannot continue (no checkpoint);
+    ConfigError listing the changed keys when a resume changes a key that matters. Returns the
+    allowed changes of a resume (to record), else {}.
     """
     out = Path(out)
-    if checkpoint is None:
+    finished = (out / SUMMARY_FILE).is_file()
+    if checkpoint is None and not finished:
         return {}
     if cfg.train.resume != "auto":
+        held = f"{out / 'checkpoints'} holds checkpoints" if checkpoint is not None else (
+            f"{out} holds a finished training run ({SUMMARY_FILE})")  # fmt: skip
         raise RunFolderError(
-            f"{out / 'checkpoints'} holds checkpoints of an earlier run: add train.resume=auto to continue it, "
-            "or choose another output_dir"
+            f"{held} of an earlier run: add train.resume=auto to continue it, or choose another output_dir"
         )
     saved_path = out / "config.yaml"
     try:
         saved = yaml.safe_load(saved_path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         logger.warning("%s cannot be read (%s): the resumed config is not compared", saved_path, exc)
-        return {}
-    allowed, refused = classify_resume_changes(saved, cfg.model_dump())
+        saved = None
+    allowed, refused = classify_resume_changes(saved, cfg.model_dump()) if isinstance(saved, dict) else ({}, {})
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        stands_for = f"the checkpoint at {checkpoint.name}" if checkpoint is not None else f"its {SUMMARY_FILE}"
         raise ConfigError(
-            f"train.resume=auto: {out} was trained with another config ({listed}); these keys change what the "
-            f"checkpoint at {checkpoint.name} stands for. Resume with the saved {saved_path} (only train.epochs/"
-            "max_steps may be raised, logging, checkpoint and evaluation keys changed), or use another output_dir"
+            f"train.resume=auto: {out} was trained with another config ({listed}); these keys change what "
+            f"{stands_for} stands for. Resume with the saved {saved_path} (only train.epochs/max_steps may be "
+            "raised, logging, checkpoint and evaluation keys changed), or use another output_dir"
+        )
+    if finished and checkpoint is None and finished_run_summary(out, cfg, None, allowed) is None:
+        raise RunFolderError(
+            f"train.resume=auto: {out} holds a finished run ({SUMMARY_FILE}) and no checkpoint in "
+            f"{out / 'checkpoints'} to continue it from to train.max_steps={cfg.train.max_steps}, "
+            f"train.epochs={cfg.train.epochs}; choose another output_dir"
         )
     return allowed
+
+
+def finished_run_summary(
+    out: str | Path, cfg: Config, checkpoint: Path | None, allowed: dict[str, tuple[Any, Any]]
+) -> dict[str, Any] | None:
+    """The saved summary when `out` holds this very run already finished (call after `check_launch`):
+    summary.json is there, `allowed` raises neither train.epochs nor train.max_steps, no checkpoint
+    is past the summary's step and train.max_steps (if set) was reached. None: there is training left."""
+    path = Path(out) / SUMMARY_FILE
+    if not path.is_file() or any(key in allowed for key in RESUME_RAISE_ONLY):
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunStateError(
+            f"{path} cannot be read ({exc}): remove it to resume the run, or use another output_dir"
+        ) from None
+    steps = summary.get("steps") if isinstance(summary, dict) else None
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        raise RunStateError(f"{path} has no integer 'steps': remove it to resume the run, or use another output_dir")
+    past = checkpoint is not None and int(checkpoint.name.removeprefix("step_")) > steps
+    if past or (cfg.train.max_steps is not None and steps < cfg.train.max_steps):
+        return None  # a continuation of the finished run stopped before its end: it resumes
+    return summary
 
 
 def record_resume(out: str | Path, step: int, allowed: dict[str, tuple[Any, Any]]) -> None:
