@@ -7,15 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from eval_fixtures import write_model_folder, write_prepared
+from eval_fixtures import folder_snapshot
 
-import bear_ds.evaluation.evaluate as evaluate_module
 import bear_ds.training.trainer as trainer_module
 from bear_ds.cli import main
 from bear_ds.config import load_config, save_config
 from bear_ds.errors import NotAFolderError, RunFolderError, RunStateError
 from bear_ds.folders import COMMAND_KINDS, check_output_dir, folder_kinds
-from bear_ds.locks import RunFolderLock
 
 # what each kind's folder holds directly (as the commands write them)
 KIND_FILES = {
@@ -34,13 +32,6 @@ def _make(folder: Path, kind: str) -> Path:
     for name in KIND_FILES[kind]:
         (folder / name).write_text(f"{kind}: {name}\n")
     return folder
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file's bytes but the lock's (which names its last owner: train takes it before its checks)."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"
-    }
 
 
 def test_each_kind_is_told_and_refused_by_every_other_command(tmp_path):
@@ -86,72 +77,6 @@ def test_root_and_files_are_refused_before_anything_is_created(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("folders")
-    write_model_folder(root / "model", write_prepared(root / "data", num_items=12, num_users=5))
-    return root
-
-
-def _eval_args(root: Path, out: Path, model: Path | None = None) -> list[str]:
-    return [
-        f"output_dir={out}", f"data.path={root}/data", "data.source=prepared", f"model.path={model or root / 'model'}",
-        "eval.num_beams=3", "eval.top_k=[1,3]",
-    ]  # fmt: skip
-
-
-def test_evaluate_into_the_model_folder_or_the_data_folder_changes_nothing(folders, tmp_path, capsys, monkeypatch):
-    decoded = []
-    monkeypatch.setattr(evaluate_module, "run_beam_evaluation", lambda *a, **k: decoded.append(1))
-    # RUN/model as the trainer exports it: the HF model plus its training config and export_info.json
-    run = tmp_path / "run"
-    (run / "model").mkdir(parents=True)
-    for path in (folders / "model").iterdir():
-        (run / "model" / path.name).write_bytes(path.read_bytes())
-    (run / "model" / "config.yaml").write_text("loss:\n  name: lml\n")
-    (run / "model" / "export_info.json").write_text('{"kind": "full"}\n')
-    before = _snapshot(run / "model")
-    assert main(["evaluate", *_eval_args(folders, run / "model", model=run / "model")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert f"output_dir {run / 'model'} is an exported model folder" in err
-    assert _snapshot(run / "model") == before and sorted(p.name for p in (run / "model").iterdir()) == sorted(before)
-    # the prepared data folder it reads: its config.yaml (and everything else) untouched
-    data_before = _snapshot(folders / "data")
-    assert main(["evaluate", *_eval_args(folders, folders / "data")]) == 2
-    assert "is a prepared data folder (it holds stats.json, catalog.parquet" in capsys.readouterr().err
-    assert _snapshot(folders / "data") == data_before and not (folders / "data" / ".lock").exists()
-    assert decoded == []
-
-
-def test_two_evaluations_into_one_folder_the_second_is_refused(folders, tmp_path, capsys):
-    out = tmp_path / "eval"
-    with RunFolderLock(out):  # a live evaluate holding the folder
-        assert main(["evaluate", *_eval_args(folders, out)]) == 2
-        err = capsys.readouterr().err
-        assert f"output_dir {out} is in use by another run (pid" in err and err.count("\n") == 1
-        assert main(["analyze", *_eval_args(folders, out), "analyze.max_users=2"]) == 2
-        assert "is in use by another run" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
-    # the lock is given back when the command ends, by an error too: each of these takes it again
-    assert main(["evaluate", *_eval_args(folders, out)]) == 0
-    missing_model = _eval_args(folders, out, model=tmp_path / "no_model")
-    assert main(["evaluate", *missing_model]) == 2  # refused after the lock was taken
-    assert "has no config.json" in capsys.readouterr().err
-    assert main(["evaluate", *_eval_args(folders, out)]) == 0
-    with RunFolderLock(out):
-        pass
-
-
-def test_analyze_into_an_evaluation_folder_is_refused(folders, tmp_path, capsys):
-    out = tmp_path / "eval"
-    assert main(["evaluate", *_eval_args(folders, out)]) == 0
-    before = _snapshot(out)
-    assert main(["analyze", *_eval_args(folders, out), "analyze.max_users=2"]) == 2
-    assert "is an evaluation output folder (it holds metrics.json, predictions.jsonl)" in capsys.readouterr().err
-    assert _snapshot(out) == before
-
-
 class _NoWrites:
     """Stands in for the run-folder lock: the first thing train writes (so a test can never write into /)."""
 
@@ -164,7 +89,10 @@ def test_train_refuses_the_root_a_file_and_other_commands_folders(tmp_path, caps
     args = ["train", f"data.path={tmp_path / 'nodata'}", "model.name=tiny"]
     assert main([*args, "output_dir=/"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "bear-ds train: error: output_dir / is the filesystem root: train writes only into a folder of its own"
+    assert (
+        err.strip()
+        == "bear-ds train: error: output_dir / is the filesystem root: train writes only into a folder of its own"
+    )
     (tmp_path / "file").write_text("x")
     assert main([*args, f"output_dir={tmp_path / 'file'}"]) == 2
     err = capsys.readouterr().err
@@ -172,15 +100,15 @@ def test_train_refuses_the_root_a_file_and_other_commands_folders(tmp_path, caps
     assert main([*args, f"output_dir={tmp_path / 'file' / 'run'}"]) == 2
     assert "which is a file" in capsys.readouterr().err
     sweep = _make(tmp_path / "sweep", "a sweep folder")
-    before = _snapshot(sweep)
+    before = folder_snapshot(sweep)
     assert main([*args, f"output_dir={sweep}"]) == 2
     assert f"output_dir {sweep} is a sweep folder (it holds sweep.yaml, points.json)" in capsys.readouterr().err
-    assert _snapshot(sweep) == before and (tmp_path / "file").read_text() == "x"
+    assert folder_snapshot(sweep) == before and (tmp_path / "file").read_text() == "x"
 
 
 def test_sweep_prepare_and_demo_refuse_other_commands_folders(tmp_path, capsys):
     run = _make(tmp_path / "run", "a training run's folder")
-    before = _snapshot(run)
+    before = folder_snapshot(run)
     assert main(["sweep", f"output_dir={run}", "sweep.grid={train.seed: [1, 2]}"]) == 2
     assert f"output_dir {run} is a training run's folder" in capsys.readouterr().err
     assert main(["demo", f"output_dir={run}"]) == 2
@@ -190,7 +118,7 @@ def test_sweep_prepare_and_demo_refuse_other_commands_folders(tmp_path, capsys):
     assert "is an evaluation output folder" in capsys.readouterr().err
     assert main(["prepare", "output_dir=/"]) == 2
     assert "filesystem root" in capsys.readouterr().err
-    assert _snapshot(run) == before and not (run / ".claims").exists()
+    assert folder_snapshot(run) == before and not (run / ".claims").exists()
 
 
 # ---------------------------------------------------------------------------------------- finished runs
@@ -208,7 +136,7 @@ def _finished_run(folder: Path, *overrides: str) -> tuple[Path, list[str]]:
 
 def test_a_finished_run_without_checkpoints_is_never_mixed_with_another(tmp_path, capsys):
     run, args = _finished_run(tmp_path / "run")
-    before = _snapshot(run)
+    before = folder_snapshot(run)
     # another method into it, with or without resume: refused, nothing changed
     assert main(["train", *args, "loss.name=msl"]) == 2
     err = capsys.readouterr().err
@@ -218,10 +146,10 @@ def test_a_finished_run_without_checkpoints_is_never_mixed_with_another(tmp_path
     # more steps: there is no checkpoint to continue from
     assert main(["train", *args, "train.max_steps=4", "train.resume=auto"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert _snapshot(run) == before
+    assert folder_snapshot(run) == before
     # the same run with resume=auto: finished already, said so, nothing trained or rewritten
     assert main(["train", *args, "train.resume=auto"]) == 0
-    assert _snapshot(run) == before
+    assert folder_snapshot(run) == before
 
 
 def test_a_continuation_that_stopped_before_its_end_is_not_taken_for_finished(tmp_path):

@@ -1,8 +1,9 @@
 """One owner per run folder, and the checks a training makes before it writes anything there.
 
     lock = RunFolderLock(out).acquire()        # bear_ds.locks: a second run into `out` is refused
-    changes = check_launch(out, cfg)           # refused launch / changed config: raised before any write
-    ...                                        # save config.yaml, record `changes`, train
+    changes = check_launch(out, cfg, ckpt)     # refused launch / changed config: raised before any write
+    if finished_run_summary(out, cfg, ckpt, changes) is None:  # else: this run, finished already
+        ...                                    # save config.yaml, record `changes`, train
     lock.release()                             # also released by the kernel when the process dies
 
 - The lock (`bear_ds/locks.py`) is `fcntl.flock` on `OUT/.lock`, held by one process per run
@@ -11,6 +12,9 @@
   continues, except keys that cannot change what was already trained: raising `train.epochs` /
   `train.max_steps`, logging and checkpoint cadence, and evaluation/report keys. Those changes are
   allowed and recorded in `OUT/resumes.jsonl`; any other is refused with the list of changed keys.
+- A finished run (`OUT/summary.json`), with or without checkpoints, is the same: refused without
+  `train.resume=auto`; with it and the same config it is finished already (nothing is changed),
+  with raised epochs/max_steps it continues from its checkpoint (refused when it has none).
 - `OUT/tokenizer/trained_from.json` records what a BPE tokenizer was trained from (vocabulary
   size, number and SHA-256 digest of the texts); `tokenizer_mismatch` says how a leftover differs.
 """
