@@ -152,18 +152,21 @@ def test_a_finished_run_without_checkpoints_is_never_mixed_with_another(tmp_path
     assert folder_snapshot(run) == before
 
 
-def test_a_continuation_that_stopped_before_its_end_is_not_taken_for_finished(tmp_path):
+def test_a_finished_run_is_resumed_only_from_a_checkpoint(tmp_path):
     from bear_ds.training.run_folder import check_launch, finished_run_summary
 
     run, args = _finished_run(tmp_path / "run")
     cfg = load_config(None, [*args, "train.resume=auto"])
-    step_2, step_3 = run / "checkpoints" / "step_2", run / "checkpoints" / "step_3"
-    assert finished_run_summary(run, cfg, step_2, check_launch(run, cfg, step_2)) == {
-        "steps": 2, "model": {"path": "model"}
-    }  # fmt: skip
-    assert finished_run_summary(run, cfg, step_3, {}) is None  # a checkpoint past the summary: resume it
+    assert check_launch(run, cfg, None) == {"train.resume": ("none", "auto")}  # allowed
+    assert finished_run_summary(run, None) == {"steps": 2, "model": {"path": "model"}}
+    # with a checkpoint the trainer resumes (no step left: it redoes the summary from its logs)
+    assert finished_run_summary(run, run / "checkpoints" / "step_2") is None
+    # config.yaml of a longer continuation that stopped before its first checkpoint, which was then
+    # removed: the summary's 2 steps are not the 3 asked for, and there is nothing to continue from
     longer = load_config(None, [*args, "train.resume=auto", "train.max_steps=3"])
-    assert finished_run_summary(run, longer, step_2, check_launch(run, longer, step_2)) is None
+    save_config(longer, run)
+    with pytest.raises(RunFolderError, match=r"finished after 2 steps \(summary.json\) and no checkpoint"):
+        check_launch(run, longer, None)
     (run / "summary.json").write_text("{not json")
     with pytest.raises(RunStateError, match=r"summary.json cannot be read"):
-        finished_run_summary(run, cfg, step_2, {})
+        finished_run_summary(run, None)

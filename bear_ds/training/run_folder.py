@@ -2,7 +2,7 @@
 
     lock = RunFolderLock(out).acquire()        # bear_ds.locks: a second run into `out` is refused
     changes = check_launch(out, cfg, ckpt)     # refused launch / changed config: raised before any write
-    if finished_run_summary(out, cfg, ckpt, changes) is None:  # else: this run, finished already
+    if finished_run_summary(out, ckpt) is None:  # else: this run, finished, no checkpoint: nothing to do
         ...                                    # save config.yaml, record `changes`, train
     lock.release()                             # also released by the kernel when the process dies
 
@@ -13,8 +13,9 @@
   `train.max_steps`, logging and checkpoint cadence, and evaluation/report keys. Those changes are
   allowed and recorded in `OUT/resumes.jsonl`; any other is refused with the list of changed keys.
 - A finished run (`OUT/summary.json`), with or without checkpoints, is the same: refused without
-  `train.resume=auto`; with it and the same config it is finished already (nothing is changed),
-  with raised epochs/max_steps it continues from its checkpoint (refused when it has none).
+  `train.resume=auto`, and with it refused when the config changed. Without checkpoints it is
+  finished already (nothing is changed), or refused when epochs/max_steps were raised (nothing to
+  continue from); with them it resumes (raised epochs/max_steps train on, else the summary is redone).
 - `OUT/tokenizer/trained_from.json` records what a BPE tokenizer was trained from (vocabulary
   size, number and SHA-256 digest of the texts); `tokenizer_mismatch` says how a leftover differs.
 """
@@ -121,37 +122,39 @@ def check_launch(out: str | Path, cfg: Config, checkpoint: Path | None) -> dict[
             f"{stands_for} stands for. Resume with the saved {saved_path} (only train.epochs/max_steps may be "
             "raised, logging, checkpoint and evaluation keys changed), or use another output_dir"
         )
-    if finished and checkpoint is None and finished_run_summary(out, cfg, None, allowed) is None:
-        raise RunFolderError(
-            f"train.resume=auto: {out} holds a finished run ({SUMMARY_FILE}) and no checkpoint in "
-            f"{out / 'checkpoints'} to continue it from to train.max_steps={cfg.train.max_steps}, "
-            f"train.epochs={cfg.train.epochs}; choose another output_dir"
-        )
+    if finished and checkpoint is None:
+        steps = read_summary(out)["steps"]
+        raised = [key for key in RESUME_RAISE_ONLY if key in allowed]
+        if raised or (cfg.train.max_steps is not None and cfg.train.max_steps > steps):
+            raise RunFolderError(
+                f"train.resume=auto: {out} holds a run finished after {steps} steps ({SUMMARY_FILE}) and no "
+                f"checkpoint in {out / 'checkpoints'} to train it further from (train.max_steps="
+                f"{cfg.train.max_steps}, train.epochs={cfg.train.epochs}); choose another output_dir"
+            )
     return allowed
 
 
-def finished_run_summary(
-    out: str | Path, cfg: Config, checkpoint: Path | None, allowed: dict[str, tuple[Any, Any]]
-) -> dict[str, Any] | None:
-    """The saved summary when `out` holds this very run already finished (call after `check_launch`):
-    summary.json is there, `allowed` raises neither train.epochs nor train.max_steps, no checkpoint
-    is past the summary's step and train.max_steps (if set) was reached. None: there is training left."""
+def read_summary(out: str | Path) -> dict[str, Any]:
+    """OUT/summary.json, which must be a JSON object with an integer 'steps' (RunStateError naming it otherwise)."""
     path = Path(out) / SUMMARY_FILE
-    if not path.is_file() or any(key in allowed for key in RESUME_RAISE_ONLY):
-        return None
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise RunStateError(
-            f"{path} cannot be read ({exc}): remove it to resume the run, or use another output_dir"
-        ) from None
+        raise RunStateError(f"{path} cannot be read ({exc}): use another output_dir") from None
     steps = summary.get("steps") if isinstance(summary, dict) else None
     if not isinstance(steps, int) or isinstance(steps, bool):
-        raise RunStateError(f"{path} has no integer 'steps': remove it to resume the run, or use another output_dir")
-    past = checkpoint is not None and int(checkpoint.name.removeprefix("step_")) > steps
-    if past or (cfg.train.max_steps is not None and steps < cfg.train.max_steps):
-        return None  # a continuation of the finished run stopped before its end: it resumes
+        raise RunStateError(f"{path} has no integer 'steps' (not what bear-ds writes): use another output_dir")
     return summary
+
+
+def finished_run_summary(out: str | Path, checkpoint: Path | None) -> dict[str, Any] | None:
+    """After `check_launch` accepted a launch into `out`: the saved summary when `out` holds this very
+    run, finished, with no checkpoint left (nothing to train, nothing to change). None when there is
+    no summary, or a checkpoint to resume from (a finished run's resume finds no step left and
+    recomputes its summary from its logs; raised epochs/max_steps continue it)."""
+    if checkpoint is not None or not (Path(out) / SUMMARY_FILE).is_file():
+        return None
+    return read_summary(out)
 
 
 def record_resume(out: str | Path, step: int, allowed: dict[str, tuple[Any, Any]]) -> None:

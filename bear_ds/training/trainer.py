@@ -281,9 +281,9 @@ class Trainer:
         lock_error = self._lock_run_folder()
         self.checkpoint = latest_checkpoint(self.out)
         self.resume_changes = check_launch(self.out, self.cfg, self.checkpoint)  # the same on every rank
-        self.finished = finished_run_summary(self.out, self.cfg, self.checkpoint, self.resume_changes)
-        if self.finished is not None:  # this very run, finished already: nothing is changed
-            logger.info("%s: this run finished already (%s, %d steps): nothing to train",
+        self.finished = finished_run_summary(self.out, self.checkpoint)
+        if self.finished is not None:  # this very run, finished, no checkpoint: nothing is changed
+            logger.info("%s: this run finished already (%s, %d steps; no checkpoints): nothing to train",
                         self.out, SUMMARY_FILE, self.finished["steps"])  # fmt: skip
             return
         self.out.mkdir(parents=True, exist_ok=True)
