@@ -96,8 +96,8 @@ def check_output_dir(out: str | Path, command: str) -> Path:
         hint = f", e.g. output_dir={out / command}" if kind == "a training run's folder" and command in (
             "evaluate", "analyze") else ""  # fmt: skip
         raise RunFolderError(
-            f"output_dir {out} is {kind} (it holds {', '.join(names)}), not {own}: {command} would mix its "
-            f"files (config.yaml among them) with that folder's; write into a folder of its own{hint}"
+            f"output_dir {out} is {kind} (it holds {', '.join(names)}), not {own}: {command} writes only into a "
+            f"new folder or one of its own, never mixing its files with another command's; choose another output_dir{hint}"
         )
     return out
 
