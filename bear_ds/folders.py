@@ -93,21 +93,21 @@ def check_output_dir(out: str | Path, command: str) -> Path:
     foreign = {kind: names for kind, names in folder_kinds(out).items() if kind != own}
     if foreign:
         kind, names = next(iter(foreign.items()))
-        hint = f", e.g. output_dir={out / command}" if kind == "a training run's folder" and command in (
-            "evaluate", "analyze") else ""  # fmt: skip
+        inside_a_run = kind == "a training run's folder" and command in ("evaluate", "analyze")
+        hint = f", e.g. output_dir={out / command}" if inside_a_run else ""
         raise RunFolderError(
             f"output_dir {out} is {kind} (it holds {', '.join(names)}), not {own}: {command} writes only into a "
-            f"new folder or one of its own, never mixing its files with another command's; choose another output_dir{hint}"
+            f"new folder or one of its own, never among another command's files; choose another output_dir{hint}"
         )
     return out
 
 
 # ---------------------------------------------------------------------------------------- evaluate/analyze
 _held_locks: contextvars.ContextVar[list[RunFolderLock] | None] = contextvars.ContextVar("held_locks", default=None)
-F = TypeVar("F", bound=Callable[..., Any])
+Command = TypeVar("Command", bound=Callable[..., Any])
 
 
-def holds_output_lock(command: F) -> F:
+def holds_output_lock(command: Command) -> Command:
     """Decorator: the output folder lock `check_output_folder_together` takes during `command` is
     released when it returns or raises (a failed command in a long-lived process leaves it free)."""
 
