@@ -45,6 +45,7 @@ import torch
 from bear_ds.config import Config, ConfigError, save_config
 from bear_ds.distributed import end_distributed
 from bear_ds.errors import BearDsError
+from bear_ds.folders import check_output_dir
 from bear_ds.locks import RunFolderBusyError, RunFolderLock
 from bear_ds.outputs import write_json_atomic
 from bear_ds.runtime import launcher_rank, launcher_world_size
@@ -62,8 +63,10 @@ from bear_ds.training.micro_batch import (
     micro_batch_loss,
 )
 from bear_ds.training.run_folder import (
+    SUMMARY_FILE,
     TOKENIZER_RECORD,
     check_launch,
+    finished_run_summary,
     model_is_selected_epoch,
     read_tokenizer_record,
     record_resume,
@@ -273,10 +276,16 @@ class Trainer:
         self.t_start = time.time()
         if self.cfg.train.eval_every_epoch:
             _check_select_metric(self.cfg)
-        # check first, write after: the lock, then a refused launch or resume, before config.yaml
+        # check first, write after: the folder's kind, the lock, then a refused launch or resume, before config.yaml
+        check_output_dir(self.out, "train")
         lock_error = self._lock_run_folder()
         self.checkpoint = latest_checkpoint(self.out)
         self.resume_changes = check_launch(self.out, self.cfg, self.checkpoint)  # the same on every rank
+        self.finished = finished_run_summary(self.out, self.checkpoint)
+        if self.finished is not None:  # this very run, finished, no checkpoint: nothing is changed
+            logger.info("%s: this run finished already (%s, %d steps; no checkpoints): nothing to train",
+                        self.out, SUMMARY_FILE, self.finished["steps"])  # fmt: skip
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator, self.plan, self.zero_stage = build_accelerator(self.cfg.train, self.out)
         self.main = self.accelerator.is_main_process
@@ -318,7 +327,7 @@ class Trainer:
     def _load_data(self) -> TrainingData:
         """Prepared data, tokenizer, catalog: rank 0 writes what is shared, the others then read it."""
         from bear_ds.catalog import Catalog
-        from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
+        from bear_ds.data import PromptBuilder, load_catalog, load_stats, load_train_split, resolve_prepared
         from bear_ds.models import pretrained_folder
 
         cfg = self.cfg
@@ -327,7 +336,7 @@ class Trainer:
             self.model_folder = pretrained_folder(cfg.model)
         builder = PromptBuilder(cfg.prompt, cfg.data.domain or load_stats(prepared).get("domain"))
         titles = load_catalog(prepared)
-        self.rows = load_split(prepared, "train")
+        self.rows, self.train_data = load_train_split(prepared, cfg.data)  # data.train_sample applied
         prompts = (
             [builder.prompt([titles[i] for i in h]) for h in self.rows["history"]] if self.model_folder is None else []
         )
@@ -583,6 +592,7 @@ class Trainer:
         """Final export and OUT/summary.json (OUT/model is the selected epoch when epochs were evaluated)."""
         summary: dict[str, Any] = {"steps": self.state.step, "world_size": self.world, "zero_stage": self.zero_stage}
         summary["model"] = self._export_final()
+        summary["data"] = self.train_data
         records = self.epochs_log.read() if self.main else []
         if records:
             summary.update(self._selection(records, summary["model"]))
@@ -646,6 +656,8 @@ def train(cfg: Config) -> dict[str, Any]:
     trainer = Trainer(cfg)
     try:
         trainer.setup()
+        if trainer.finished is not None:
+            return trainer.finished
         trainer.run_epochs()
         return trainer.finish()
     finally:
