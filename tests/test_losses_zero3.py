@@ -148,12 +148,13 @@ def run_beamsim(model, net, ids, mask, labels, trie, *, synced: bool, backward, 
     return out.loss, search
 
 
-def _plain_model(weights: dict):
+def _reference(weights: dict) -> tuple:
+    """(a plain single-process model holding `weights`, the trie of TITLES)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(**tiny_config()))
     model.load_state_dict(weights, strict=False)  # lm_head.weight is tied to embed_tokens
-    return model
+    return model, TokenTrie.from_sequences(TITLES, V)
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +192,7 @@ def _assert_gradients(got: dict, model) -> None:
 @pytest.mark.slow
 def test_zero3_two_ranks_match_single_process(two_ranks):
     weights, ranks = two_ranks
-    model = _plain_model(weights)
-    trie = TokenTrie.from_sequences(TITLES, V)
+    model, trie = _reference(weights)
     for step, batches in enumerate(head_batches()):
         got = [ranks[r]["head"][step] for r in range(2)]
         assert got[0]["tokens"] > got[1]["tokens"], [g["tokens"] for g in got]  # unequal response counts
@@ -209,8 +209,7 @@ def test_zero3_two_ranks_match_single_process(two_ranks):
 @pytest.mark.slow
 def test_zero3_two_ranks_with_uneven_searches_match_one_process(two_ranks):
     weights, ranks = two_ranks
-    model = _plain_model(weights)
-    trie = TokenTrie.from_sequences(TITLES, V)
+    model, trie = _reference(weights)
     for step, batches in enumerate(beamsim_batches()):
         steps = [ranks[r]["beamsim"][step]["search_steps"] for r in range(2)]
         assert steps[0] != steps[1], f"step {step}: both ranks decoded {steps} steps; the case is not uneven"
