@@ -366,6 +366,8 @@ class Trainer:
         data.examples = encode_training_examples(
             self.rows["history"], self.rows["target"], data.titles, data.catalog, data.tokenizer, data.builder,
             max_length=data.max_length, truncate_history=cfg.train.truncate_history,
+            # S-DPO puts every title after a prompt (its negatives): room for the longest, as evaluation
+            response_room=data.catalog.trie.max_depth if cfg.loss.name == "sdpo" else None,
         )  # fmt: skip
         self.steps_per_epoch = len(data.examples.lengths) // self.plan.global_batch
         if self.steps_per_epoch == 0:
@@ -598,6 +600,7 @@ class Trainer:
             summary.update(self._selection(records, summary["model"]))
         logs = self.train_log.read()
         summary["loss"] = logs[-1]["loss"] if logs else None
+        summary["prompts_truncated"] = self.data.examples.truncated_examples  # examples that lost history items
         summary["train_time_s"] = self.elapsed()  # including per-epoch evaluation
         summary["optim_time_s"] = self.state.counters.get("optim_time_s", 0.0)  # optimiser steps only
         summary["wall_time_s"] = time.time() - self.t_start
