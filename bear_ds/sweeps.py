@@ -122,6 +122,10 @@ def expand_grid(sweep_cfg: SweepConfig, base: Config | None = None) -> list[tupl
         raise ConfigError(
             "sweep.grid is empty: give at least one dotted key with a list of values, e.g. loss.lam: [0.1, 0.5]"
         )
+    # deferred: the table of losses imports torch and the training stack, which the reports (also
+    # users of this module) do not need
+    from bear_ds.training.loss_table import loss_spec
+
     base = base if base is not None else Config()
     problems: list[str] = []
     for key, values in grid.items():
@@ -170,7 +174,7 @@ def expand_grid(sweep_cfg: SweepConfig, base: Config | None = None) -> list[tupl
         seen[name] = assignment
         overrides = [f"{k}={override_value(v)}" for k, v in assignment.items()]
         try:
-            with_overrides(base, overrides)
+            loss_spec(with_overrides(base, overrides).loss.name)  # a name in the table of losses
         except ConfigError as err:
             problems.append(f"point {name}: {err}")
             continue

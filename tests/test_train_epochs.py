@@ -94,7 +94,8 @@ def test_a_registered_loss_gets_prompts_setup_state_and_logs_extra_metrics(tmp_p
     from bear_ds.catalog import IGNORE_INDEX
     from bear_ds.config import load_config
     from bear_ds.training import train
-    from bear_ds.training.micro_batch import LOSSES, register_loss, token_loss
+    from bear_ds.training.loss_table import LOSSES, register_loss
+    from bear_ds.training.loss_token import token_loss
 
     calls = {"setup": 0, "micro_batches": 0}
 

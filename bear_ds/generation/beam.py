@@ -37,10 +37,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from bear_ds.masking import check_mask_mode, trie_log_softmax
+from bear_ds.masking import NEG_INF, check_mask_mode, trie_log_softmax
 from bear_ds.trie import INVALID, TokenTrie
-
-NEG_INF = float("-inf")
 
 
 @dataclass
