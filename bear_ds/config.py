@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bear_ds.domains import known_domains, resolve_domain
 from bear_ds.errors import ConfigError  # noqa: F401  (re-exported: bear_ds.config.ConfigError)
 
 
@@ -91,9 +92,6 @@ class DataConfig(_Section):
     def _known_domain(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        # imported here: the prompt wording lives with the data layer, and only a set domain needs it
-        from bear_ds.data.prompts import known_domains, resolve_domain
-
         if resolve_domain(value) is None:
             raise ValueError(f"unknown domain {value!r}; known: {', '.join(known_domains())}")
         return value
