@@ -41,15 +41,8 @@ from bear_ds.evaluation.evaluate import (
     shard_indices,
 )
 from bear_ds.evaluation.metrics import rank_metrics
-from bear_ds.generation.beam import (
-    BeamResult,
-    check_shared_prefix_used,
-    constrained_beam_search,
-    decoding_with_shared_prefix,
-    last_logits_only,
-    left_pad,
-    shared_prefix_cache,
-)
+from bear_ds.generation.beam import BeamResult, constrained_beam_search, last_logits_only, left_pad
+from bear_ds.generation.shared_prefix import check_shared_prefix_used, decoding_with_shared_prefix, shared_prefix_cache
 from bear_ds.masking import check_mask_mode, trie_log_softmax
 from bear_ds.outputs import open_atomic, write_json_atomic
 from bear_ds.trie import TokenTrie
