@@ -42,7 +42,14 @@ from bear_ds.evaluation.evaluate import (
 )
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import BeamResult, constrained_beam_search, last_logits_only, left_pad
-from bear_ds.generation.shared_prefix import check_shared_prefix_used, decoding_with_shared_prefix, shared_prefix_cache
+from bear_ds.generation.shared_prefix import (
+    GeneratedPart,
+    generated_part,
+    join_generated,
+    restore_generated,
+    shared_prefix_cache,
+    shared_prefix_forward,
+)
 from bear_ds.masking import check_mask_mode, trie_log_softmax
 from bear_ds.outputs import open_atomic, write_json_atomic
 from bear_ds.trie import TokenTrie
@@ -187,7 +194,7 @@ def exhaustive_scores(
     keep = _SubtreeFilter.start(model, prompt_ids, targets, trie, mask, bound) if bound is not None else None
     # one level: the nodes with children at depth d ([n]), their parents' rows and generated keys
     level_nodes = torch.zeros(1, dtype=torch.int64, device=device)
-    level_keys = [(layer.keys, layer.values) for layer in cache.layers]  # per layer [n, Hkv, d, D]
+    level_keys = generated_part(cache)  # per layer [n, Hkv, d, D]
     for depth in range(trie.max_depth - 1):
         edges = _edges_of(level_nodes, trie)  # [E_d] the edges leaving this level, parents in order
         parent_row = torch.repeat_interleave(
@@ -200,32 +207,20 @@ def exhaustive_scores(
         edges, parent_row, child = edges[has_children], parent_row[has_children], child[has_children]
         if child.numel() == 0:
             break
-        next_keys: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        next_keys: list[GeneratedPart] = []
         for start in range(0, child.numel(), batch_items):
             rows = slice(start, start + batch_items)
-            for i, layer in enumerate(cache.layers):
-                layer.keys, layer.values = level_keys[i]
-                layer.pending_rows = parent_row[rows]
+            restore_generated(cache, level_keys, parent_row[rows])
             n = parent_row[rows].numel()
-            with decoding_with_shared_prefix(model):
-                logits = model(
-                    input_ids=trie.edge_token[edges[rows]][:, None],  # [n, 1]
-                    position_ids=torch.full((n, 1), plen + depth, dtype=torch.int64, device=device),
-                    past_key_values=cache,
-                    shared_prefix_cache=cache,
-                    use_cache=True,
-                ).logits[:, -1, :]  # [n, V]
-            check_shared_prefix_used(cache, model)
-            next_keys.append([(layer.keys, layer.values) for layer in cache.layers])
+            logits = shared_prefix_forward(
+                model,
+                cache,
+                trie.edge_token[edges[rows]][:, None],  # [n, 1]
+                torch.full((n, 1), plen + depth, dtype=torch.int64, device=device),
+            ).logits[:, -1, :]  # [n, V]
+            next_keys.append(generated_part(cache))
             _edge_stats(logits, child[rows], trie, mask, edge_logp, edge_rank)
-        level_keys = (
-            next_keys[0]
-            if len(next_keys) == 1
-            else [
-                (torch.cat([part[i][0] for part in next_keys]), torch.cat([part[i][1] for part in next_keys]))
-                for i in range(len(cache.layers))
-            ]
-        )
+        level_keys = join_generated(next_keys)
         level_nodes = child
     valid = targets.tokens != IGNORE_INDEX  # [G, T]
     key = targets.states.clamp(min=0) * trie.vocab_size + targets.tokens.clamp(min=0)

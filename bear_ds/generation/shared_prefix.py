@@ -1,6 +1,10 @@
 """A KV cache for many decoding rows that share a prompt: the prompt's keys/values are stored once
 per prompt, each row holds only the tokens it generated, and one attention function reads both.
 
+Use: `cache = shared_prefix_cache(prompt_cache, attention_mask, model)` (None where the model or
+its cache does not allow it); before each forward choose the rows it continues (`reorder_rows`, or
+`restore_generated` with a part saved by `generated_part`); run it with `shared_prefix_forward`.
+
 Built on transformers' cache classes (`DynamicCache`, `DynamicLayer`) and its attention interface
 (`AttentionInterface`, the model config's `_attn_implementation`); what depends on their private
 parts is here, not in the beam search (`bear_ds.generation.beam`) nor in the exhaustive analysis
@@ -39,7 +43,7 @@ class SharedPrefixLayer(DynamicLayer):
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.pending_rows is not None:  # the reorder of `select_rows`, fused with the append
+        if self.pending_rows is not None:  # the reorder asked for by `select`, fused with the append
             rows, self.pending_rows = self.pending_rows, None
             if self.keys.shape[2] == 0:
                 self.keys = self.keys.new_empty(rows.numel(), *self.keys.shape[1:])
@@ -158,3 +162,52 @@ def check_shared_prefix_used(cache: DynamicCache, model: torch.nn.Module) -> Non
             f"{type(model).__name__} did not call the registered attention function in every layer; "
             "shared-prefix decoding is not possible for it"
         )
+
+
+GeneratedPart = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [R, Hkv, t, D]
+
+
+def reorder_rows(cache: DynamicCache, rows: torch.Tensor, prompts: torch.Tensor | None = None) -> None:
+    """Row r of the next forward's cache = row rows[r] of the current one; `prompts`: the prompts
+    kept, in order (None: all). The rows are gathered with the next forward's append."""
+    for layer in cache.layers:
+        layer.select(rows, prompts)
+
+
+def generated_part(cache: DynamicCache) -> GeneratedPart:
+    """The keys/values the rows generated so far (the prompts' part is not included), per layer."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def join_generated(parts: list[GeneratedPart]) -> GeneratedPart:
+    """Parts saved from consecutive batches of rows, as one part holding all their rows in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return [
+        (torch.cat([part[i][0] for part in parts]), torch.cat([part[i][1] for part in parts]))
+        for i in range(len(parts[0]))
+    ]
+
+
+def restore_generated(cache: DynamicCache, part: GeneratedPart, rows: torch.Tensor) -> None:
+    """Continue from a saved `generated_part`: row r of the next forward's cache = its row rows[r]."""
+    for layer, (keys, values) in zip(cache.layers, part, strict=True):
+        layer.keys, layer.values = keys, values
+    reorder_rows(cache, rows)
+
+
+def shared_prefix_forward(
+    model: torch.nn.Module, cache: DynamicCache, input_ids: torch.Tensor, position_ids: torch.Tensor
+):
+    """One decoding forward of every row ([R, 1] tokens at their positions) over `cache`; returns
+    the model's output. Raises if the model bypassed the shared-prefix attention in some layer."""
+    with decoding_with_shared_prefix(model):
+        out = model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            past_key_values=cache,
+            shared_prefix_cache=cache,
+            use_cache=True,
+        )
+    check_shared_prefix_used(cache, model)
+    return out
