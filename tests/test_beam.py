@@ -8,7 +8,7 @@ import pytest
 import torch
 from eval_fixtures import EOS, PAD, hf_constrained_beam, random_prompts, random_titles, tiny_llama, trie_of
 
-from bear_ds.evaluation.analysis import CatalogTargets, exhaustive_scores
+from bear_ds.evaluation.exhaustive import CatalogTargets, exhaustive_scores
 from bear_ds.generation.beam import constrained_beam_search, next_token_log_probs
 from bear_ds.trie import TokenTrie
 
