@@ -9,6 +9,7 @@ errors naming the key and what is allowed. No torch import here.
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from pathlib import Path
 from typing import Any, Literal
@@ -504,3 +505,12 @@ def save_config(cfg: Config, folder: str | Path) -> Path:
     from bear_ds.outputs import write_text_atomic
 
     return write_text_atomic(Path(folder) / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+
+
+def override_value(value: Any) -> str:
+    """A grid value as the right-hand side of `key=value`, parsed back to the same value by YAML.
+    Never holds a control character (a newline would end a job script's comment line): such
+    strings are written as JSON, a YAML flow scalar whose escapes (\\n) YAML reads back."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    text = text[: -len("...")].strip() if text.endswith("...") else text
+    return json.dumps(value, ensure_ascii=False) if has_control_character(text) else text

@@ -21,6 +21,7 @@ ALPACA_TEMPLATE = (
 )
 PLACEHOLDERS = ("{instruction}", "{input}")
 
+
 class PromptBuilder:
     """Builds prompt and response strings; `prompt.*` config keys override the domain's defaults."""
 

@@ -25,8 +25,8 @@ from bear_ds.reports.stats import (
     wilson_interval,
     window_mean_over_seeds,
 )
+from bear_ds.reports.tables import format_number, markdown_table
 from bear_ds.runs import RunData, find_output, read_jsonl
-from bear_ds.sweeps import format_number, markdown_table
 
 K = 10  # the comparisons are on HR@10 and NDCG@10
 METRICS = (f"ndcg@{K}", f"hr@{K}")

@@ -17,16 +17,9 @@ import pandas as pd
 from bear_ds.outputs import write_text_atomic
 from bear_ds.reports.evidence import MOST_POPULAR, evidence_sections
 from bear_ds.reports.plots import PlotOutcome, plot_epoch_metric, plot_metric_vs_param, plot_pruning, plot_step_metric
+from bear_ds.reports.sweep_results import aggregate_markdown, collect_points, group_keys_of, group_over_seeds
+from bear_ds.reports.tables import format_number, format_param, markdown_table
 from bear_ds.runs import RunData, discover_runs, load_run
-from bear_ds.sweeps import (
-    aggregate_markdown,
-    collect_points,
-    format_number,
-    format_param,
-    group_keys_of,
-    group_over_seeds,
-    markdown_table,
-)
 
 PLOTS_DIR = "plots"
 TABLE_METRICS: tuple[str, ...] = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
