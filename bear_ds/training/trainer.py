@@ -29,11 +29,8 @@ Extension points (details in `bear_ds/training/micro_batch.py`):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +48,13 @@ from bear_ds.runtime import launcher_rank, launcher_world_size
 from bear_ds.training.accelerator import build_accelerator
 from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from bear_ds.training.epochs import (
+    EpochEvaluator,
+    _check_select_metric,
+    _metric_text,
+    _read_export_info,
+    _write_test_ranks,
+)
 from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
 from bear_ds.training.micro_batch import (
@@ -61,15 +65,8 @@ from bear_ds.training.micro_batch import (
     loss_spec,
     micro_batch_loss,
 )
-from bear_ds.training.run_folder import (
-    TOKENIZER_RECORD,
-    check_launch,
-    model_is_selected_epoch,
-    read_tokenizer_record,
-    record_resume,
-    tokenizer_mismatch,
-    tokenizer_record,
-)
+from bear_ds.training.run_folder import check_launch, model_is_selected_epoch, record_resume
+from bear_ds.training.run_tokenizer import check_resumed_tokenizer, prepare_tokenizer
 from bear_ds.training.train_log import JsonlLog, ProgressBar
 
 logger = logging.getLogger(__name__)
@@ -77,71 +74,6 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(BearDsError, FloatingPointError):
     """A micro-batch produced a NaN/inf loss and train.on_nonfinite=stop."""
-
-
-# ---------------------------------------------------------------------------------------- setup
-def prepare_tokenizer(
-    cfg: Config,
-    output_dir: Path,
-    model_folder: Path | None,
-    titles: dict[str, str],
-    prompts: list[str],
-    resuming: bool = False,
-):
-    """The run's tokenizer: tokenizer.path, else the model folder's, else a BPE trained once into OUT/tokenizer.
-
-    OUT/tokenizer/trained_from.json records what the BPE was trained from; a leftover trained from
-    other texts or with another vocabulary size is retrained in a fresh run and refused on a resume
-    (its checkpoints hold embeddings of that tokenizer). Not collective: call on one process first
-    (`main_process_first`), then the others load it.
-    """
-    from bear_ds.tokenization import ensure_pad_token, load_tokenizer, train_bpe_tokenizer
-
-    if cfg.tokenizer.path:
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
-    elif model_folder is not None:
-        tokenizer = load_tokenizer(model_folder)
-    else:
-        folder = output_dir / "tokenizer"
-        texts = [*titles.values(), *prompts]
-        wanted = tokenizer_record(texts, cfg.tokenizer.vocab_size)
-        reuse = (folder / "tokenizer_config.json").is_file()
-        if reuse and (mismatch := tokenizer_mismatch(read_tokenizer_record(folder), wanted)) is not None:
-            if resuming:
-                check_resumed_tokenizer(folder, texts, cfg.tokenizer.vocab_size)  # raises on a recorded mismatch
-                logger.warning("%s: %s; reused for the resume", folder, mismatch)
-            else:
-                logger.warning("%s is a leftover that does not match this run (%s): retrained", folder, mismatch)
-                reuse = False
-        if reuse:  # resume / second rank: reuse, never retrain
-            tokenizer = load_tokenizer(folder)
-        else:
-            tokenizer = train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size)
-            tmp = output_dir / f"tokenizer.tmp-{os.getpid()}"
-            tokenizer.save_pretrained(tmp)
-            write_json_atomic(tmp / TOKENIZER_RECORD, wanted)
-            old = output_dir / f"tokenizer.old-{os.getpid()}"
-            if folder.exists():
-                os.replace(folder, old)
-            os.replace(tmp, folder)  # atomic: a killed run never leaves a half tokenizer to reuse
-            shutil.rmtree(old, ignore_errors=True)
-    ensure_pad_token(tokenizer)
-    return tokenizer
-
-
-def check_resumed_tokenizer(folder: Path, texts: list[str], vocab_size: int) -> None:
-    """A resumed run's OUT/tokenizer must be the one its checkpoints were trained with: refuse
-    (ValueError) one recorded as trained from other texts or with another vocabulary size."""
-    saved = read_tokenizer_record(folder)
-    if saved is None or not (folder / "tokenizer_config.json").is_file():
-        return  # nothing recorded (an older run), or nothing to reuse: prepare_tokenizer decides
-    mismatch = tokenizer_mismatch(saved, tokenizer_record(texts, vocab_size))
-    if mismatch is not None:
-        raise ValueError(
-            f"{folder} does not match this run: {mismatch}; its checkpoints were trained with it, so the "
-            "resume is refused (resume with the data and tokenizer.vocab_size it was started with, or use "
-            "another output_dir)"
-        )
 
 
 def _schedule(name: str, optimizer, warmup: int, total: int):
@@ -160,57 +92,6 @@ def _optimizer(cfg: Config, model):
     if not params:
         raise ConfigError("the model has no trainable parameters (model.lora.target_modules matched nothing?)")
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
-class EpochEvaluator:
-    """Valid (first train.eval_max_users users) and test beam-search metrics after an epoch."""
-
-    def __init__(
-        self, cfg: Config, prepared: Path, titles: dict[str, str], builder, catalog, tokenizer, context: int
-    ) -> None:
-        from bear_ds.catalog import fit_prompts
-        from bear_ds.data import load_split
-        from bear_ds.evaluation.evaluate import run_beam_evaluation
-
-        self.run, self.cfg = run_beam_evaluation, cfg
-        self.splits: dict[str, tuple[list[list[int]], list[int | None]]] = {}
-        self.user_ids: dict[str, list[str]] = {}
-        # per user of the last evaluation of each split: {"user_id", "target_rank"} (for paired statistics)
-        self.last_ranks: dict[str, list[dict[str, Any]]] = {}
-        for split, cap in (("valid", cfg.train.eval_max_users), ("test", cfg.eval.max_users)):
-            rows = load_split(prepared, split)
-            if cap is not None:
-                rows = rows.select(range(min(cap, len(rows))))
-            fitted = fit_prompts(
-                [[titles[i] for i in h] for h in rows["history"]], tokenizer, builder,
-                context - catalog.trie.max_depth,  # room for the longest title, as `bear-ds evaluate` leaves
-                truncate=cfg.eval.truncate_history, what=f"{split} user", option="eval.truncate_history",
-            )  # fmt: skip
-            if fitted.truncated_examples:
-                logger.warning("%s: %d prompts lost oldest history items to fit the context", split,
-                               fitted.truncated_examples)  # fmt: skip
-            self.splits[split] = (fitted.prompt_ids, [catalog.group_of_item(t) for t in rows["target"]])
-            self.user_ids[split] = [str(u) for u in rows["user_id"]]
-
-    def __call__(
-        self, accelerator, model, tokenizer, catalog, splits: tuple[str, ...] = ("valid", "test")
-    ) -> dict[str, dict[str, Any]]:
-        results = {}
-        for split in splits:
-            prompts, groups = self.splits[split]
-            if not prompts:  # an empty test split: nothing to report
-                results[split] = {}
-                continue
-            predictions, metrics = self.run(
-                model, tokenizer, catalog, prompts, groups, self.cfg.eval, accelerator,
-                loss_name=self.cfg.loss.name, progress=accelerator.is_main_process,
-            )  # fmt: skip
-            results[split] = metrics
-            self.last_ranks[split] = [
-                {"user_id": u, "target_rank": p["target_rank"]}
-                for u, p in zip(self.user_ids[split], predictions, strict=True)
-            ]
-        return results
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -653,32 +534,11 @@ def train(cfg: Config) -> dict[str, Any]:
             trainer.release()
 
 
-# ---------------------------------------------------------------------------------------- epochs
+# ---------------------------------------------------------------------------------------- helpers
 def _main_decides(accelerator, flag: bool) -> bool:
     """Rank 0's boolean, on every rank (only rank 0 reads the run's logs)."""
     vote = torch.tensor([1.0 if (flag and accelerator.is_main_process) else 0.0], device=accelerator.device)
     return accelerator.reduce(vote, reduction="sum").item() > 0
-
-
-def _read_export_info(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "export_info.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _check_select_metric(cfg: Config) -> None:
-    """Fail before training, not after the first epoch, when train.select_metric is not computed."""
-    from bear_ds.evaluation.evaluate import metric_ks
-
-    ks, _ = metric_ks(cfg.eval.top_k, cfg.eval.num_beams, warn=False)
-    allowed = [f"{name}@{k}" for name in ("hr", "ndcg") for k in ks]
-    if cfg.train.select_metric not in allowed:
-        raise ConfigError(
-            f"train.select_metric={cfg.train.select_metric!r} is not among the metrics the per-epoch evaluation "
-            f"computes with eval.top_k={cfg.eval.top_k} and eval.num_beams={cfg.eval.num_beams}: "
-            f"{', '.join(allowed) or 'none'} (K above num_beams is left out)"
-        )
 
 
 def _stop_on_nonfinite(accelerator, unchecked: list[tuple[torch.Tensor, torch.Tensor, str]], step: int) -> None:
@@ -694,20 +554,6 @@ def _stop_on_nonfinite(accelerator, unchecked: list[tuple[torch.Tensor, torch.Te
     raise NonFiniteLossError(
         f"non-finite loss {value} at {where}; set train.on_nonfinite=skip to drop such micro-batches"
     )
-
-
-def _write_test_ranks(path: Path, ranks: list[dict[str, Any]], epoch: int) -> None:
-    """Per-user test ranks of the best epoch so far (the selected one at the end), for paired
-    statistics across methods; written whole then renamed, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        for row in ranks:
-            fh.write(json.dumps({"epoch": epoch, **row}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _metric_text(metrics: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("hr@", "ndcg@")))
 
 
 __all__ = ["NonFiniteLossError", "TrainState", "Trainer", "prepare_tokenizer", "train"]
