@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bear_ds.domains import known_domains, resolve_domain
 from bear_ds.errors import ConfigError  # noqa: F401  (re-exported: bear_ds.config.ConfigError)
+from bear_ds.outputs import write_text_atomic
 
 
 class _Section(BaseModel):
@@ -502,8 +503,6 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def save_config(cfg: Config, folder: str | Path) -> Path:
     """Write the fully resolved config as `config.yaml` in `folder`."""
-    from bear_ds.outputs import write_text_atomic
-
     return write_text_atomic(Path(folder) / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
 

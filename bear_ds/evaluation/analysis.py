@@ -13,6 +13,7 @@ from typing import Any
 
 from accelerate.utils import gather_object
 
+from bear_ds.config import save_config
 from bear_ds.distributed import end_distributed, make_accelerator
 from bear_ds.evaluation.evaluate import (
     check_output_folder_together,
@@ -35,8 +36,6 @@ def analyze(cfg) -> dict[str, Any]:
     `evaluate` does, on the same Accelerate machinery.
     """
     from tqdm.auto import tqdm
-
-    from bear_ds.config import save_config
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)

@@ -29,6 +29,10 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
+from bear_ds.catalog import CATALOG_FILE, Catalog, encode_prompts, fit_prompts
+from bear_ds.config import save_config
+from bear_ds.data import load_catalog, load_split, load_stats, resolve_prepared
+from bear_ds.data.prompts import PromptBuilder
 from bear_ds.distributed import all_max, end_distributed, make_accelerator
 from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputError, RunFolderError
 from bear_ds.evaluation.metrics import rank_metrics
@@ -36,6 +40,7 @@ from bear_ds.generation.beam import constrained_beam_search, left_pad
 from bear_ds.masking import resolve_mask
 from bear_ds.models import is_zero3_partitioned, unwrap_model
 from bear_ds.outputs import check_writable_folder, open_atomic, write_json_atomic
+from bear_ds.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +184,6 @@ def run_beam_evaluation(
     device = accelerator.device if accelerator is not None else next(net.parameters()).device
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     if isinstance(prompts[0], str):
-        from bear_ds.catalog import encode_prompts
-
         prompt_ids = encode_prompts(tokenizer, list(prompts))
     else:
         prompt_ids = [list(p) for p in prompts]
@@ -292,11 +295,6 @@ class EvalInputs:
 def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
     """Tokenizer, catalog and the users of eval.split (first eval.max_users) with their prompts."""
     from transformers import AutoConfig
-
-    from bear_ds.catalog import CATALOG_FILE, Catalog, fit_prompts
-    from bear_ds.data import load_catalog, load_split, load_stats, resolve_prepared
-    from bear_ds.data.prompts import PromptBuilder
-    from bear_ds.tokenization import load_tokenizer
 
     if not cfg.model.path:
         raise ConfigError("model.path is not set: evaluate needs a local model folder (the trainer's OUT/model)")
@@ -420,8 +418,6 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     Writes output_dir/predictions.jsonl, metrics.json, catalog.json and config.yaml (rank 0).
     Returns the metrics (on every rank).
     """
-    from bear_ds.config import save_config
-
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     accelerator = eval_accelerator(cfg.eval)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from bear_ds.catalog import IGNORE_INDEX
-from bear_ds.generation.beam import last_logits_only
+from bear_ds.generation.beam import last_logits_only, next_token_log_probs
 from bear_ds.generation.shared_prefix import (
     GeneratedPart,
     generated_part,
@@ -93,8 +93,6 @@ def _teacher_forced_totals(
     trie: TokenTrie, mask: str,
 ) -> list[float]:  # fmt: skip
     """Total log p of `groups` by one plain forward over prompt + title each (the bound's estimate)."""
-    from bear_ds.generation.beam import next_token_log_probs
-
     device = targets.tokens.device
     totals = []
     for g in groups:

@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from bear_ds.data import load_split
 from bear_ds.evaluation.metrics import rank_metrics
+from bear_ds.evaluation.popularity import most_popular_ranks, popularity_order
 from bear_ds.reports.stats import (
     PairedDifference,
     paired_difference,
@@ -85,9 +87,6 @@ def _prepared_folder(run: RunData) -> Path | None:
 def most_popular_ranks_for(run: RunData, users: UserRanks | None) -> tuple[UserRanks | None, str | None]:
     """The most-popular list scored on the run's test users (the same users, in the same order):
     groups from the run's exported catalog (OUT/model/catalog.json), frequencies from its training split."""
-    from bear_ds.data import load_split
-    from bear_ds.evaluation.popularity import most_popular_ranks, popularity_order
-
     prepared = _prepared_folder(run)
     if prepared is None or not (prepared / "train.parquet").is_file():
         return None, f"{run.name}: no prepared data folder found (config data.path or {run.folder / 'data'})"

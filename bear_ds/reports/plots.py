@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from bear_ds.outputs import atomic_path
+from bear_ds.reports.stats import wilson_interval
 
 _MAX_LEGEND_ROWS = 12
 
@@ -246,8 +247,6 @@ def plot_pruning(analyses: dict[str, dict[str, Any]], groups: dict[str, list[str
     at or before the pruning step (analysis.json counts), each with its Wilson 95% interval and its
     counts k/n. Every group is drawn: one without top-B positives as "n = 0", one without an
     analysis as "no analysis"."""
-    from bear_ds.reports.stats import wilson_interval
-
     title = "Beam-search pruning of top-B positives (analysis.json, Wilson 95% intervals)"
     outcome = PlotOutcome(title=title, file=None)
     counts: dict[str, tuple[int, int, int | None]] = {}  # run -> (positives, pruned, pruned violating)

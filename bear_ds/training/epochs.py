@@ -9,7 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bear_ds.catalog import fit_prompts
 from bear_ds.config import Config, ConfigError
+from bear_ds.data import load_split
+from bear_ds.evaluation.evaluate import metric_ks, run_beam_evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +23,6 @@ class EpochEvaluator:
     def __init__(
         self, cfg: Config, prepared: Path, titles: dict[str, str], builder, catalog, tokenizer, context: int
     ) -> None:
-        from bear_ds.catalog import fit_prompts
-        from bear_ds.data import load_split
-        from bear_ds.evaluation.evaluate import run_beam_evaluation
-
         self.run, self.cfg = run_beam_evaluation, cfg
         self.splits: dict[str, tuple[list[list[int]], list[int | None]]] = {}
         self.user_ids: dict[str, list[str]] = {}
@@ -74,8 +73,6 @@ def _read_export_info(folder: Path) -> dict[str, Any]:
 
 def _check_select_metric(cfg: Config) -> None:
     """Fail before training, not after the first epoch, when train.select_metric is not computed."""
-    from bear_ds.evaluation.evaluate import metric_ks
-
     ks, _ = metric_ks(cfg.eval.top_k, cfg.eval.num_beams, warn=False)
     allowed = [f"{name}@{k}" for name in ("hr", "ndcg") for k in ks]
     if cfg.train.select_metric not in allowed:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bear_ds.config import Config
 from bear_ds.outputs import write_json_atomic
+from bear_ds.tokenization import ensure_pad_token, load_tokenizer, train_bpe_tokenizer
 from bear_ds.training.run_folder import TOKENIZER_RECORD, read_tokenizer_record, tokenizer_mismatch, tokenizer_record
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ def prepare_tokenizer(
     (its checkpoints hold embeddings of that tokenizer). Not collective: call on one process first
     (`main_process_first`), then the others load it.
     """
-    from bear_ds.tokenization import ensure_pad_token, load_tokenizer, train_bpe_tokenizer
-
     if cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
     elif model_folder is not None:

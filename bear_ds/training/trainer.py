@@ -39,10 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from bear_ds.catalog import Catalog
 from bear_ds.config import Config, ConfigError, save_config
+from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
 from bear_ds.distributed import end_distributed
 from bear_ds.errors import BearDsError
 from bear_ds.locks import RunFolderBusyError, RunFolderLock
+from bear_ds.models import build_model, is_zero3_partitioned, pretrained_folder
 from bear_ds.outputs import write_json_atomic
 from bear_ds.runtime import launcher_rank, launcher_world_size
 from bear_ds.training.accelerator import build_accelerator
@@ -198,10 +201,6 @@ class Trainer:
 
     def _load_data(self) -> TrainingData:
         """Prepared data, tokenizer, catalog: rank 0 writes what is shared, the others then read it."""
-        from bear_ds.catalog import Catalog
-        from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
-        from bear_ds.models import pretrained_folder
-
         cfg = self.cfg
         with self.accelerator.main_process_first():
             prepared = resolve_prepared(cfg, self.out / "data")
@@ -225,8 +224,6 @@ class Trainer:
     def _build_model(self) -> None:
         """Model, the examples fitted to its context, optimiser, schedule, all `accelerator.prepare`d."""
         from accelerate.utils import set_seed
-
-        from bear_ds.models import build_model, is_zero3_partitioned
 
         cfg, data = self.cfg, self.data
         set_seed(cfg.train.seed)
