@@ -9,6 +9,7 @@ errors naming the key and what is allowed. No torch import here.
 
 from __future__ import annotations
 
+import difflib
 import json
 import unicodedata
 from pathlib import Path
@@ -367,8 +368,6 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 
 
 def _suggest(dotted: str) -> str:
-    import difflib
-
     *parents, leaf = dotted.split(".")
     model: type[BaseModel] = Config
     for p in parents:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
 from bear_ds.config import save_config
 from bear_ds.distributed import end_distributed, make_accelerator
@@ -35,8 +36,6 @@ def analyze(cfg) -> dict[str, Any]:
     uses a full model copy per rank (eval.weights is ignored); users are sharded across ranks, as
     `evaluate` does, on the same Accelerate machinery.
     """
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(None, timeout_s=cfg.eval.timeout_s)

@@ -27,7 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations import deepspeed as hf_deepspeed
 
 from bear_ds.catalog import CATALOG_FILE, Catalog, encode_prompts, fit_prompts
 from bear_ds.config import save_config
@@ -101,8 +105,6 @@ def metric_ks(top_k: Sequence[int], num_beams: int, *, warn: bool = True) -> tup
 
 def training_loss_name(model_dir: Path, fallback: str | None) -> str | None:
     """loss.name of the run that exported `model_dir` (its config.yaml), else `fallback`."""
-    import yaml
-
     saved = model_dir / "config.yaml"
     if saved.is_file():
         name = ((yaml.safe_load(saved.read_text()) or {}).get("loss") or {}).get("name")
@@ -169,8 +171,6 @@ def run_beam_evaluation(
     (titles), "scores", "target_rank"}; metrics = {"hr@K", "ndcg@K", "users",
     "targets_not_in_catalog", "decoding", "decode_s", "users_per_second"}.
     """
-    from tqdm.auto import tqdm
-
     if len(prompts) != len(targets_groups):
         raise ValueError(f"{len(prompts)} prompts but {len(targets_groups)} targets")
     if len(prompts) == 0:
@@ -294,8 +294,6 @@ class EvalInputs:
 
 def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
     """Tokenizer, catalog and the users of eval.split (first eval.max_users) with their prompts."""
-    from transformers import AutoConfig
-
     if not cfg.model.path:
         raise ConfigError("model.path is not set: evaluate needs a local model folder (the trainer's OUT/model)")
     model_dir = Path(cfg.model.path)
@@ -382,8 +380,6 @@ def zero3_init_disabled() -> Iterator[None]:
     loads, so a model loaded afterwards in the same process (a sweep point's analysis) had 0-sized
     weights and failed in the embedding ("Padding_idx must be within num_embeddings").
     """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers' one switch for zero3 init
     hf_deepspeed._hf_deepspeed_config_weak_ref = None
     try:
@@ -397,8 +393,6 @@ def load_eval_model(model_dir: Path, accelerator: Any) -> torch.nn.Module:
     partitioned, or, under a ZeRO-3 accelerator, partitioned as it is loaded and wrapped in a
     DeepSpeed engine (kept alive by the accelerator); returned unwrapped, ready for
     `constrained_beam_search`."""
-    from transformers import AutoModelForCausalLM
-
     if accelerator.state.deepspeed_plugin is not None:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
         model = accelerator.prepare(model)

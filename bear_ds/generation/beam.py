@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from transformers.cache_utils import DynamicCache
 
 from bear_ds.generation.shared_prefix import (
@@ -203,8 +204,6 @@ def _left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _others_still_working(working: bool, device: torch.device) -> bool:
     """All-reduce (MAX) of this rank's flag: True while any rank still has decoding to do."""
-    import torch.distributed as dist
-
     flag = torch.tensor([1 if working else 0], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
+from transformers import get_scheduler
 
 from bear_ds.catalog import Catalog
 from bear_ds.config import Config, ConfigError, save_config
@@ -80,8 +82,6 @@ class NonFiniteLossError(BearDsError, FloatingPointError):
 
 
 def _schedule(name: str, optimizer, warmup: int, total: int):
-    from transformers import get_scheduler
-
     kind = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[name]
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
@@ -223,8 +223,6 @@ class Trainer:
 
     def _build_model(self) -> None:
         """Model, the examples fitted to its context, optimiser, schedule, all `accelerator.prepare`d."""
-        from accelerate.utils import set_seed
-
         cfg, data = self.cfg, self.data
         set_seed(cfg.train.seed)
         self.use_deepspeed = self.accelerator.state.deepspeed_plugin is not None
