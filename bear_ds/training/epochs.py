@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -64,14 +65,14 @@ class EpochEvaluator:
         return results
 
 
-def _read_export_info(folder: Path) -> dict[str, Any]:
+def read_export_info(folder: Path) -> dict[str, Any]:
     try:
         return json.loads((folder / "export_info.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
 
-def _check_select_metric(cfg: Config) -> None:
+def check_select_metric(cfg: Config) -> None:
     """Fail before training, not after the first epoch, when train.select_metric is not computed."""
     ks, _ = metric_ks(cfg.eval.top_k, cfg.eval.num_beams, warn=False)
     allowed = [f"{name}@{k}" for name in ("hr", "ndcg") for k in ks]
@@ -83,7 +84,7 @@ def _check_select_metric(cfg: Config) -> None:
         )
 
 
-def _write_test_ranks(path: Path, ranks: list[dict[str, Any]], epoch: int) -> None:
+def write_test_ranks(path: Path, ranks: list[dict[str, Any]], epoch: int) -> None:
     """Per-user test ranks of the best epoch so far (the selected one at the end), for paired
     statistics across methods; written whole then renamed, so a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -93,5 +94,37 @@ def _write_test_ranks(path: Path, ranks: list[dict[str, Any]], epoch: int) -> No
     os.replace(tmp, path)
 
 
-def _metric_text(metrics: dict[str, Any]) -> str:
+def metric_text(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("hr@", "ndcg@")))
+
+
+def selected_epoch_summary(
+    records: list[dict[str, Any]], cfg: Config, model_dir: Path, model_info: dict[str, str]
+) -> dict[str, Any]:
+    """summary.json's part for the epoch `cfg.train.select_metric` selects among `records` (epochs.jsonl,
+    rank 0); flags (in `model_info`, and in the log) a `model_dir` export that is not that epoch's."""
+    metric = cfg.train.select_metric
+    best = max(records, key=lambda r: r["valid"][metric])
+    selection: dict[str, Any] = {
+        "selected_epoch": best["epoch"], "select_metric": metric, "valid": best["valid"], "test": best["test"],
+    }  # fmt: skip
+    exported = read_export_info(model_dir)
+    if exported.get("epoch") != best["epoch"]:
+        # a crash between an epoch's export and its checkpoint, then a replay that did not improve
+        # on the best: OUT/model is from a discarded continuation. Say so rather than pair them.
+        why = (
+            f"{model_dir} holds epoch {exported.get('epoch')} (step {exported.get('step')}) but the "
+            f"selected epoch is {best['epoch']}; re-export that epoch from its checkpoint if it is still kept"
+        )
+        model_info["mismatch"] = why
+        logger.error("%s", why)
+    if cfg.train.eval_test == "every_epoch":
+        selection["test_max_over_epochs"] = {
+            "protocol": "released (max over epochs of TEST metrics; for comparison only, not model selection)",
+            **{
+                k: max(r["test"].get(k, -math.inf) for r in records)
+                for k in best["test"]
+                if k.startswith(("hr@", "ndcg@"))
+            },  # fmt: skip
+        }
+    return selection

@@ -55,10 +55,11 @@ from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micr
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from bear_ds.training.epochs import (
     EpochEvaluator,
-    _check_select_metric,
-    _metric_text,
-    _read_export_info,
-    _write_test_ranks,
+    check_select_metric,
+    metric_text,
+    read_export_info,
+    selected_epoch_summary,
+    write_test_ranks,
 )
 from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
@@ -156,7 +157,7 @@ class Trainer:
         """Accelerator, data, model (partitioned on creation under ZeRO-3), optimiser, resume, evaluator."""
         self.t_start = time.time()
         if self.cfg.train.eval_every_epoch:
-            _check_select_metric(self.cfg)
+            check_select_metric(self.cfg)
         # check first, write after: the lock, then a refused launch or resume, before config.yaml
         lock_error = self._lock_run_folder()
         self.checkpoint = latest_checkpoint(self.out)
@@ -434,9 +435,9 @@ class Trainer:
             results.update(self._evaluate(("test",)))
         test = results.get("test", {})
         if self.main:
-            logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
+            logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, metric_text(valid), metric_text(test))
         if improved and test and self.main:
-            _write_test_ranks(self.out / "test_predictions.jsonl", self.evaluate.last_ranks["test"], epoch)
+            write_test_ranks(self.out / "test_predictions.jsonl", self.evaluate.last_ranks["test"], epoch)
         record = {"epoch": epoch, "step": step, "valid": valid, "test": test}
         self.epochs_log.write(record)
         if self.accelerator.trackers:  # train.report_to: the epoch's metrics beside the per-step scalars
@@ -461,7 +462,7 @@ class Trainer:
         summary["model"] = self._export_final()
         records = self.epochs_log.read() if self.main else []
         if records:
-            summary.update(self._selection(records, summary["model"]))
+            summary.update(selected_epoch_summary(records, self.cfg, self.out / "model", summary["model"]))
         logs = self.train_log.read()
         summary["loss"] = logs[-1]["loss"] if logs else None
         summary["train_time_s"] = self.elapsed()  # including per-epoch evaluation
@@ -477,40 +478,12 @@ class Trainer:
         step = self.state.step
         # OUT/model is the selected epoch's only when an epoch was selected into it: a finished run
         # re-run with resume finds its final export there, which no epoch selected
-        selected = model_is_selected_epoch(_read_export_info(self.out / "model"))
+        selected = model_is_selected_epoch(read_export_info(self.out / "model"))
         if self.evaluate is None or not _main_decides(self.accelerator, selected):
             self.export("model", {"step": step, "selected_by": None})
             return {"path": "model", "is": "final model (no per-epoch evaluation)"}
         self.export("model_final", {"step": step})
         return {"path": "model", "is": "the selected epoch's model", "final": "model_final"}
-
-    def _selection(self, records: list[dict[str, Any]], model_info: dict[str, str]) -> dict[str, Any]:
-        """The selected epoch's metrics (rank 0); flags an OUT/model that is not that epoch's."""
-        metric = self.cfg.train.select_metric
-        best = max(records, key=lambda r: r["valid"][metric])
-        selection: dict[str, Any] = {
-            "selected_epoch": best["epoch"], "select_metric": metric, "valid": best["valid"], "test": best["test"],
-        }  # fmt: skip
-        exported = _read_export_info(self.out / "model")
-        if exported.get("epoch") != best["epoch"]:
-            # a crash between an epoch's export and its checkpoint, then a replay that did not improve
-            # on the best: OUT/model is from a discarded continuation. Say so rather than pair them.
-            why = (
-                f"{self.out / 'model'} holds epoch {exported.get('epoch')} (step {exported.get('step')}) but the "
-                f"selected epoch is {best['epoch']}; re-export that epoch from its checkpoint if it is still kept"
-            )
-            model_info["mismatch"] = why
-            logger.error("%s", why)
-        if self.cfg.train.eval_test == "every_epoch":
-            selection["test_max_over_epochs"] = {
-                "protocol": "released (max over epochs of TEST metrics; for comparison only, not model selection)",
-                **{
-                    k: max(r["test"].get(k, -math.inf) for r in records)
-                    for k in best["test"]
-                    if k.startswith(("hr@", "ndcg@"))
-                },  # fmt: skip
-            }
-        return selection
 
     def cleanup(self) -> None:
         """Leave the process group together and forget its state (`bear_ds.distributed.end_distributed`)."""
