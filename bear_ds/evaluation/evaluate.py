@@ -148,6 +148,69 @@ def check_context(prompt_ids: Sequence[Sequence[int]], max_depth: int, context: 
         )
 
 
+def _decode_batch(
+    net: torch.nn.Module,
+    prompts: list[list[int]],
+    users: list[int],
+    catalog: Any,
+    eval_cfg: Any,
+    trie: Any,
+    pad: int,
+    mask: str,
+    synced: bool,
+) -> list[tuple[int, list[int], list[float]]]:
+    """One beam search over `prompts` (of `users`; none: a synced rank's dummy call) -> (user, finished
+    groups, their scores) per user, best first."""
+    device = trie.device
+    if users:
+        input_ids, attention_mask = left_pad(prompts, pad, device)
+    else:
+        input_ids = torch.zeros(0, 1, dtype=torch.int64, device=device)
+        attention_mask = torch.ones(0, 1, dtype=torch.int64, device=device)
+    res = constrained_beam_search(
+        net,
+        input_ids,
+        attention_mask,
+        trie,
+        num_beams=eval_cfg.num_beams,
+        eos_token_id=catalog.eos_token_id,
+        mask=mask,
+        length_penalty=eval_cfg.length_penalty,
+        synced=synced,
+    )
+    groups, scores = res.groups.cpu().tolist(), res.scores.cpu().tolist()
+    decoded = []
+    for j, i in enumerate(users):
+        keep = [b for b, g in enumerate(groups[j]) if g >= 0]
+        decoded.append((i, [groups[j][b] for b in keep], [scores[j][b] for b in keep]))
+    return decoded
+
+
+def _each_user_once(
+    decoded: list[tuple[int, list[int], list[float]]], num_users: int
+) -> dict[int, tuple[list[int], list[float]]]:
+    """user -> (groups, scores) from every rank's results; every user decoded exactly once."""
+    by_user: dict[int, tuple[list[int], list[float]]] = {}
+    for i, groups, scores in decoded:
+        if i in by_user:
+            raise RuntimeError(f"user {i} was decoded by two ranks")
+        by_user[i] = (groups, scores)
+    missing = [i for i in range(num_users) if i not in by_user]
+    if missing:
+        raise RuntimeError(f"{len(missing)} users were not decoded (e.g. user {missing[0]})")
+    return by_user
+
+
+def _prediction(groups: list[int], scores: list[float], target: int | None, catalog: Any) -> dict[str, Any]:
+    rank = groups.index(target) if target is not None and target in groups else None
+    return {
+        "groups": groups,
+        "predictions": [catalog.group_titles[g] for g in groups],
+        "scores": scores,
+        "target_rank": rank,
+    }
+
+
 def run_beam_evaluation(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -200,32 +263,15 @@ def run_beam_evaluation(
 
     was_training = net.training
     net.eval()
-    local: list[tuple[int, list[int], list[float]]] = []
+    local: list[tuple[int, list[int], list[float]]] = []  # (user, groups, scores) of this rank's users
     bar = tqdm(total=len(mine), desc="beam search", unit="user", disable=not (progress and rank == 0))
     started = time.perf_counter()
     try:
         for call in range(n_calls):
             batch = batches[call] if call < len(batches) else []
-            if batch:
-                input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], pad, device)
-            else:
-                input_ids = torch.zeros(0, 1, dtype=torch.int64, device=device)
-                attention_mask = torch.ones(0, 1, dtype=torch.int64, device=device)
-            res = constrained_beam_search(
-                net,
-                input_ids,
-                attention_mask,
-                trie,
-                num_beams=eval_cfg.num_beams,
-                eos_token_id=catalog.eos_token_id,
-                mask=mask,
-                length_penalty=eval_cfg.length_penalty,
-                synced=synced,
+            local += _decode_batch(
+                net, [prompt_ids[i] for i in batch], batch, catalog, eval_cfg, trie, pad, mask, synced
             )
-            groups, scores = res.groups.cpu().tolist(), res.scores.cpu().tolist()
-            for j, i in enumerate(batch):
-                keep = [b for b, g in enumerate(groups[j]) if g >= 0]
-                local.append((i, [groups[j][b] for b in keep], [scores[j][b] for b in keep]))
             bar.update(len(batch))
     finally:
         bar.close()
@@ -235,27 +281,8 @@ def run_beam_evaluation(
         decode_s = all_max(decode_s)
         local = gather_object(local)  # every rank's list, concatenated in rank order, on every rank
 
-    by_user: dict[int, tuple[list[int], list[float]]] = {}
-    for i, groups, scores in local:
-        if i in by_user:
-            raise RuntimeError(f"user {i} was decoded by two ranks")
-        by_user[i] = (groups, scores)
-    missing = [i for i in range(len(prompt_ids)) if i not in by_user]
-    if missing:
-        raise RuntimeError(f"{len(missing)} users were not decoded (e.g. user {missing[0]})")
-
-    predictions: list[dict[str, Any]] = []
-    for i, target in enumerate(targets_groups):
-        groups, scores = by_user[i]
-        rank = groups.index(target) if target is not None and target in groups else None
-        predictions.append(
-            {
-                "groups": groups,
-                "predictions": [catalog.group_titles[g] for g in groups],
-                "scores": scores,
-                "target_rank": rank,
-            }
-        )
+    by_user = _each_user_once(local, len(prompt_ids))
+    predictions = [_prediction(*by_user[i], target, catalog) for i, target in enumerate(targets_groups)]
     metrics: dict[str, Any] = rank_metrics([p["target_rank"] for p in predictions], ks)
     metrics.update(
         users=len(predictions),
