@@ -70,10 +70,8 @@ def read_catalog(path: Path, problems: Problems) -> dict[str, str]:
     return catalog
 
 
-def read_window_csv(
-    path: Path, catalog_ids: pa.Array, cfg: DataConfig, problems: Problems
-) -> tuple[pa.Table, int, int]:
-    """Parse one window file -> (examples, rows read, histories truncated). Bad rows go to `problems`."""
+def _window_columns(path: Path) -> list[str]:
+    """The column names of a window file's header line; an error naming the file unless they are COLUMNS."""
     if not path.is_file():
         raise DataError(f"window file {path} does not exist")
     with path.open(encoding="utf-8", newline="") as f:
@@ -87,6 +85,47 @@ def read_window_csv(
             + (f" (missing: {', '.join(missing)})" if missing else "")
             + (f" (unexpected: {', '.join(extra)})" if extra else "")
         )
+    return names
+
+
+def _well_formed_rows(
+    path: Path, lines: np.ndarray, users: pa.Array, lists: pa.Array, stamps: pa.Array, problems: Problems
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows kept, blank rows) as bool [R]: a row with an empty user id, an unparsable item list or a
+    non-integer timestamp is reported to `problems` (naming its line) and not kept."""
+    blank = np.asarray(
+        pc.and_(pc.and_(pc.equal(users, ""), pc.equal(lists, "")), pc.equal(pc.utf8_trim_whitespace(stamps), ""))
+    )
+    keep = ~blank  # blank lines are no data: skipped (counted in stats as blank_lines)
+
+    def describe(column: pa.Array, what: str):
+        return lambda i: f"{path} line {lines[i]}: {what} {column[i].as_py()!r}"
+
+    checks = [
+        ("empty_user_id", np.asarray(pc.equal(users, "")), describe(users, "empty user_id")),
+        (
+            "unparsable_item_list",
+            ~np.asarray(pc.match_substring_regex(lists, ITEM_LIST_RE)),
+            describe(lists, "cannot parse item_ids"),
+        ),
+        (
+            "bad_timestamp",
+            ~np.asarray(pc.match_substring_regex(stamps, INTEGER_RE)),
+            describe(stamps, "timestamp is not an integer:"),
+        ),
+    ]
+    for reason, bad, explain in checks:
+        bad &= keep
+        problems.add_mask(reason, bad, explain)
+        keep &= ~bad
+    return keep, blank
+
+
+def read_window_csv(
+    path: Path, catalog_ids: pa.Array, cfg: DataConfig, problems: Problems
+) -> tuple[pa.Table, int, int]:
+    """Parse one window file -> (examples, rows read, histories truncated). Bad rows go to `problems`."""
+    names = _window_columns(path)
     invalid_lines: list[int] = []
     invalid_examples: list[str] = []
 
@@ -114,31 +153,7 @@ def read_window_csv(
     users = pc.utf8_trim_whitespace(table.column("user_id").combine_chunks())
     lists = table.column("item_ids").combine_chunks()
     stamps = table.column("timestamp").combine_chunks()
-    blank = np.asarray(
-        pc.and_(pc.and_(pc.equal(users, ""), pc.equal(lists, "")), pc.equal(pc.utf8_trim_whitespace(stamps), ""))
-    )
-    keep = ~blank  # blank lines are no data: skipped (counted in stats as blank_lines)
-
-    def describe(column: pa.Array, what: str):
-        return lambda i: f"{path} line {lines[i]}: {what} {column[i].as_py()!r}"
-
-    checks = [
-        ("empty_user_id", np.asarray(pc.equal(users, "")), describe(users, "empty user_id")),
-        (
-            "unparsable_item_list",
-            ~np.asarray(pc.match_substring_regex(lists, ITEM_LIST_RE)),
-            describe(lists, "cannot parse item_ids"),
-        ),
-        (
-            "bad_timestamp",
-            ~np.asarray(pc.match_substring_regex(stamps, INTEGER_RE)),
-            describe(stamps, "timestamp is not an integer:"),
-        ),
-    ]
-    for reason, bad, explain in checks:
-        bad &= keep
-        problems.add_mask(reason, bad, explain)
-        keep &= ~bad
+    keep, blank = _well_formed_rows(path, lines, users, lists, stamps, problems)
 
     # parse the lists of the surviving rows: "[1, 2]" -> ["1", "2"] (quotes stripped)
     survivors = pa.array(np.flatnonzero(keep))
