@@ -6,6 +6,11 @@ import math
 from typing import Any
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real number (bool excluded) that is neither NaN nor infinite: a value a table or plot can show."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     def cell(text: Any) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
