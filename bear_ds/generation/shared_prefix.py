@@ -8,7 +8,7 @@ its cache does not allow it); before each forward choose the rows it continues (
 Built on transformers' cache classes (`DynamicCache`, `DynamicLayer`) and its attention interface
 (`AttentionInterface`, the model config's `_attn_implementation`); what depends on their private
 parts is here, not in the beam search (`bear_ds.generation.beam`) nor in the exhaustive analysis
-(`bear_ds.evaluation.analysis`), which use this module's functions.
+(`bear_ds.evaluation.exhaustive`), which use this module's functions.
 """
 
 from __future__ import annotations
