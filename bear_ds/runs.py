@@ -7,6 +7,7 @@ not read, so the report can say why a table cell or a plot is missing instead of
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,12 @@ CLAIMS = ".claims"  # CLAIMS/NAME/.lock: the process running point NAME
 _NOT_OUTPUT_DIRS = {"checkpoints", "model", "data", "tokenizer", "plots"}
 
 
-def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Records of a JSON-lines file; malformed lines (e.g. a line cut by a crash) are reported, not kept."""
+def read_jsonl(
+    path: Path, check: Callable[[dict[str, Any]], str | None] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Records of a JSON-lines file; malformed lines (e.g. a line cut by a crash) are reported, not
+    kept. `check(record)` says what is wrong with a record that parsed (None: nothing); such a
+    record is reported and not kept either."""
     records: list[dict[str, Any]] = []
     notes: list[str] = []
     with path.open() as handle:
@@ -52,6 +57,10 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                 continue
             if not isinstance(record, dict):
                 notes.append(f"{path} line {line_no}: not a JSON object; line ignored")
+                continue
+            problem = check(record) if check is not None else None
+            if problem is not None:
+                notes.append(f"{path} line {line_no}: {problem}; line ignored")
                 continue
             records.append(record)
     return records, notes

@@ -23,7 +23,8 @@ train.resume=auto, so a point that crashed continues from its newest checkpoint.
 
 Several `bear-ds sweep` processes on the same config share the work: each point is claimed with a
 lock (`.claims/NAME/.lock`, dropped by the kernel when its process ends), a process skips points
-another live one holds, and whichever finds every point done at its end writes the aggregate. On
+another live one holds, takes over before it ends any point whose holder has died meanwhile, and
+whichever finds every point done at its end writes the aggregate. On
 a machine with C cores, N processes with OMP_NUM_THREADS=C/N each use small models' cores better
 than one process with C threads.
 """
@@ -333,37 +334,49 @@ def run_sweep(
         logger.info("wrote %d job scripts and %s", len(outcome.scripts), sweep_dir / "submit_all.sh")
         return outcome
 
-    for i, (name, pcfg) in enumerate(point_cfgs.items(), start=1):
-        point_dir = sweep_dir / name
-        if is_done(point_dir):
-            outcome.skipped.append(name)
-            logger.info("[%d/%d] %s: done already, skipped", i, len(points), name)
-            continue
-        claim = RunFolderLock(sweep_dir / CLAIMS / name)
-        try:
-            claim.acquire()
-        except RunFolderBusyError as busy:
-            outcome.running_elsewhere.append(name)
-            logger.info("[%d/%d] %s: skipped, %s", i, len(points), name, busy.owner)
-            continue
-        try:
-            if is_done(point_dir):  # finished by another process between the two checks
+    order = {name: i for i, name in enumerate(point_cfgs, start=1)}
+    todo, first_pass = list(point_cfgs), True
+    while todo:
+        held_elsewhere: list[str] = []
+        ran_before = len(outcome.ran)
+        for name in todo:
+            pcfg, i = point_cfgs[name], order[name]
+            point_dir = sweep_dir / name
+            if is_done(point_dir):
                 outcome.skipped.append(name)
+                logger.info("[%d/%d] %s: done already, skipped", i, len(points), name)
                 continue
-            logger.info("[%d/%d] %s: %s", i, len(points), name, "resuming" if point_dir.exists() else "starting")
-            point_dir.mkdir(parents=True, exist_ok=True)
+            claim = RunFolderLock(sweep_dir / CLAIMS / name)
             try:
-                run_point(pcfg, point_dir)
-            except BaseException:
-                logger.error(
-                    "sweep point %s failed; its folder %s is kept, rerun the sweep to resume it", name, point_dir
-                )
-                raise
-        finally:
-            claim.release()
-        if not is_done(point_dir):
-            raise SweepError(f"sweep point {name} returned without finishing {point_dir} (no summary.json?)")
-        outcome.ran.append(name)
+                claim.acquire()
+            except RunFolderBusyError as busy:
+                held_elsewhere.append(name)
+                logger.info("[%d/%d] %s: skipped, %s", i, len(points), name, busy.owner)
+                continue
+            try:
+                if is_done(point_dir):  # finished by another process between the two checks
+                    outcome.skipped.append(name)
+                    continue
+                logger.info("[%d/%d] %s: %s", i, len(points), name, "resuming" if point_dir.exists() else "starting")
+                point_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    run_point(pcfg, point_dir)
+                except BaseException:
+                    logger.error(
+                        "sweep point %s failed; its folder %s is kept, rerun the sweep to resume it", name, point_dir
+                    )
+                    raise
+            finally:
+                claim.release()
+            if not is_done(point_dir):
+                raise SweepError(f"sweep point {name} returned without finishing {point_dir} (no summary.json?)")
+            outcome.ran.append(name)
+        # a process that dies holding a point leaves it unfinished, with its claim free again (the
+        # kernel drops the flock): look at the points seen held once more and take over any whose
+        # owner has ended since; stop when a pass runs nothing (all still held by live processes)
+        outcome.running_elsewhere = held_elsewhere
+        todo = held_elsewhere if first_pass or len(outcome.ran) > ran_before else []
+        first_pass = False
     left = [n for n in outcome.points if not is_done(sweep_dir / n)]
     outcome.complete = not left
     if outcome.complete:

@@ -4,6 +4,7 @@ inputs skipped with a reason, never a crash."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from train_data import write_prepared
 
 from bear_ds.config import Config
 from bear_ds.reports import report, results_table
+from bear_ds.reports.evidence import statistics_k
+from bear_ds.runs import RunData
 from bear_ds.sweeps import run_sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,6 +81,26 @@ def test_report_tolerates_malformed_lines_and_missing_analysis_keys(tmp_path: Pa
     )
     assert "msl: analysis.json lacks topb_positives, pruned, pruned_share" in text
     assert (root / "plots" / "pruning.png").is_file()  # lml and bear still have it
+
+
+def test_report_skips_bad_prediction_rows_with_a_note_naming_file_line_and_value(tmp_path: Path) -> None:
+    # ranks are 0-based or null: -1 and 3.7 are not ranks, nor a rank past the end of the returned list
+    root = demo_folder(tmp_path)
+    rows = [{"epoch": 3, "user_id": f"u{i}", "target_rank": i % 2 or None} for i in range(6)]
+    bad_rows = {"lml": {2: {"target_rank": -1}, 4: {"epoch": [3]}}, "bear": {3: {"target_rank": 3.7}}}
+    for name, bad in bad_rows.items():
+        write_jsonl(root / name / "test_predictions.jsonl", [{**r, **bad.get(i + 1, {})} for i, r in enumerate(rows)])
+    evaluated = [{"user_id": f"u{i}", "predictions": ["a", "b"], "target_rank": 1} for i in range(6)]
+    evaluated[4] = {**evaluated[4], "target_rank": 2}
+    write_jsonl(root / "msl" / "eval" / "predictions.jsonl", evaluated)
+    text = report(root).read_text()
+    assert "lml/test_predictions.jsonl line 2: target_rank -1 is not null or an integer >= 0" in text
+    assert "bear/test_predictions.jsonl line 3: target_rank 3.7 is not null or an integer >= 0" in text
+    assert "lml/test_predictions.jsonl line 4: epoch [3] is not an integer" in text
+    assert "msl/eval/predictions.jsonl line 5: target_rank 2 is past the end of its 2 predictions" in text
+    # no run's ranks are used, so no comparison is made on them; the tables from summary.json remain
+    assert "bear vs msl: no seed with per-user test ranks for both" in text
+    assert "| bear | 0.1200 | 0.2400 | 0.0600 | 0.1200 | 3 | 12.5 | 10.0 | 60.0% |" in text
 
 
 def test_report_sweep_plots_metric_vs_lam(tmp_path: Path) -> None:
@@ -188,6 +211,67 @@ def test_report_sweep_has_most_popular_row_and_paired_comparisons(tmp_path: Path
     assert "distinguishable from noise: loss.name=msl vs loss.name=lml" in text
     assert text.count("  - seed ") == 2 * 4  # each pair per seed too
     assert "| 32/40 / 32/40 | 64/80 = 80.0% [70.0%, 87.3%] |" in text  # two seeds pooled, Wilson interval
+
+
+def test_report_statistics_are_at_the_k_the_runs_evaluated(tmp_path: Path) -> None:
+    # eval.num_beams=5: the runs have no @10 metrics and select epochs on ndcg@5, so the statistics
+    # (seed table, most-popular list, paired differences) are at K = 5 and say so
+    prepared = write_prepared(tmp_path / "data")
+    hits = {"lml": lambda i: i < 4, "bear": lambda i: i < 12}
+    cfg = Config.model_validate(
+        {
+            "output_dir": str(tmp_path / "sweep"),
+            "eval": {"num_beams": 5},
+            "train": {"select_metric": "ndcg@5"},
+            "sweep": {"grid": {"loss.name": ["lml", "bear"], "train.seed": [1, 2]}},
+        }
+    )
+
+    def fake_point(point_cfg: Config, out: Path) -> None:
+        name, seed = point_cfg.loss.name, point_cfg.train.seed
+        write_run(out, [f"loss.name={name}", f"train.seed={seed}", f"data.path={prepared}", "data.source=prepared"])
+        summary = json.loads((out / "summary.json").read_text())
+        for split in ("valid", "test"):
+            summary[split] = {m: v for m, v in summary[split].items() if int(m.split("@")[1]) <= 5}
+        summary["select_metric"] = "ndcg@5"
+        (out / "summary.json").write_text(json.dumps(summary))
+        write_jsonl(
+            out / "test_predictions.jsonl",
+            [{"epoch": 3, "user_id": f"u5_{i}", "target_rank": i % 5 if hits[name](i) else None} for i in range(16)],
+        )
+        items = [{"item_id": f"i{k}", "title": f"t{k}", "group": k, "token_ids": [k, 99]} for k in range(20)]
+        (out / "model").mkdir()
+        (out / "model" / "catalog.json").write_text(json.dumps({"items": items}))
+
+    run_sweep(cfg, fake_point)
+    text = report(tmp_path / "sweep").read_text()
+    statistics = text[text.index("## Statistics") : text.index("## Plots")]
+    assert "@10" not in statistics and "top-10" not in statistics
+    assert "| method | seeds | test NDCG@5 mean ± std [95% t interval] | test HR@5 mean" in statistics
+    assert re.search(r"\| loss.name=bear \| 2 \| 0\.\d{4} ± 0\.\d{4} \[", statistics), statistics
+    assert "| most-popular (top-5 by training frequency) | – | 0." in statistics
+    # bear hits users 0-11 at rank i % 5, lml users 0-3: the mean NDCG@5 difference over 16 users
+    ndcg5 = sum(1 / math.log2(i % 5 + 2) for i in range(4, 12)) / 16
+    assert (
+        f"**loss.name=bear vs loss.name=lml**: pooled, over 2 seed(s) (32 user pairs): NDCG@5 difference +{ndcg5:.4f}"
+        in statistics
+    )
+    assert "In plain words (pooled over seeds, NDCG@5)" in statistics
+
+
+def test_statistics_k_is_the_selection_metrics_else_the_largest_k_every_run_evaluated() -> None:
+    def run(name: str, ks: list[int], select: str | None, beams: int = 20) -> RunData:
+        loaded = RunData(name=name, folder=Path(name), config={"eval": {"num_beams": beams}})
+        loaded.summary = {"select_metric": select, "test": {f"ndcg@{k}": 0.1 for k in ks}}
+        return loaded
+
+    assert statistics_k([run("a", [1, 5, 10], "ndcg@10"), run("b", [1, 5, 10], "hr@10")]) == (10, None)
+    k, why = statistics_k([run("a", [1, 5, 10], "ndcg@10"), run("b", [1, 5], "ndcg@5", beams=5)])
+    assert k == 5 and why is not None and "different K (5, 10)" in why
+    # a K above eval.num_beams is not measured (beam search returns num_beams items)
+    k, why = statistics_k([run("a", [1, 5, 10], None, beams=5)])
+    assert k == 5 and why is not None and "largest K every run evaluated" in why
+    assert statistics_k([RunData(name="x", folder=Path("x"))]) == (10, None)
 
 
 def test_report_of_a_one_method_ablation_compares_each_configuration_with_the_first(tmp_path: Path) -> None:

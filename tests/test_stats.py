@@ -36,6 +36,10 @@ def test_per_user_metrics_average_to_rank_metrics() -> None:
     assert per_user["hr@10"].mean() == pytest.approx(expected["hr@10"])
     assert per_user["ndcg@10"].mean() == pytest.approx(expected["ndcg@10"])
     assert per_user["hr@10"].tolist() == [1, 0, 1, 1, 0, 1]
+    assert per_user_metrics([3.0, None], 5)["hr@5"].tolist() == [1, 0]  # a whole float is a rank, as in rank_metrics
+    for bad in (-1, 3.7, math.inf, math.nan, True):
+        with pytest.raises(ValueError, match="integers >= 0"):
+            per_user_metrics([0, bad], 10)
 
 
 def test_paired_difference_exact_small_sample_and_no_difference() -> None:

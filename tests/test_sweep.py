@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import yaml
 from report_fakes import write_summary
 
 from bear_ds.config import Config, ConfigError, SweepConfig, load_config, save_config, with_overrides
+from bear_ds.reports import report
 from bear_ds.sweeps import SweepError, aggregate, expand_grid, run_sweep
 
 
@@ -159,6 +162,40 @@ def test_two_sweep_processes_share_the_points_and_the_last_one_aggregates(tmp_pa
     aggregate(tmp_path / "sweep")
     text = (tmp_path / "sweep" / "results.md").read_text()
     assert "stray is not a point" in text and ".claims" not in text  # the claims folder is the sweep's own
+
+
+def test_a_point_whose_holder_dies_after_it_was_passed_is_taken_over(tmp_path: Path) -> None:
+    # another process holds seed=2 when this one passes it, and is killed (SIGKILL) while this one
+    # runs seed=3: before ending, this process finds seed=2's claim free, runs it and aggregates
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1, 2, 3]})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from bear_ds.locks import RunFolderLock; "
+            f"RunFolderLock({str(tmp_path / 'sweep' / '.claims' / 'train.seed=2')!r}).acquire(); "
+            "print('held', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    trainer = FakeTrainer()
+
+    def kill_holder_during_seed_3(point_cfg: Config, out: Path) -> None:
+        if out.name == "train.seed=3":
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+        trainer(point_cfg, out)
+
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        outcome = run_sweep(cfg, kill_holder_during_seed_3)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [o.name for _, o in trainer.calls] == ["train.seed=1", "train.seed=3", "train.seed=2"]
+    assert outcome.complete and outcome.running_elsewhere == [] and sorted(outcome.ran) == sorted(outcome.points)
+    assert len(pd.read_csv(tmp_path / "sweep" / "results.csv")) == 3
 
 
 def test_run_sweep_crash_stops_and_restart_resumes(tmp_path: Path) -> None:
@@ -343,6 +380,35 @@ def test_aggregate_counts_a_metric_some_points_lack(tmp_path: Path) -> None:
     assert grouped.loc[0, "n"] == 3 and grouped.loc[0, "test.ndcg@10 n"] == 2
     assert "valid.ndcg@10 n" not in grouped.columns  # every point has it
     assert "0.2000 ± 0.0000 (n=2)" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def test_a_non_finite_metric_is_left_out_of_the_means_with_a_note(tmp_path: Path) -> None:
+    cfg = sweep_cfg(tmp_path, {"train.seed": [1, 2, 3]}, mode="scripts")
+    outcome = run_sweep(cfg, FakeTrainer())
+    for name, value in zip(outcome.points, (0.1, 0.2, 0.4), strict=True):
+        write_summary(tmp_path / "sweep" / name, value)
+    for name, split, metric, bad in (
+        (outcome.points[0], "test", "ndcg@10", math.inf),
+        (outcome.points[1], "valid", "hr@5", math.nan),
+    ):
+        summary_path = tmp_path / "sweep" / name / "summary.json"
+        summary = json.loads(summary_path.read_text())
+        summary[split][metric] = bad
+        summary_path.write_text(json.dumps(summary))  # Infinity / NaN, as json writes them
+    aggregate(tmp_path / "sweep")
+    grouped = pd.read_csv(tmp_path / "sweep" / "results_by_config.csv")
+    assert grouped.loc[0, "test.ndcg@10 mean"] == pytest.approx(0.3) and grouped.loc[0, "test.ndcg@10 n"] == 2
+    assert grouped.loc[0, "valid.hr@5 n"] == 2 and math.isfinite(grouped.loc[0, "valid.hr@5 mean"])
+    md = (tmp_path / "sweep" / "results.md").read_text()
+    assert "0.3000 ± 0.1414 (n=2)" in md
+    assert "point train.seed=1: test.ndcg@10 = inf in " in md and "left out of the mean and std over seeds" in md
+    assert "point train.seed=2: valid.hr@5 = nan in " in md
+    assert math.isinf(pd.read_csv(tmp_path / "sweep" / "results.csv").loc[0, "test.ndcg@10"])  # kept as read
+    # the report's statistics leave it out of the seed table's mean too, and say so
+    text = report(tmp_path / "sweep").read_text()
+    assert "train.seed=1: test ndcg@10 is inf in summary.json; left out of the mean" in text
+    assert "point train.seed=1: test.ndcg@10 = inf is not finite; left out" in text  # and of the NDCG-vs-λ plot
+    assert re.search(r"\| loss.name=bear \| 3 \| 0\.3000 ± 0\.1414 \[[^]]+\] \(n=2\) \|", text), text
 
 
 def test_job_scripts_quote_everything_and_a_newline_in_a_value_runs_nothing(tmp_path: Path) -> None:

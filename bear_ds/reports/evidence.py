@@ -21,6 +21,7 @@ from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.evaluation.popularity import most_popular_ranks, popularity_order
 from bear_ds.reports.stats import (
     PairedDifference,
+    is_rank,
     paired_difference,
     per_user_metrics,
     seed_summary,
@@ -30,8 +31,7 @@ from bear_ds.reports.stats import (
 from bear_ds.reports.tables import format_number, markdown_table
 from bear_ds.runs import RunData, find_output, read_jsonl
 
-K = 10  # the comparisons are on HR@10 and NDCG@10
-METRICS = (f"ndcg@{K}", f"hr@{K}")
+DEFAULT_K = 10  # K of the statistics when no run says which K it evaluated
 MOST_POPULAR = "most-popular"
 STEP_WINDOW = 50  # steps averaged at the start and the end of training for the gold-token share
 
@@ -44,8 +44,8 @@ class UserRanks:
     ranks: list[int | None]
     source: str
 
-    def per_user(self) -> dict[str, np.ndarray]:
-        return per_user_metrics(self.ranks, K)
+    def per_user(self, k: int) -> dict[str, np.ndarray]:
+        return per_user_metrics(self.ranks, k)
 
 
 @dataclass
@@ -57,12 +57,85 @@ class MethodRuns:
     runs: dict[Any, RunData] = field(default_factory=dict)
 
 
+def _metrics(k: int) -> tuple[str, str]:
+    """The statistics' metrics at K: NDCG@K first (the headline), then HR@K."""
+    return (f"ndcg@{k}", f"hr@{k}")
+
+
+def _ks_of(metrics: Any) -> set[int]:
+    """The K values of a metrics dict's hr@K / ndcg@K keys."""
+    if not isinstance(metrics, dict):
+        return set()
+    return {
+        int(key.split("@")[1]) for key in metrics if key.startswith(("hr@", "ndcg@")) and key.split("@")[1].isdigit()
+    }
+
+
+def statistics_k(runs: list[RunData]) -> tuple[int, str | None]:
+    """(K of the statistics' HR@K and NDCG@K, a note when it is not the runs' selection metric's K).
+
+    The K of the selection metric (summary.json select_metric) when the runs agree on it and every
+    run evaluated it; else the largest K that every run evaluated (its test metrics, K capped at
+    its eval.num_beams: beam search returns num_beams items, so a larger K is not measured)."""
+    evaluated: list[set[int]] = []
+    selected: set[int] = set()
+    for run in runs:
+        summary = run.summary or {}
+        ks = _ks_of(summary.get("test")) or _ks_of(run.eval_metrics)
+        beams = run.config_value("eval.num_beams")
+        if isinstance(beams, int) and not isinstance(beams, bool):
+            ks = {k for k in ks if k <= beams}
+        if ks:
+            evaluated.append(ks)
+        chosen = summary.get("select_metric")
+        if isinstance(chosen, str) and chosen.partition("@")[2].isdigit():
+            selected.add(int(chosen.partition("@")[2]))
+    common = set.intersection(*evaluated) if evaluated else set()
+    if len(selected) == 1 and (not evaluated or selected <= common):
+        return next(iter(selected)), None
+    if common:
+        why = (
+            f"the runs select epochs on metrics at different K ({', '.join(map(str, sorted(selected)))})"
+            if len(selected) > 1
+            else "no selection metric that every run evaluated"
+        )
+        return max(common), f"statistics at K = {max(common)}, the largest K every run evaluated: {why}"
+    if evaluated:
+        return DEFAULT_K, f"statistics at K = {DEFAULT_K}: the runs evaluated no K in common"
+    return DEFAULT_K, None
+
+
+def rank_row_problem(record: dict[str, Any]) -> str | None:
+    """What makes a per-user prediction row unusable for the statistics, or None. The writers
+    (the trainer's test_predictions.jsonl, evaluate's predictions.jsonl) give each row a user_id and
+    the target's 0-based rank in the returned list, null when it is not there; the trainer's rows
+    also an epoch, evaluate's that list ("predictions"), which the rank must point into."""
+    user = record.get("user_id")
+    if not isinstance(user, (str, int)) or isinstance(user, bool):
+        return f"user_id {json.dumps(user)} is not a string or an integer"
+    if "target_rank" not in record:
+        return "no target_rank"
+    rank = record["target_rank"]
+    if rank is not None and not is_rank(rank):
+        return f"target_rank {json.dumps(rank)} is not null or an integer >= 0 (the 0-based rank of the target)"
+    epoch = record.get("epoch")  # the trainer's rows name the epoch they are from
+    if "epoch" in record and (not isinstance(epoch, int) or isinstance(epoch, bool)):
+        return f"epoch {json.dumps(epoch)} is not an integer"
+    if "predictions" in record:
+        listed = record["predictions"]
+        if not isinstance(listed, list):
+            return f"predictions is {type(listed).__name__}, not a list"
+        if rank is not None and rank >= len(listed):
+            return f"target_rank {rank} is past the end of its {len(listed)} predictions"
+    return None
+
+
 def test_ranks(run: RunData) -> tuple[UserRanks | None, str | None]:
     """The selected epoch's per-user test ranks of a run, or (None, why)."""
     path = run.folder / "test_predictions.jsonl"
     selected = (run.summary or {}).get("selected_epoch")
     if path.is_file():
-        records, notes = read_jsonl(path)
+        records, notes = read_jsonl(path, rank_row_problem)
         if notes:
             return None, "; ".join(notes)
         epochs = {r.get("epoch") for r in records}
@@ -72,7 +145,7 @@ def test_ranks(run: RunData) -> tuple[UserRanks | None, str | None]:
     found, why = find_output(run.folder, "predictions.jsonl")
     if found is None:
         return None, f"no test_predictions.jsonl and {why}"
-    records, notes = read_jsonl(found)
+    records, notes = read_jsonl(found, rank_row_problem)
     if notes:
         return None, "; ".join(notes)
     return UserRanks([str(r["user_id"]) for r in records], [r["target_rank"] for r in records], str(found)), None
@@ -84,8 +157,10 @@ def _prepared_folder(run: RunData) -> Path | None:
     return run.folder / "data" if (run.folder / "data" / "train.parquet").is_file() else None
 
 
-def most_popular_ranks_for(run: RunData, users: UserRanks | None) -> tuple[UserRanks | None, str | None]:
-    """The most-popular list scored on the run's test users (the same users, in the same order):
+def most_popular_ranks_for(
+    run: RunData, users: UserRanks | None, k: int = DEFAULT_K
+) -> tuple[UserRanks | None, str | None]:
+    """The top-k most-popular list scored on the run's test users (the same users, in the same order):
     groups from the run's exported catalog (OUT/model/catalog.json), frequencies from its training split."""
     prepared = _prepared_folder(run)
     if prepared is None or not (prepared / "train.parquet").is_file():
@@ -102,7 +177,7 @@ def most_popular_ranks_for(run: RunData, users: UserRanks | None) -> tuple[UserR
     user_ids = [str(u) for u in test["user_id"]]
     if users is not None and user_ids != users.user_ids:
         return None, f"{run.name}: its test users are not the first {count} of {prepared / 'test.parquet'}"
-    ranks = most_popular_ranks(order, [item_group.get(str(t)) for t in test["target"]], K)
+    ranks = most_popular_ranks(order, [item_group.get(str(t)) for t in test["target"]], k)
     return UserRanks(user_ids, ranks, f"{prepared} (train targets)"), None
 
 
@@ -154,11 +229,11 @@ def _verdict(d: PairedDifference) -> str:
     return f"not distinguishable from noise ({why})"
 
 
-def _describe(label: str, d: dict[str, PairedDifference], pooled_over: str) -> str:
-    ndcg, hr = d[METRICS[0]], d[METRICS[1]]
+def _describe(label: str, d: dict[str, PairedDifference], pooled_over: str, k: int) -> str:
+    ndcg, hr = (d[m] for m in _metrics(k))
     return (
-        f"{label}, {pooled_over} ({ndcg.n:,} user pairs): NDCG@{K} difference {_fmt_diff(ndcg)}; "
-        f"HR@{K} difference {_fmt_diff(hr)}. NDCG@{K}: {_verdict(ndcg)}; HR@{K}: {_verdict(hr)}"
+        f"{label}, {pooled_over} ({ndcg.n:,} user pairs): NDCG@{k} difference {_fmt_diff(ndcg)}; "
+        f"HR@{k} difference {_fmt_diff(hr)}. NDCG@{k}: {_verdict(ndcg)}; HR@{k}: {_verdict(hr)}"
     )
 
 
@@ -168,7 +243,8 @@ def evidence_sections(
     """(Markdown lines, the most-popular metrics) for results.md; the metrics hold only "why" when
     the most-popular list could not be scored. statistics=False: the most-popular metrics only."""
     methods = method_groups(runs, groups)
-    notes: list[str] = []
+    k, why_k = statistics_k(list(runs.values()))
+    notes: list[str] = [why_k] if why_k else []
     ranks: dict[str, dict[Any, UserRanks]] = {}
     for m in methods:
         for seed, run in m.runs.items():
@@ -182,7 +258,7 @@ def evidence_sections(
     reference = next((m for m in methods if m.loss_name == "lml"), methods[0] if methods else None)
     if reference is not None:
         for seed, run in reference.runs.items():
-            got, why = most_popular_ranks_for(run, ranks.get(reference.label, {}).get(seed))
+            got, why = most_popular_ranks_for(run, ranks.get(reference.label, {}).get(seed), k)
             if got is None:
                 notes.append(f"{MOST_POPULAR}: {why}")
             else:
@@ -192,14 +268,17 @@ def evidence_sections(
     }
     if popular:
         first = next(iter(popular.values()))
-        popular_metrics = {**rank_metrics(first.ranks, [5, K]), "users": len(first.ranks)}
+        popular_metrics = {
+            **rank_metrics(first.ranks, sorted({x for x in (5, k) if x <= k})),
+            "users": len(first.ranks),
+        }
         ranks[MOST_POPULAR] = popular
     if not statistics:
         return [], popular_metrics
 
     lines = ["## Statistics", ""]
-    lines += _seed_table(methods, popular_metrics)
-    lines += _paired_section(methods, ranks, notes)
+    lines += _seed_table(methods, popular_metrics, notes, k)
+    lines += _paired_section(methods, ranks, notes, k)
     lines += _pruning_section(methods, notes)
     lines += _gold_share_section(methods)
     if notes:
@@ -207,18 +286,22 @@ def evidence_sections(
     return lines, popular_metrics
 
 
-def _seed_table(methods: list[MethodRuns], popular: dict[str, Any]) -> list[str]:
-    headers = ["method", "seeds"] + [f"test {m.upper()} mean ± std [95% t interval]" for m in METRICS]
-    headers += [f"valid NDCG@{K} mean ± std"]
+def _seed_table(methods: list[MethodRuns], popular: dict[str, Any], notes: list[str], k: int) -> list[str]:
+    headers = ["method", "seeds"] + [f"test {m.upper()} mean ± std [95% t interval]" for m in _metrics(k)]
+    headers += [f"valid NDCG@{k} mean ± std"]
     rows = []
     for m in methods:
         cells = [m.label, str(len(m.runs))]
-        for metric in [*(("test", x) for x in METRICS), ("valid", f"ndcg@{K}")]:
-            values = [
-                float(v)
-                for r in m.runs.values()
-                if isinstance(v := ((r.summary or {}).get(metric[0]) or {}).get(metric[1]), (int, float))
-            ]
+        for metric in [*(("test", x) for x in _metrics(k)), ("valid", f"ndcg@{k}")]:
+            values = []
+            for r in m.runs.values():
+                v = ((r.summary or {}).get(metric[0]) or {}).get(metric[1])
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    continue
+                if not math.isfinite(v):  # one inf would make the mean inf and the interval meaningless
+                    notes.append(f"{r.name}: {metric[0]} {metric[1]} is {v} in summary.json; left out of the mean")
+                    continue
+                values.append(float(v))
             if not values:
                 cells.append("–")
                 continue
@@ -229,7 +312,12 @@ def _seed_table(methods: list[MethodRuns], popular: dict[str, Any]) -> list[str]
             cells.append(text + (f" (n={len(values)})" if len(values) != len(m.runs) else ""))
         rows.append(cells)
     rows.append(
-        [f"{MOST_POPULAR} (top-{K} by training frequency)", "–", *(format_number(popular.get(m)) for m in METRICS), "–"]
+        [
+            f"{MOST_POPULAR} (top-{k} by training frequency)",
+            "–",
+            *(format_number(popular.get(m)) for m in _metrics(k)),
+            "–",
+        ]
     )
     return [
         "### Each method over seeds (test at the selected epoch; std with ddof = 1; interval: t over seeds)",
@@ -239,11 +327,13 @@ def _seed_table(methods: list[MethodRuns], popular: dict[str, Any]) -> list[str]
     ]
 
 
-def _paired_section(methods: list[MethodRuns], ranks: dict[str, dict[Any, UserRanks]], notes: list[str]) -> list[str]:
+def _paired_section(
+    methods: list[MethodRuns], ranks: dict[str, dict[Any, UserRanks]], notes: list[str], k: int
+) -> list[str]:
     lines = [
         "### Paired comparisons (per-user differences on the same test users)",
         "",
-        f"Each line: mean per-user difference (first minus second) of NDCG@{K} and HR@{K}, a paired bootstrap "
+        f"Each line: mean per-user difference (first minus second) of NDCG@{k} and HR@{k}, a paired bootstrap "
         "95% interval and a paired permutation test's two-sided p-value (scipy.stats.bootstrap, "
         "permutation_test); per seed, and pooled over seeds (user-seed pairs). A difference is called "
         "distinguishable from noise when its interval excludes 0 and p < 0.05; with several comparisons, "
@@ -263,30 +353,33 @@ def _paired_section(methods: list[MethodRuns], ranks: dict[str, dict[Any, UserRa
             notes.append(f"{a} vs {b}: no seed with per-user test ranks for both")
             continue
         per_seed: list[str] = []
-        pooled: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+        pooled: dict[str, list[np.ndarray]] = {m: [] for m in _metrics(k)}
         for s in seeds:
             ua, ub = ra[s], rb[s]
             if ua.user_ids != ub.user_ids:
                 notes.append(f"{a} vs {b}, seed {s}: the two runs were tested on different users; left out")
                 continue
-            xa, xb = ua.per_user(), ub.per_user()
-            diffs = {m: paired_difference(xa[m], xb[m], seed=int(s) if isinstance(s, int) else 0) for m in METRICS}
-            per_seed.append("  - " + _describe(f"seed {s}", diffs, "one seed"))
-            for m in METRICS:
+            xa, xb = ua.per_user(k), ub.per_user(k)
+            diffs = {m: paired_difference(xa[m], xb[m], seed=int(s) if isinstance(s, int) else 0) for m in _metrics(k)}
+            per_seed.append("  - " + _describe(f"seed {s}", diffs, "one seed", k))
+            for m in _metrics(k):
                 pooled[m].append(xa[m] - xb[m])
         if not per_seed:
             continue
         compared += 1
-        d = {m: paired_difference(np.concatenate(pooled[m]), np.zeros(sum(len(x) for x in pooled[m]))) for m in METRICS}
-        lines.append(f"- **{a} vs {b}**: " + _describe("pooled", d, f"over {len(per_seed)} seed(s)"))
+        d = {
+            m: paired_difference(np.concatenate(pooled[m]), np.zeros(sum(len(x) for x in pooled[m])))
+            for m in _metrics(k)
+        }
+        lines.append(f"- **{a} vs {b}**: " + _describe("pooled", d, f"over {len(per_seed)} seed(s)", k))
         lines += per_seed
-        ndcg = d[METRICS[0]]
+        ndcg = d[_metrics(k)[0]]
         (clear if ndcg.distinguishable else unclear).append(f"{a} vs {b} ({ndcg.mean_diff:+.4f})")
     if not compared:
         lines.append("No pair had per-user test ranks for both sides (see the notes).")
         return [*lines, ""]
     summary = [
-        "In plain words (pooled over seeds, NDCG@10): "
+        f"In plain words (pooled over seeds, NDCG@{k}): "
         + (
             f"distinguishable from noise: {'; '.join(clear)}. "
             if clear

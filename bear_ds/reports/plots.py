@@ -203,7 +203,14 @@ def plot_metric_vs_param(
     if metric_col not in points.columns:
         outcome.skipped_because = f"no done point has {metric_col}"
         return outcome
-    done = points[(points["status"] == "done") & points[metric_col].notna()]
+    done = points[points["status"] == "done"]
+    finite = done[metric_col].map(is_finite_number)
+    outcome.notes += [  # inf (nan is indistinguishable from absent here: the sweep summary names it)
+        f"point {name}: {metric_col} = {value} is not finite; left out"
+        for name, value in zip(done["point"][~finite], done[metric_col][~finite], strict=True)
+        if not pd.isna(value)
+    ]
+    done = done[finite]
     is_bear = done["loss.name"] == "bear"
     bear = done[is_bear]
     if bear[param].nunique(dropna=True) < 2:

@@ -49,11 +49,18 @@ def seed_summary(values: Sequence[float], confidence: float = CONFIDENCE) -> See
     return SeedSummary(int(x.size), mean, std, float(low), float(high))
 
 
+def is_rank(value: object) -> bool:
+    """A 0-based rank: a whole number >= 0 (3.0 is 3, as for `rank_metrics`; 3.7, -1, inf are not)."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value >= 0 and float(value).is_integer()  # type: ignore[arg-type]
+
+
 def per_user_metrics(target_ranks: Sequence[int | None], k: int) -> dict[str, np.ndarray]:
     """{"hr@K": [U], "ndcg@K": [U]} per user; their means are `rank_metrics`' figures."""
+    bad = [r for r in target_ranks if r is not None and not is_rank(r)]
+    if bad:
+        raise ValueError(f"target ranks must be None or integers >= 0, got {bad[:5]}")
     ranks = np.array([math.inf if r is None else float(r) for r in target_ranks])
-    if ranks.size and (ranks < 0).any():
-        raise ValueError("target ranks must be None or >= 0")
     inside = ranks < k
     ndcg = np.zeros_like(ranks)
     ndcg[inside] = 1.0 / np.log2(ranks[inside] + 2.0)
@@ -155,6 +162,7 @@ __all__ = [
     "PairedDifference",
     "SeedSummary",
     "Share",
+    "is_rank",
     "paired_difference",
     "per_user_metrics",
     "seed_summary",

@@ -4,6 +4,7 @@ and results.md, read from the points' saved run folders (the sweep folder layout
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,19 @@ def collect_points(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]
             missing = [k for k in ("selected_epoch", "test", "train_time_s") if k not in summary]
             if missing:
                 notes.append(f"point {name}: {point_dir / 'summary.json'} lacks {', '.join(missing)}")
+            # kept in results.csv as read; group_over_seeds leaves them out of the means
+            infinite = [
+                f"{col} = {value}"
+                for col, value in row.items()
+                if col not in ("point", "status", "steps", *param_keys)
+                and isinstance(value, float)
+                and not math.isfinite(value)
+            ]
+            if infinite:
+                notes.append(
+                    f"point {name}: {'; '.join(infinite)} in {point_dir / 'summary.json'}: "
+                    "not a finite number, left out of the mean and std over seeds"
+                )
         rows.append(row)
     known = set(names) | {POINT_CONFIGS, CLAIMS, "data", "jobs", "plots"}  # data: the points' prepared splits
     for sub in sorted(sweep_dir.iterdir()):
@@ -109,7 +123,8 @@ def _as_cell(value: Any) -> Any:
 
 def group_over_seeds(points: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
     """Done points grouped by every grid key except train.seed: mean, std (ddof=1) and n, and for
-    each value column its own count where some point lacks it (`<col> n`)."""
+    each value column its own count where some point lacks it (`<col> n`). A non-finite value
+    (inf, nan) counts as absent: one inf would make the mean inf."""
     keys = group_keys_of(grid_keys)
     done = points[points["status"] == "done"]
     value_cols = [
@@ -119,7 +134,7 @@ def group_over_seeds(points: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame
     ]
     if done.empty:
         return pd.DataFrame(columns=[*keys, "n"])
-    numeric = done[value_cols].apply(pd.to_numeric, errors="coerce")
+    numeric = done[value_cols].apply(pd.to_numeric, errors="coerce").replace([math.inf, -math.inf], math.nan)
     grouped = pd.concat([done[keys], numeric], axis=1).groupby(keys, sort=False, dropna=False)
     stats = grouped[value_cols].agg(["mean", "std", "count"])
     stats.columns = [f"{col} {'n' if stat == 'count' else stat}" for col, stat in stats.columns]
