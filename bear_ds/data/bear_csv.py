@@ -22,6 +22,7 @@ from bear_ds.data.common import (
     EXAMPLE_SCHEMA,
     DataError,
     Problems,
+    SkippedRows,
     SourceData,
     catalog_table,
     gather_lists,
@@ -126,29 +127,20 @@ def read_window_csv(
 ) -> tuple[pa.Table, int, int]:
     """Parse one window file -> (examples, rows read, histories truncated). Bad rows go to `problems`."""
     names = _window_columns(path)
-    invalid_lines: list[int] = []
-    invalid_examples: list[str] = []
-
-    def on_invalid_row(row) -> str:
-        # newlines_in_values=False: one physical line per row, so row.number is the file's line
-        invalid_lines.append(row.number)
-        invalid_examples.append(
-            f"{path} line {row.number}: expected {row.expected_columns} columns, found {row.actual_columns}: {row.text!r}"
-        )
-        return "skip"
-
+    # newlines_in_values=False: one physical line per row, so a skipped row's number is the file's line
+    skipped = SkippedRows(path)
     table = pacsv.read_csv(
         path,
         read_options=pacsv.ReadOptions(use_threads=False, column_names=names, skip_rows=1),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row, ignore_empty_lines=False),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=skipped, ignore_empty_lines=False),
         convert_options=pacsv.ConvertOptions(
             column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False, quoted_strings_can_be_null=False
         ),
     )
-    problems.add("wrong_column_count", len(invalid_lines), invalid_examples)
-    rows_read = len(table) + len(invalid_lines)
+    problems.add("wrong_column_count", len(skipped.lines), skipped.examples)
+    rows_read = len(table) + len(skipped.lines)
     all_lines = np.arange(2, rows_read + 2)
-    lines = np.setdiff1d(all_lines, np.asarray(invalid_lines, dtype=np.int64), assume_unique=True)  # [R]
+    lines = np.setdiff1d(all_lines, np.asarray(skipped.lines, dtype=np.int64), assume_unique=True)  # [R]
 
     users = pc.utf8_trim_whitespace(table.column("user_id").combine_chunks())
     lists = table.column("item_ids").combine_chunks()
