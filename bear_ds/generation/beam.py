@@ -40,13 +40,7 @@ import torch
 import torch.distributed as dist
 from transformers.cache_utils import DynamicCache
 
-from bear_ds.generation.shared_prefix import (
-    SHARED_PREFIX_ATTENTION,  # noqa: F401  (tests reach the shared-prefix code through this module)
-    reorder_rows,
-    shared_prefix_attention,  # noqa: F401
-    shared_prefix_cache,
-    shared_prefix_forward,
-)
+from bear_ds.generation.shared_prefix import reorder_rows, shared_prefix_cache, shared_prefix_forward
 from bear_ds.masking import check_mask_mode, trie_log_softmax
 from bear_ds.trie import INVALID, TokenTrie
 
