@@ -139,6 +139,7 @@ def check_output_folder(out: Path, command: str) -> RunFolderLock:
 def check_output_folder_together(accelerator: Any, out: Path, command: str) -> None:
     """`check_output_folder` on the main process, its verdict on every rank: all ranks raise together
     (none loads and decodes only to wait at the gather for a rank that has left), leaving the group."""
+    # deferred: `prepare` uses this module and loads no torch; only this multi-rank check needs it
     from accelerate.utils import gather_object
 
     from bear_ds.distributed import end_distributed

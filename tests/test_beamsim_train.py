@@ -1,4 +1,4 @@
-"""beamsim in the trainer: the issue's contract command (2 real ZeRO-3 ranks on CPU), its model read
+"""beamsim in the trainer: the contract command (2 real ZeRO-3 ranks on CPU), its model read
 by `bear-ds evaluate`, and one process with accumulation 2 giving the same per-step losses."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _rows(out: Path) -> list[dict]:
 def contract_run(tmp_path_factory) -> tuple[Path, Path]:
     prepared = write_prepared(tmp_path_factory.mktemp("data") / "prepared")
     out = tmp_path_factory.mktemp("beamsim")
-    # the issue's contract, literally (plus a free port for parallel test runs)
+    # the contract command, literally (plus a free port for parallel test runs)
     run_ok([str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port", str(free_port()),
           "-m", "bear_ds.train", f"data.path={prepared}", "model.name=tiny", "loss.name=beamsim",
           "loss.beam_width=5", f"train.max_steps={STEPS}", f"output_dir={out}"], timeout=150)  # fmt: skip

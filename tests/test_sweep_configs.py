@@ -47,7 +47,7 @@ def test_example_sweeps_expand_as_documented() -> None:
 
 @pytest.mark.slow
 def test_ml100k_evidence_sweep_runs_at_a_tiny_budget(tmp_path: Path) -> None:
-    # issue 14's contract: `bear-ds sweep --config configs/sweeps/ml100k_evidence.yaml` runs the main
+    # the contract: `bear-ds sweep --config configs/sweeps/ml100k_evidence.yaml` runs the main
     # comparison; here the same file with one seed, 64 training windows and a few users per split
     from bear_ds.pipeline import sweep
 

@@ -1,6 +1,6 @@
 """Every epoch draws its own batch order, and a run killed anywhere resumes to the same losses.
 
-Issue 10's contract: `bear-ds train data.path=PREPARED model.name=tiny train.epochs=3
+The contract: `bear-ds train data.path=PREPARED model.name=tiny train.epochs=3
 train.eval_every_epoch=false output_dir=OUT` logs `positions` per step; SIGKILL in the second and
 third epoch, then `train.resume=auto`, gives the per-step losses of the uninterrupted run, in one
 process (DeepSpeed ZeRO-3, the default) and with 2 ZeRO-3 ranks. The titles have 1 to 4 words, so

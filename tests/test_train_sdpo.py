@@ -1,4 +1,4 @@
-"""loss.name=sdpo end to end: the issue's contract (one process and 2 ranks under ZeRO-3, equal), the
+"""loss.name=sdpo end to end: the contract (one process and 2 ranks under ZeRO-3, equal), the
 reference pass and its reload on resume, `self` negatives equal to `bear-ds evaluate`, and a tiny
 run that improves the reward accuracy on held-out pairs."""
 

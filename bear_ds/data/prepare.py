@@ -24,7 +24,7 @@ from bear_ds.data.amazon import detect_amazon, load_amazon
 from bear_ds.data.bear_csv import load_bear_csv
 from bear_ds.data.common import CATALOG_SCHEMA, EXAMPLE_SCHEMA, SPLITS, DataError, SourceData, shared_title_counts
 from bear_ds.data.movielens import is_ml100k_folder, load_ml100k
-from bear_ds.data.prompts import canonical_domain
+from bear_ds.domains import canonical_domain
 from bear_ds.folders import check_output_dir
 from bear_ds.outputs import atomic_path, check_writable_folder, write_json_atomic
 

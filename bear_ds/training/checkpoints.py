@@ -29,6 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from bear_ds.errors import UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -105,7 +108,7 @@ PICKLED_SUFFIXES = (".pt", ".bin", ".pkl", ".pth")
 def safe_checkpoint_globals() -> list[Any]:
     """The classes and functions, beyond torch's weights-only defaults, that DeepSpeed (ZeRO-0/2/3,
     fp32 and bf16) and Accelerate (numpy RNG state) pickle into a checkpoint."""
-    import numpy as np
+    # deferred: DeepSpeed is heavy; only loading a checkpoint needs its classes
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -126,8 +129,6 @@ def safe_checkpoint_globals() -> list[Any]:
 def weights_only_loading() -> Iterator[None]:
     """Every `torch.load` inside, DeepSpeed's `weights_only=False` included, uses the weights-only
     unpickler with `safe_checkpoint_globals()` allowed."""
-    import torch
-
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
@@ -144,8 +145,6 @@ def verify_checkpoint_files(folder: str | Path) -> int:
     """Refuse (ValueError naming the file) a checkpoint file that is not a torch.save archive or
     whose pickle names a global outside the allow-list. Reads only the pickles, never runs them.
     Returns the number of files checked."""
-    import torch
-
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in PICKLED_SUFFIXES)
     with torch.serialization.safe_globals(safe_checkpoint_globals()):

@@ -34,6 +34,7 @@ import yaml
 
 from bear_ds.config import Config, ConfigError
 from bear_ds.errors import RunFolderError, RunStateError
+from bear_ds.runs import flatten
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +53,6 @@ RESUME_RAISE_ONLY = ("train.epochs", "train.max_steps")
 
 
 # ---------------------------------------------------------------------------------------- config checks
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _raised(old: Any, new: Any) -> bool:
     """`new` allows at least as many steps as `old` (None = no max_steps cap: epochs decide)."""
     if old is None or new is None:
