@@ -16,9 +16,13 @@ Every subcommand takes `--config FILE.yaml` plus dotted overrides:
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
+
+import yaml
+from pydantic import BaseModel
 
 from bear_ds import __version__
 from bear_ds.config import Config, load_config
@@ -37,6 +41,8 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+# Each command imports its module when it runs (deferred: torch, transformers and DeepSpeed load in
+# seconds, and `bear-ds --help`, `bear-ds config` and a config error need none of them).
 def _run_prepare(cfg: Config) -> None:
     from bear_ds.data import prepare
 
@@ -81,10 +87,6 @@ def _run_config(cfg: Config) -> None:
 
 def describe_config(cfg: Config) -> str:
     """The resolved config as YAML (it loads back to the same config), each key commented with its description."""
-    import json
-
-    import yaml
-    from pydantic import BaseModel
 
     lines: list[str] = []
 

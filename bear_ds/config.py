@@ -9,6 +9,8 @@ errors naming the key and what is allowed. No torch import here.
 
 from __future__ import annotations
 
+import difflib
+import json
 import unicodedata
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bear_ds.domains import known_domains, resolve_domain
 from bear_ds.errors import ConfigError  # noqa: F401  (re-exported: bear_ds.config.ConfigError)
+from bear_ds.outputs import write_text_atomic
 
 
 class _Section(BaseModel):
@@ -91,9 +95,6 @@ class DataConfig(_Section):
     def _known_domain(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        # imported here: the prompt wording lives with the data layer, and only a set domain needs it
-        from bear_ds.data.prompts import known_domains, resolve_domain
-
         if resolve_domain(value) is None:
             raise ValueError(f"unknown domain {value!r}; known: {', '.join(known_domains())}")
         return value
@@ -380,8 +381,6 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 
 
 def _suggest(dotted: str) -> str:
-    import difflib
-
     *parents, leaf = dotted.split(".")
     model: type[BaseModel] = Config
     for p in parents:
@@ -516,6 +515,13 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def save_config(cfg: Config, folder: str | Path) -> Path:
     """Write the fully resolved config as `config.yaml` in `folder`."""
-    from bear_ds.outputs import write_text_atomic
-
     return write_text_atomic(Path(folder) / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+
+
+def override_value(value: Any) -> str:
+    """A grid value as the right-hand side of `key=value`, parsed back to the same value by YAML.
+    Never holds a control character (a newline would end a job script's comment line): such
+    strings are written as JSON, a YAML flow scalar whose escapes (\\n) YAML reads back."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    text = text[: -len("...")].strip() if text.endswith("...") else text
+    return json.dumps(value, ensure_ascii=False) if has_control_character(text) else text

@@ -14,6 +14,10 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import InitProcessGroupKwargs, gather_object
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from bear_ds.runtime import launcher_world_size
 
@@ -48,7 +52,7 @@ def stub_deepspeed_shm_op() -> None:
     The attribute must be replaced on the module object in sys.modules: `import deepspeed.comm.torch`
     resolves to the `torch` re-export instead.
     """
-    import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch)
+    import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch; deferred: DeepSpeed is heavy, needed only here)
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
@@ -67,10 +71,6 @@ def make_accelerator(
     Works under plain python, torchrun, accelerate launch and the deepspeed launcher (the group is
     read from RANK, WORLD_SIZE, MASTER_ADDR, ...). Pair it with `end_distributed`.
     """
-    from accelerate import Accelerator, DeepSpeedPlugin
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    from accelerate.utils import InitProcessGroupKwargs
-
     if AcceleratorState._shared_state or PartialState._shared_state:
         # a command that ran earlier in this process without `end_distributed` (one that raised, or
         # the previous point of an in-process sweep) left its state, DeepSpeed plugin included
@@ -111,9 +111,6 @@ def end_distributed(accelerator) -> None:
     exiting while gloo still talks to it aborts the others), and forget Accelerate's process state
     and transformers' registered DeepSpeed config, so that a later command in this process (a
     sweep's analysis after its training) starts clean rather than loading models ZeRO-3 partitioned."""
-    from accelerate.state import AcceleratorState, GradientState
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
     accelerator.wait_for_everyone()
     ds_comm = sys.modules.get("deepspeed.comm")
     if ds_comm is not None and ds_comm.is_initialized():
@@ -144,6 +141,4 @@ _environment_before: dict[str, str] | None = None  # the launcher's values, rest
 
 def all_max(value: float) -> float:
     """The largest `value` over the ranks, on every rank."""
-    from accelerate.utils import gather_object
-
     return max(gather_object([value]))

@@ -238,7 +238,7 @@ def model_hidden_size(model_cfg: ModelConfig) -> int | None:
 
 
 def peft_lora_config(lora_cfg: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig
+    from peft import LoraConfig as PeftLoraConfig  # deferred: peft is needed with model.lora only
     from peft import TaskType
 
     return PeftLoraConfig(
@@ -252,7 +252,7 @@ def peft_lora_config(lora_cfg: LoraConfig):
 
 def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig, *, gradient_checkpointing: bool = False):
     """Wrap `model` with peft LoRA adapters; only the adapters train."""
-    from peft import get_peft_model
+    from peft import get_peft_model  # deferred: peft is needed with model.lora only
 
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     absent = [m for m in lora_cfg.target_modules if m not in names]

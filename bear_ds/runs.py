@@ -21,6 +21,19 @@ from bear_ds.errors import MissingPathError, RunStateError
 RUN_MARKERS: tuple[str, ...] = ("summary.json", "train_log.jsonl", "epochs.jsonl")
 SWEEP_MANIFEST = "points.json"
 SWEEP_CONFIG = "sweep.yaml"
+SEED_KEY = "train.seed"
+# always reported per point, whether or not the grid varies them
+METHOD_KEYS: tuple[str, ...] = (
+    "loss.name",
+    "loss.lam",
+    "loss.xi",
+    "loss.tau",
+    "loss.beam_width",
+    "eval.num_beams",
+    SEED_KEY,
+)
+POINT_CONFIGS = "point_configs"
+CLAIMS = ".claims"  # CLAIMS/NAME/.lock: the process running point NAME
 # subfolders of a run that never hold evaluate/analyze outputs
 _NOT_OUTPUT_DIRS = {"checkpoints", "model", "data", "tokenizer", "plots"}
 

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         cfg = load_config(args.config, args.overrides)
-        from bear_ds.training import train
+        from bear_ds.training import train  # deferred: a config error is reported before torch loads
 
         with run_scope():
             train(cfg)

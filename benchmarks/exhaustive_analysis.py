@@ -38,7 +38,7 @@ def _same(full: dict, fast: dict) -> bool:
 
 
 def bench(data: str, args: argparse.Namespace) -> dict:
-    from bear_ds.evaluation.analysis import analyze_users
+    from bear_ds.evaluation.pruning import analyze_users
 
     args.data, args.out = data, str(Path(args.out_root) / Path(data).name)
     print(f"building {data} catalog, BPE and tiny Llama in {args.out} ...", flush=True)

@@ -3,7 +3,7 @@
 One optimiser step = backbone forward (hidden states only) -> response positions -> chunked loss
 head (trie-masked for MSL/BEAR) -> backward -> AdamW step, on the same random batches for every
 loss, interleaved round by round so that machine load hits all of them alike. Prints the median
-step time, tokens/s, peak memory and the ratios BEAR/MSL and BEAR/LML (the issue's target:
+step time, tokens/s, peak memory and the ratios BEAR/MSL and BEAR/LML (the target:
 BEAR <= 1.05x MSL on a whole step); on a GPU also model FLOPs utilisation.
 beamsim (the direct beam-search objective) runs once per width in --beam-widths (lines
 `beamsim-B`), as the trainer runs it: the same forward (also keeping its KV cache), the simulated

@@ -8,7 +8,7 @@ import pytest
 import torch
 from eval_fixtures import EOS, PAD, hf_constrained_beam, random_prompts, random_titles, tiny_llama, trie_of
 
-from bear_ds.evaluation.analysis import CatalogTargets, exhaustive_scores
+from bear_ds.evaluation.exhaustive import CatalogTargets, exhaustive_scores
 from bear_ds.generation.beam import constrained_beam_search, next_token_log_probs
 from bear_ds.trie import TokenTrie
 
@@ -179,7 +179,7 @@ def test_shared_prefix_attention_is_used_and_unsupported_models_fall_back(monkey
     # attention function; a model that does not use the attention interface gets the generic path
     from transformers import AttentionInterface
 
-    import bear_ds.generation.beam as beam_module
+    import bear_ds.generation.shared_prefix as shared_prefix_module
 
     model = tiny_llama(VOCAB, seed=9)
     titles = random_titles(50, VOCAB, seed=9, alphabet=7)
@@ -189,12 +189,12 @@ def test_shared_prefix_attention_is_used_and_unsupported_models_fall_back(monkey
 
     def counting(module, *args, **kwargs):
         calls.append(module.layer_idx)
-        return beam_module.shared_prefix_attention(module, *args, **kwargs)
+        return shared_prefix_module.shared_prefix_attention(module, *args, **kwargs)
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, beam_module.SHARED_PREFIX_ATTENTION, counting)
+    monkeypatch.setitem(AttentionInterface._global_mapping, shared_prefix_module.SHARED_PREFIX_ATTENTION, counting)
     shared = constrained_beam_search(model, ids, attn, trie, num_beams=4, eos_token_id=EOS)
     assert len(calls) == 2 * (int(shared.steps.max()) - 1)  # two layers, every decoding forward after prefill
-    assert model.config._attn_implementation != beam_module.SHARED_PREFIX_ATTENTION  # restored
+    assert model.config._attn_implementation != shared_prefix_module.SHARED_PREFIX_ATTENTION  # restored
     monkeypatch.setattr(type(model), "_supports_attention_backend", False)
     generic = constrained_beam_search(model, ids, attn, trie, num_beams=4, eos_token_id=EOS)
     assert len(calls) == 2 * (int(shared.steps.max()) - 1)

@@ -8,13 +8,9 @@ import torch
 from eval_fixtures import EOS, random_prompts, random_titles, tiny_llama, trie_of, write_model_folder, write_prepared
 
 from bear_ds.config import load_config
-from bear_ds.evaluation.analysis import (
-    CatalogTargets,
-    aggregate_pruning,
-    analyze,
-    exhaustive_scores,
-    user_pruning_record,
-)
+from bear_ds.evaluation.analysis import analyze
+from bear_ds.evaluation.exhaustive import CatalogTargets, exhaustive_scores
+from bear_ds.evaluation.pruning import aggregate_pruning, user_pruning_record
 from bear_ds.generation.beam import constrained_beam_search
 
 VOCAB = 2000
@@ -131,7 +127,7 @@ def test_trie_scoring_matches_full_forward_in_both_masks():
 @torch.no_grad()
 def test_trie_scoring_equals_teacher_forcing_fallback(monkeypatch):
     # models without the shared-prefix cache teacher-force every title on prompt-cache copies
-    import bear_ds.evaluation.analysis as analysis_module
+    import bear_ds.evaluation.exhaustive as exhaustive_module
 
     model = tiny_llama(VOCAB, seed=4, logit_scale=6.0)
     titles = random_titles(40, VOCAB, seed=4, alphabet=5, max_len=7)
@@ -141,7 +137,7 @@ def test_trie_scoring_equals_teacher_forcing_fallback(monkeypatch):
     for mask in ("after", "before"):
         walked = [exhaustive_scores(model, prompt, targets, trie, mask=mask, batch_items=b) for b in (1, 3, 256)]
         with monkeypatch.context() as patch:
-            patch.setattr(analysis_module, "shared_prefix_cache", lambda *args: None)
+            patch.setattr(exhaustive_module, "shared_prefix_cache", lambda *args: None)
             forced = exhaustive_scores(model, prompt, targets, trie, mask=mask, batch_items=5)
         for scores in walked:
             assert torch.allclose(scores.token_logp, forced.token_logp, atol=1e-4)
@@ -164,7 +160,8 @@ def _analysis_options(mask: str) -> dict:
 @torch.no_grad()
 def test_bounded_walk_gives_the_same_records_as_the_full_walk():
     # skipping subtrees below min(target's total, B-th best) must not change any pruning record
-    from bear_ds.evaluation.analysis import PruneBound, analyze_users
+    from bear_ds.evaluation.exhaustive import PruneBound
+    from bear_ds.evaluation.pruning import analyze_users
 
     model, titles, trie, prompts = _bushy_setting(seed=5, users=12)
     # targets: from the head, the middle and the tail of the ranking, and one not in the catalog
@@ -196,7 +193,7 @@ def test_bounded_walk_gives_the_same_records_as_the_full_walk():
 @torch.no_grad()
 def test_rank_cap_keeps_every_record_below_the_cap():
     # with rank_cap, ranks beyond the cap are lower bounds (>= cap); everything else is unchanged
-    from bear_ds.evaluation.analysis import analyze_users
+    from bear_ds.evaluation.pruning import analyze_users
 
     model, titles, trie, prompts = _bushy_setting(seed=6, users=10)
     targets = [(u * 13) % 80 for u in range(10)]

@@ -120,12 +120,14 @@ def test_gradient_checkpointing_key_takes_auto_true_false():
 def test_auto_checkpointing_on_is_enabled_on_the_built_model(tmp_path, monkeypatch, lora):
     from train_data import write_prepared
 
-    from bear_ds import memory
     from bear_ds.models import unwrap_model
+    from bear_ds.training import trainer as trainer_module
     from bear_ds.training.trainer import Trainer
 
     decided = []
-    monkeypatch.setattr(memory, "checkpointing_needed", lambda shape, device_bytes: decided.append(shape) or True)
+    monkeypatch.setattr(
+        trainer_module, "checkpointing_needed", lambda shape, device_bytes: decided.append(shape) or True
+    )
     prepared = write_prepared(tmp_path / "data")
     cfg = load_config(None, [
         f"data.path={prepared}", f"output_dir={tmp_path / 'run'}", "train.zero_stage=0", "train.max_steps=1",

@@ -1,6 +1,6 @@
 """Every epoch draws its own batch order, and a run killed anywhere resumes to the same losses.
 
-Issue 10's contract: `bear-ds train data.path=PREPARED model.name=tiny train.epochs=3
+The contract: `bear-ds train data.path=PREPARED model.name=tiny train.epochs=3
 train.eval_every_epoch=false output_dir=OUT` logs `positions` per step; SIGKILL in the second and
 third epoch, then `train.resume=auto`, gives the per-step losses of the uninterrupted run, in one
 process (DeepSpeed ZeRO-3, the default) and with 2 ZeRO-3 ranks. The titles have 1 to 4 words, so
@@ -51,6 +51,8 @@ def _kill_twice_and_resume(command, prepared: Path, out: Path, steps_per_epoch: 
 
 
 def test_one_process_epochs_differ_and_kills_resume_to_the_same_losses(tmp_path):
+    """The contract in one process (subprocesses, since SIGKILL ends the whole process): epochs draw
+    their own order, and a run killed mid-epoch resumes to the same positions and losses."""
     prepared = write_prepared(tmp_path / "data", rows=48, varied_titles=True)  # 6 steps per epoch
     reference = tmp_path / "reference"
     run_ok(_bear_ds_train(prepared, reference))
@@ -68,6 +70,9 @@ def test_one_process_epochs_differ_and_kills_resume_to_the_same_losses(tmp_path)
 
 
 def test_two_zero3_ranks_kills_resume_to_the_same_losses(tmp_path):
+    """Alone guards: a 2-rank ZeRO-3 run killed (launcher and ranks) twice mid-epoch resumes from
+    per-rank checkpoint shards to the same losses, and exports the model at the end; the only
+    2-rank kill-and-resume test (it covers the accelerate-launched resume of the training contract)."""
     prepared = write_prepared(tmp_path / "data", rows=32, varied_titles=True)  # 4 steps per epoch
     reference = tmp_path / "reference"
     run_ok(_accelerate_train(prepared, reference))
@@ -80,6 +85,7 @@ def test_two_zero3_ranks_kills_resume_to_the_same_losses(tmp_path):
     resumed, ref = logged(out, "loss"), logged(reference, "loss")
     assert len(resumed) == 12
     assert max(abs(a - b) for a, b in zip(resumed, ref, strict=True)) < 1e-6, (resumed, ref)
+    assert (out / "model" / "model.safetensors").is_file()  # the resumed run exports, gathered from 2 ranks
 
 
 def test_a_registered_loss_gets_prompts_setup_state_and_logs_extra_metrics(tmp_path, monkeypatch):

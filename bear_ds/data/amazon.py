@@ -209,20 +209,49 @@ def k_core(users: np.ndarray, items: np.ndarray, k: int) -> tuple[np.ndarray, in
         keep = next_keep
 
 
+def _detected_category(folder: Path, source: str) -> str:
+    """The category of the raw files in `folder` (data.category unset); an error when none is found."""
+    layout = LAYOUTS[source]
+    found = detect_amazon(folder)
+    if found is None or found[0] != source:
+        raise DataError(
+            f"data.category is not set and {folder} has no {layout.reviews.format('<Category>')} "
+            f"with its {layout.meta.format('<Category>')}"
+        )
+    return found[1]
+
+
+def _without_duplicates(
+    user_codes: np.ndarray, item_codes: np.ndarray, seconds: np.ndarray, keep: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """(indices of the kept interactions, first of each duplicate group; number of duplicates dropped):
+    exact duplicates (same user, item and second) are one interaction."""
+    key = np.stack([user_codes, item_codes, seconds])[:, keep]
+    _, first = np.unique(key, axis=1, return_index=True)
+    unique_mask = np.zeros(int(keep.sum()), dtype=bool)
+    unique_mask[first] = True
+    return np.flatnonzero(keep)[unique_mask], int((~unique_mask).sum())
+
+
+def _title_filter(items: pa.Array, title_table: pa.Table, dropped: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(each interaction's row in `title_table`, 0 where none; interactions whose item has a usable
+    title); the others are counted in `dropped` by reason."""
+    where = pc.fill_null(pc.index_in(items, value_set=title_table.column("item")), -1).to_numpy()
+    has_meta = where >= 0
+    position = np.where(has_meta, where, 0).astype(np.int64)
+    verdict = np.where(has_meta, title_table.column("verdict").to_numpy()[position], 3)
+    for code, reason in ((3, "item_without_metadata"), (1, "item_with_empty_title"), (2, "item_title_over_max_words")):
+        if (verdict == code).any():
+            dropped[reason] = int((verdict == code).sum())
+    return position, verdict == 0
+
+
 def load_amazon(cfg: DataConfig, source: str) -> SourceData:
     layout = LAYOUTS[source]
     if not cfg.path:
         raise DataError(f"data.source={source} needs data.path (the folder of the raw files)")
     folder = Path(cfg.path)
-    category = cfg.category
-    if category is None:
-        found = detect_amazon(folder)
-        if found is None or found[0] != source:
-            raise DataError(
-                f"data.category is not set and {folder} has no {layout.reviews.format('<Category>')} "
-                f"with its {layout.meta.format('<Category>')}"
-            )
-        category = found[1]
+    category = cfg.category if cfg.category is not None else _detected_category(folder, source)
     problems = Problems(cfg.drop_malformed)
     reviews_path = folder / layout.reviews.format(category)
     meta_path = folder / layout.meta.format(category)
@@ -245,26 +274,13 @@ def load_amazon(cfg: DataConfig, source: str) -> SourceData:
     rows_read = len(reviews)
 
     # title filter first, so the k-core below holds on the final data
-    where = pc.fill_null(pc.index_in(items, value_set=title_table.column("item")), -1).to_numpy()
-    has_meta = where >= 0
-    position = np.where(has_meta, where, 0).astype(np.int64)
-    verdict = np.where(has_meta, title_table.column("verdict").to_numpy()[position], 3)
-    for code, reason in ((3, "item_without_metadata"), (1, "item_with_empty_title"), (2, "item_title_over_max_words")):
-        if (verdict == code).any():
-            dropped[reason] = int((verdict == code).sum())
-    keep = verdict == 0
+    position, keep = _title_filter(items, title_table, dropped)
 
     user_codes = users.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
     item_codes = position
-    # exact duplicates (same user, item and second) are one interaction
-    key = np.stack([user_codes, item_codes, seconds])[:, keep]
-    _, first = np.unique(key, axis=1, return_index=True)
-    unique_mask = np.zeros(int(keep.sum()), dtype=bool)
-    unique_mask[first] = True
-    duplicates = int((~unique_mask).sum())
+    kept_rows, duplicates = _without_duplicates(user_codes, item_codes, seconds, keep)
     if duplicates:
         dropped["duplicate_interaction"] = duplicates
-    kept_rows = np.flatnonzero(keep)[unique_mask]
 
     years = seconds[kept_rows].astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
     if len(years) == 0:

@@ -22,6 +22,7 @@ from bear_ds.data.common import (
     EXAMPLE_SCHEMA,
     DataError,
     Problems,
+    SkippedRows,
     SourceData,
     catalog_table,
     gather_lists,
@@ -70,10 +71,8 @@ def read_catalog(path: Path, problems: Problems) -> dict[str, str]:
     return catalog
 
 
-def read_window_csv(
-    path: Path, catalog_ids: pa.Array, cfg: DataConfig, problems: Problems
-) -> tuple[pa.Table, int, int]:
-    """Parse one window file -> (examples, rows read, histories truncated). Bad rows go to `problems`."""
+def _window_columns(path: Path) -> list[str]:
+    """The column names of a window file's header line; an error naming the file unless they are COLUMNS."""
     if not path.is_file():
         raise DataError(f"window file {path} does not exist")
     with path.open(encoding="utf-8", newline="") as f:
@@ -87,33 +86,14 @@ def read_window_csv(
             + (f" (missing: {', '.join(missing)})" if missing else "")
             + (f" (unexpected: {', '.join(extra)})" if extra else "")
         )
-    invalid_lines: list[int] = []
-    invalid_examples: list[str] = []
+    return names
 
-    def on_invalid_row(row) -> str:
-        # newlines_in_values=False: one physical line per row, so row.number is the file's line
-        invalid_lines.append(row.number)
-        invalid_examples.append(
-            f"{path} line {row.number}: expected {row.expected_columns} columns, found {row.actual_columns}: {row.text!r}"
-        )
-        return "skip"
 
-    table = pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(use_threads=False, column_names=names, skip_rows=1),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row, ignore_empty_lines=False),
-        convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False, quoted_strings_can_be_null=False
-        ),
-    )
-    problems.add("wrong_column_count", len(invalid_lines), invalid_examples)
-    rows_read = len(table) + len(invalid_lines)
-    all_lines = np.arange(2, rows_read + 2)
-    lines = np.setdiff1d(all_lines, np.asarray(invalid_lines, dtype=np.int64), assume_unique=True)  # [R]
-
-    users = pc.utf8_trim_whitespace(table.column("user_id").combine_chunks())
-    lists = table.column("item_ids").combine_chunks()
-    stamps = table.column("timestamp").combine_chunks()
+def _well_formed_rows(
+    path: Path, lines: np.ndarray, users: pa.Array, lists: pa.Array, stamps: pa.Array, problems: Problems
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows kept, blank rows) as bool [R]: a row with an empty user id, an unparsable item list or a
+    non-integer timestamp is reported to `problems` (naming its line) and not kept."""
     blank = np.asarray(
         pc.and_(pc.and_(pc.equal(users, ""), pc.equal(lists, "")), pc.equal(pc.utf8_trim_whitespace(stamps), ""))
     )
@@ -139,6 +119,33 @@ def read_window_csv(
         bad &= keep
         problems.add_mask(reason, bad, explain)
         keep &= ~bad
+    return keep, blank
+
+
+def read_window_csv(
+    path: Path, catalog_ids: pa.Array, cfg: DataConfig, problems: Problems
+) -> tuple[pa.Table, int, int]:
+    """Parse one window file -> (examples, rows read, histories truncated). Bad rows go to `problems`."""
+    names = _window_columns(path)
+    # newlines_in_values=False: one physical line per row, so a skipped row's number is the file's line
+    skipped = SkippedRows(path)
+    table = pacsv.read_csv(
+        path,
+        read_options=pacsv.ReadOptions(use_threads=False, column_names=names, skip_rows=1),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=skipped, ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False, quoted_strings_can_be_null=False
+        ),
+    )
+    problems.add("wrong_column_count", len(skipped.lines), skipped.examples)
+    rows_read = len(table) + len(skipped.lines)
+    all_lines = np.arange(2, rows_read + 2)
+    lines = np.setdiff1d(all_lines, np.asarray(skipped.lines, dtype=np.int64), assume_unique=True)  # [R]
+
+    users = pc.utf8_trim_whitespace(table.column("user_id").combine_chunks())
+    lists = table.column("item_ids").combine_chunks()
+    stamps = table.column("timestamp").combine_chunks()
+    keep, blank = _well_formed_rows(path, lines, users, lists, stamps, problems)
 
     # parse the lists of the surviving rows: "[1, 2]" -> ["1", "2"] (quotes stripped)
     survivors = pa.array(np.flatnonzero(keep))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,24 @@ class Problems:
 
     def dropped(self) -> dict[str, int]:
         return dict(self.counts) if self.drop else {}
+
+
+class SkippedRows:
+    """pyarrow's `invalid_row_handler` for a CSV file: a row with a wrong column count is skipped
+    and recorded, by its line in the file, for `Problems` ("wrong_column_count")."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[int] = []
+        self.examples: list[str] = []
+
+    def __call__(self, row: Any) -> str:
+        self.lines.append(row.number)
+        self.examples.append(
+            f"{self.path} line {row.number}: expected {row.expected_columns} columns, "
+            f"found {row.actual_columns}: {row.text!r}"
+        )
+        return "skip"
 
 
 def gather_lists(values: pa.Array, starts: np.ndarray, ends: np.ndarray) -> pa.ListArray:

@@ -18,7 +18,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from bear_ds.config import DataConfig
-from bear_ds.data.common import DataError, Problems, SourceData, catalog_table, chronological_split, sliding_windows
+from bear_ds.data.common import (
+    DataError,
+    Problems,
+    SkippedRows,
+    SourceData,
+    catalog_table,
+    chronological_split,
+    sliding_windows,
+)
 
 RECBOLE_SUBDIR = ("dataset_example", "ml-100k")
 NUMBER_RE = r"^\s*-?\d+(\.\d*)?\s*$"
@@ -48,32 +56,23 @@ def _read_table(
     """All-string table and each row's 1-based file line; rows with a wrong column count -> problems."""
     if not path.is_file():
         raise DataError(f"file {path} does not exist")
-    bad_lines: list[int] = []
-    bad_examples: list[str] = []
-
-    def on_invalid_row(row) -> str:
-        bad_lines.append(row.number)
-        bad_examples.append(
-            f"{path} line {row.number}: expected {row.expected_columns} columns, found {row.actual_columns}: {row.text!r}"
-        )
-        return "skip"
-
+    skipped = SkippedRows(path)
     header_rows = 0 if names is not None else 1
     table = pacsv.read_csv(
         path,
         read_options=pacsv.ReadOptions(
             use_threads=False, column_names=names, encoding=encoding, autogenerate_column_names=False
         ),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=on_invalid_row),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, invalid_row_handler=skipped),
         convert_options=pacsv.ConvertOptions(
             column_types={c: pa.string() for c in (names or [])}, strings_can_be_null=False, auto_dict_encode=False
         ),
     )
     if names is None:  # typed recbole header: cast every column to string after the fact
         table = table.cast(pa.schema([(f.name, pa.string()) for f in table.schema]))
-    problems.add("wrong_column_count", len(bad_lines), bad_examples)
-    total = len(table) + len(bad_lines)
-    lines = np.setdiff1d(np.arange(1 + header_rows, total + 1 + header_rows), np.asarray(bad_lines, dtype=np.int64))
+    problems.add("wrong_column_count", len(skipped.lines), skipped.examples)
+    total = len(table) + len(skipped.lines)
+    lines = np.setdiff1d(np.arange(1 + header_rows, total + 1 + header_rows), np.asarray(skipped.lines, dtype=np.int64))
     return table, lines
 
 

@@ -27,15 +27,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations import deepspeed as hf_deepspeed
 
+from bear_ds.catalog import CATALOG_FILE, Catalog, encode_prompts, fit_prompts
+from bear_ds.config import save_config
+from bear_ds.data import load_catalog, load_split, load_stats, resolve_prepared
+from bear_ds.data.prompts import PromptBuilder
 from bear_ds.distributed import all_max, end_distributed, make_accelerator
-from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputError, RunFolderError
+from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputError
 from bear_ds.evaluation.metrics import rank_metrics
+from bear_ds.folders import check_output_folder_together, holds_output_lock
 from bear_ds.generation.beam import constrained_beam_search, left_pad
 from bear_ds.masking import resolve_mask
 from bear_ds.models import is_zero3_partitioned, unwrap_model
-from bear_ds.outputs import check_writable_folder, open_atomic, write_json_atomic
+from bear_ds.outputs import open_atomic, write_json_atomic
+from bear_ds.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -46,37 +56,6 @@ def shard_indices(num_users: int, rank: int, world_size: int) -> list[int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
     return list(range(rank, num_users, world_size))
-
-
-# files only `bear-ds train` writes: an output_dir holding one is a training run's folder
-TRAINING_RUN_FILES = ("train_log.jsonl", "summary.json", "checkpoints")
-
-
-def check_output_folder(out: Path, command: str) -> None:
-    """Refuse (before any work) an output_dir that is a training run's folder, whose config.yaml
-    the command would overwrite, or that cannot be written."""
-    found = [name for name in TRAINING_RUN_FILES if (out / name).exists()]
-    if found:
-        raise RunFolderError(
-            f"output_dir {out} is a training run's folder (it holds {', '.join(found)}): {command} would "
-            f"overwrite its config.yaml; write into a folder of its own, e.g. output_dir={out / command}"
-        )
-    check_writable_folder(out)
-
-
-def check_output_folder_together(accelerator: Any, out: Path, command: str) -> None:
-    """`check_output_folder` on the main process, its verdict on every rank: all ranks raise together
-    (none loads and decodes only to wait at the gather for a rank that has left), leaving the group."""
-    error: Exception | None = None
-    if accelerator.is_main_process:
-        try:
-            check_output_folder(out, command)
-        except (ValueError, OSError) as exc:
-            error = exc
-    refused = gather_object([error is not None]) if accelerator.num_processes > 1 else [error is not None]
-    if any(refused):
-        end_distributed(accelerator)
-        raise error or RunFolderError(f"{command}: output_dir {out} was refused (see rank 0)")
 
 
 # ---------------------------------------------------------------------- decoding + metrics
@@ -96,8 +75,6 @@ def metric_ks(top_k: Sequence[int], num_beams: int, *, warn: bool = True) -> tup
 
 def training_loss_name(model_dir: Path, fallback: str | None) -> str | None:
     """loss.name of the run that exported `model_dir` (its config.yaml), else `fallback`."""
-    import yaml
-
     saved = model_dir / "config.yaml"
     if saved.is_file():
         name = ((yaml.safe_load(saved.read_text()) or {}).get("loss") or {}).get("name")
@@ -141,6 +118,69 @@ def check_context(prompt_ids: Sequence[Sequence[int]], max_depth: int, context: 
         )
 
 
+def _decode_batch(
+    net: torch.nn.Module,
+    prompts: list[list[int]],
+    users: list[int],
+    catalog: Any,
+    eval_cfg: Any,
+    trie: Any,
+    pad: int,
+    mask: str,
+    synced: bool,
+) -> list[tuple[int, list[int], list[float]]]:
+    """One beam search over `prompts` (of `users`; none: a synced rank's dummy call) -> (user, finished
+    groups, their scores) per user, best first."""
+    device = trie.device
+    if users:
+        input_ids, attention_mask = left_pad(prompts, pad, device)
+    else:
+        input_ids = torch.zeros(0, 1, dtype=torch.int64, device=device)
+        attention_mask = torch.ones(0, 1, dtype=torch.int64, device=device)
+    res = constrained_beam_search(
+        net,
+        input_ids,
+        attention_mask,
+        trie,
+        num_beams=eval_cfg.num_beams,
+        eos_token_id=catalog.eos_token_id,
+        mask=mask,
+        length_penalty=eval_cfg.length_penalty,
+        synced=synced,
+    )
+    groups, scores = res.groups.cpu().tolist(), res.scores.cpu().tolist()
+    decoded = []
+    for j, i in enumerate(users):
+        keep = [b for b, g in enumerate(groups[j]) if g >= 0]
+        decoded.append((i, [groups[j][b] for b in keep], [scores[j][b] for b in keep]))
+    return decoded
+
+
+def _each_user_once(
+    decoded: list[tuple[int, list[int], list[float]]], num_users: int
+) -> dict[int, tuple[list[int], list[float]]]:
+    """user -> (groups, scores) from every rank's results; every user decoded exactly once."""
+    by_user: dict[int, tuple[list[int], list[float]]] = {}
+    for i, groups, scores in decoded:
+        if i in by_user:
+            raise RuntimeError(f"user {i} was decoded by two ranks")
+        by_user[i] = (groups, scores)
+    missing = [i for i in range(num_users) if i not in by_user]
+    if missing:
+        raise RuntimeError(f"{len(missing)} users were not decoded (e.g. user {missing[0]})")
+    return by_user
+
+
+def _prediction(groups: list[int], scores: list[float], target: int | None, catalog: Any) -> dict[str, Any]:
+    rank = groups.index(target) if target is not None and target in groups else None
+    return {
+        "groups": groups,
+        "predictions": [catalog.group_titles[g] for g in groups],
+        "scores": scores,
+        "target_rank": rank,
+    }
+
+
 def run_beam_evaluation(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -164,8 +204,6 @@ def run_beam_evaluation(
     (titles), "scores", "target_rank"}; metrics = {"hr@K", "ndcg@K", "users",
     "targets_not_in_catalog", "decoding", "decode_s", "users_per_second"}.
     """
-    from tqdm.auto import tqdm
-
     if len(prompts) != len(targets_groups):
         raise ValueError(f"{len(prompts)} prompts but {len(targets_groups)} targets")
     if len(prompts) == 0:
@@ -179,8 +217,6 @@ def run_beam_evaluation(
     device = accelerator.device if accelerator is not None else next(net.parameters()).device
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     if isinstance(prompts[0], str):
-        from bear_ds.catalog import encode_prompts
-
         prompt_ids = encode_prompts(tokenizer, list(prompts))
     else:
         prompt_ids = [list(p) for p in prompts]
@@ -197,32 +233,15 @@ def run_beam_evaluation(
 
     was_training = net.training
     net.eval()
-    local: list[tuple[int, list[int], list[float]]] = []
+    local: list[tuple[int, list[int], list[float]]] = []  # (user, groups, scores) of this rank's users
     bar = tqdm(total=len(mine), desc="beam search", unit="user", disable=not (progress and rank == 0))
     started = time.perf_counter()
     try:
         for call in range(n_calls):
             batch = batches[call] if call < len(batches) else []
-            if batch:
-                input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], pad, device)
-            else:
-                input_ids = torch.zeros(0, 1, dtype=torch.int64, device=device)
-                attention_mask = torch.ones(0, 1, dtype=torch.int64, device=device)
-            res = constrained_beam_search(
-                net,
-                input_ids,
-                attention_mask,
-                trie,
-                num_beams=eval_cfg.num_beams,
-                eos_token_id=catalog.eos_token_id,
-                mask=mask,
-                length_penalty=eval_cfg.length_penalty,
-                synced=synced,
+            local += _decode_batch(
+                net, [prompt_ids[i] for i in batch], batch, catalog, eval_cfg, trie, pad, mask, synced
             )
-            groups, scores = res.groups.cpu().tolist(), res.scores.cpu().tolist()
-            for j, i in enumerate(batch):
-                keep = [b for b, g in enumerate(groups[j]) if g >= 0]
-                local.append((i, [groups[j][b] for b in keep], [scores[j][b] for b in keep]))
             bar.update(len(batch))
     finally:
         bar.close()
@@ -232,27 +251,8 @@ def run_beam_evaluation(
         decode_s = all_max(decode_s)
         local = gather_object(local)  # every rank's list, concatenated in rank order, on every rank
 
-    by_user: dict[int, tuple[list[int], list[float]]] = {}
-    for i, groups, scores in local:
-        if i in by_user:
-            raise RuntimeError(f"user {i} was decoded by two ranks")
-        by_user[i] = (groups, scores)
-    missing = [i for i in range(len(prompt_ids)) if i not in by_user]
-    if missing:
-        raise RuntimeError(f"{len(missing)} users were not decoded (e.g. user {missing[0]})")
-
-    predictions: list[dict[str, Any]] = []
-    for i, target in enumerate(targets_groups):
-        groups, scores = by_user[i]
-        rank = groups.index(target) if target is not None and target in groups else None
-        predictions.append(
-            {
-                "groups": groups,
-                "predictions": [catalog.group_titles[g] for g in groups],
-                "scores": scores,
-                "target_rank": rank,
-            }
-        )
+    by_user = _each_user_once(local, len(prompt_ids))
+    predictions = [_prediction(*by_user[i], target, catalog) for i, target in enumerate(targets_groups)]
     metrics: dict[str, Any] = rank_metrics([p["target_rank"] for p in predictions], ks)
     metrics.update(
         users=len(predictions),
@@ -291,13 +291,6 @@ class EvalInputs:
 
 def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
     """Tokenizer, catalog and the users of eval.split (first eval.max_users) with their prompts."""
-    from transformers import AutoConfig
-
-    from bear_ds.catalog import CATALOG_FILE, Catalog, fit_prompts
-    from bear_ds.data import load_catalog, load_split, load_stats, resolve_prepared
-    from bear_ds.data.prompts import PromptBuilder
-    from bear_ds.tokenization import load_tokenizer
-
     if not cfg.model.path:
         raise ConfigError("model.path is not set: evaluate needs a local model folder (the trainer's OUT/model)")
     model_dir = Path(cfg.model.path)
@@ -384,8 +377,6 @@ def zero3_init_disabled() -> Iterator[None]:
     loads, so a model loaded afterwards in the same process (a sweep point's analysis) had 0-sized
     weights and failed in the embedding ("Padding_idx must be within num_embeddings").
     """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers' one switch for zero3 init
     hf_deepspeed._hf_deepspeed_config_weak_ref = None
     try:
@@ -399,8 +390,6 @@ def load_eval_model(model_dir: Path, accelerator: Any) -> torch.nn.Module:
     partitioned, or, under a ZeRO-3 accelerator, partitioned as it is loaded and wrapped in a
     DeepSpeed engine (kept alive by the accelerator); returned unwrapped, ready for
     `constrained_beam_search`."""
-    from transformers import AutoModelForCausalLM
-
     if accelerator.state.deepspeed_plugin is not None:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
         model = accelerator.prepare(model)
@@ -414,14 +403,13 @@ def load_eval_model(model_dir: Path, accelerator: Any) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------- the command
+@holds_output_lock
 def evaluate(cfg: Any) -> dict[str, Any]:
     """`bear-ds evaluate`: top-K beam-search evaluation of `model.path` on `eval.split`.
 
     Writes output_dir/predictions.jsonl, metrics.json, catalog.json and config.yaml (rank 0).
     Returns the metrics (on every rank).
     """
-    from bear_ds.config import save_config
-
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     accelerator = eval_accelerator(cfg.eval)

@@ -17,10 +17,13 @@ HF pads beams that do not exist (fewer than B valid continuations) with copies s
 here they are dead beams scored -inf, so results differ only in those padding entries, which are
 reported as group -1.
 
+The search's phases: `_encode_prompts` (the prefill, or the caller's `PromptState`), then per step
+`_Candidates.best` (the 2B best continuations), `_Outcome.finish` (finished items), `_LiveBeams.of`
+(the beams kept), `_still_searching` (the stopping rule) and `_BeamCache.decode` (the next forward).
 Only the decoding-step loop is Python; users done early are dropped from the batch (and the cache).
 Where the model uses the Hugging Face attention interface and a plain DynamicCache, a user's prompt
 keys/values are stored once, not per beam, and all its beams attend to them in one matrix product
-(`SharedPrefixLayer`, `shared_prefix_attention`); the prefix common to all prompts of a batch (the
+(`bear_ds.generation.shared_prefix`); the prefix common to all prompts of a batch (the
 template's instruction) is encoded once (`_prefill`); the prefill applies the output layer to the
 last position only. Otherwise the cache's own `reorder_cache` copies the prompt per beam.
 With `synced=True` (ZeRO-3 partitioned weights) every rank runs the same number of forwards: a
@@ -34,9 +37,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
-from transformers.cache_utils import DynamicCache, DynamicLayer
+import torch.distributed as dist
+from transformers.cache_utils import DynamicCache
 
+from bear_ds.generation.shared_prefix import reorder_rows, shared_prefix_cache, shared_prefix_forward
 from bear_ds.masking import NEG_INF, check_mask_mode, trie_log_softmax
 from bear_ds.trie import INVALID, TokenTrie
 
@@ -104,155 +108,9 @@ def next_token_log_probs(logits: torch.Tensor, states: torch.Tensor, trie: Token
     return out
 
 
-SHARED_PREFIX_ATTENTION = "bear_ds_shared_prefix"
-
-
-class SharedPrefixLayer(DynamicLayer):
-    """One layer's KV cache for many decoding rows that share a prompt: the prompt's keys/values are
-    stored once per prompt ([P, kv_heads, Lp, head_dim]); each row only holds the tokens it generated
-    ([R, kv_heads, t, head_dim], R = P * rows_per_prompt, the rows of prompt p consecutive).
-
-    Why: with the prompt copied into every beam, each decoding step reads B copies of it (attention
-    on CPU and GPU is memory-bound at one query token), and reordering beams copies it again.
-    Attention over the shared part is then one matrix product per prompt with all its rows as
-    queries (`shared_prefix_attention`); `update` returns the generated part only, so this cache
-    needs that attention function (`decoding_with_shared_prefix` switches the model to it).
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.prefix_keys, self.prefix_values = keys, values  # [P, Hkv, Lp, D]
-        self.prefix_bias = bias  # [P, 1, 1, Lp] 0 on real tokens, a large negative number on padding
-        self.keys = keys.new_empty(0, keys.shape[1], 0, keys.shape[3])  # [R, Hkv, t, D] generated part
-        self.values = self.keys
-        self.pending_rows: torch.Tensor | None = None
-        self.attended = False
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.pending_rows is not None:  # the reorder of `select_rows`, fused with the append
-            rows, self.pending_rows = self.pending_rows, None
-            if self.keys.shape[2] == 0:
-                self.keys = self.keys.new_empty(rows.numel(), *self.keys.shape[1:])
-                self.values = self.keys
-            else:
-                self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
-        if self.keys.shape[0] != key_states.shape[0]:
-            raise RuntimeError(f"shared-prefix cache holds {self.keys.shape[0]} rows, got {key_states.shape[0]}")
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.attended = False
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.prefix_keys.shape[2] + self.keys.shape[2]
-
-    def select(self, rows: torch.Tensor, prompts: torch.Tensor | None) -> None:
-        """Row r of the new cache = row rows[r] of the old; `prompts`: the prompts kept (None: all)."""
-        self.pending_rows = rows
-        if prompts is not None:
-            self.prefix_keys = self.prefix_keys.index_select(0, prompts)
-            self.prefix_values = self.prefix_values.index_select(0, prompts)
-            self.prefix_bias = self.prefix_bias.index_select(0, prompts)
-
-
-def shared_prefix_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    shared_prefix_cache: DynamicCache | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Attention of one new token per row over [its prompt's shared keys, its own generated keys].
-
-    query [R, Hq, 1, D]; key/value [R, Hkv, t, D] (the generated part, the new token included).
-    The model's `attention_mask` is unused: padding is in the prompt part only (`prefix_bias`).
-    Returns ([R, 1, Hq, D], None) like the other Hugging Face attention functions.
-    """
-    if shared_prefix_cache is None:
-        raise RuntimeError(
-            f"{SHARED_PREFIX_ATTENTION} attention needs the `shared_prefix_cache` forward argument; "
-            f"{type(module).__name__} did not pass it through"
-        )
-    layer = shared_prefix_cache.layers[module.layer_idx]
-    rows, q_heads, q_len, dim = query.shape
-    if q_len != 1:
-        raise RuntimeError(f"shared-prefix attention decodes one token per row, got {q_len}")
-    prompts, kv_heads, prefix_len, _ = layer.prefix_keys.shape
-    groups, per_prompt = q_heads // kv_heads, rows // prompts
-    # prompt part: all rows (and query heads sharing a kv head) of a prompt are one matmul's queries
-    q_shared = query.view(prompts, per_prompt, kv_heads, groups, dim).transpose(1, 2)  # [P, Hkv, Rp, G, D]
-    q_shared = q_shared.reshape(prompts, kv_heads, per_prompt * groups, dim)
-    s_prefix = torch.matmul(q_shared, layer.prefix_keys.transpose(-1, -2)) * scaling  # [P, Hkv, Rp*G, Lp]
-    s_prefix = s_prefix + layer.prefix_bias
-    s_prefix = s_prefix.view(prompts, kv_heads, per_prompt, groups, prefix_len).transpose(1, 2)
-    s_prefix = s_prefix.reshape(rows, kv_heads, groups, prefix_len)  # [R, Hkv, G, Lp]
-    q_rows = query.view(rows, kv_heads, groups, dim)
-    s_gen = torch.matmul(q_rows, key.transpose(-1, -2)) * scaling  # [R, Hkv, G, t]
-    probs = torch.softmax(torch.cat([s_prefix, s_gen], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
-    p_prefix = probs[..., :prefix_len].reshape(prompts, per_prompt, kv_heads, groups, prefix_len)
-    p_prefix = p_prefix.transpose(1, 2).reshape(prompts, kv_heads, per_prompt * groups, prefix_len)
-    out = torch.matmul(p_prefix, layer.prefix_values)  # [P, Hkv, Rp*G, D]
-    out = out.view(prompts, kv_heads, per_prompt, groups, dim).transpose(1, 2).reshape(rows, kv_heads, groups, dim)
-    out = out + torch.matmul(probs[..., prefix_len:], value)  # [R, Hkv, G, D]
-    layer.attended = True
-    return out.reshape(rows, 1, q_heads, dim), None
-
-
 def _beam_cache(prompt_cache, attention_mask: torch.Tensor, model: torch.nn.Module) -> DynamicCache | None:
+    # the one place the search builds its shared-prefix cache (tests replace it to force the other path)
     return shared_prefix_cache(prompt_cache, attention_mask, model)
-
-
-def shared_prefix_cache(prompt_cache, attention_mask: torch.Tensor, model: torch.nn.Module) -> DynamicCache | None:
-    """A `SharedPrefixLayer` cache over a prompt cache [P, ..., Lp, ...] (left padding given by
-    `attention_mask` [P, Lp]); None when the model or its cache does not allow it (then callers
-    copy the prompt per row with the cache's own `reorder_cache`)."""
-    if not getattr(model, "_supports_attention_backend", False):
-        return None
-    if type(prompt_cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in prompt_cache.layers):
-        return None
-    dtype = prompt_cache.layers[0].keys.dtype
-    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-    bias = bias.masked_fill(attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]  # [P, 1, 1, Lp]
-    cache = DynamicCache()
-    cache.layers = [SharedPrefixLayer(layer.keys, layer.values, bias) for layer in prompt_cache.layers]
-    return cache
-
-
-class decoding_with_shared_prefix:  # noqa: N801 (a context manager, used like a function)
-    """Within the block, `model` attends with `shared_prefix_attention` (its config is restored after).
-
-    The attention function is registered with transformers for the block only (not at import): an
-    entry already registered under the name (e.g. by a test) is used and left in place.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.config = model.config
-
-    def __enter__(self) -> None:
-        self.registered = SHARED_PREFIX_ATTENTION not in AttentionInterface._global_mapping
-        if self.registered:
-            AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
-        self.saved = self.config._attn_implementation
-        self.config._attn_implementation = SHARED_PREFIX_ATTENTION
-
-    def __exit__(self, *exc) -> None:
-        self.config._attn_implementation = self.saved
-        if self.registered:
-            AttentionInterface._global_mapping.pop(SHARED_PREFIX_ATTENTION, None)
-
-
-def check_shared_prefix_used(cache: DynamicCache, model: torch.nn.Module) -> None:
-    """Raise if a forward bypassed `shared_prefix_attention` (its result would ignore the prompt)."""
-    if not all(layer.attended for layer in cache.layers):
-        raise RuntimeError(
-            f"{type(model).__name__} did not call the registered attention function in every layer; "
-            "shared-prefix decoding is not possible for it"
-        )
 
 
 def last_logits_only(model: torch.nn.Module) -> dict[str, int]:
@@ -338,8 +196,6 @@ def _left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _others_still_working(working: bool, device: torch.device) -> bool:
     """All-reduce (MAX) of this rank's flag: True while any rank still has decoding to do."""
-    import torch.distributed as dist
-
     flag = torch.tensor([1 if working else 0], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
@@ -406,144 +262,230 @@ def constrained_beam_search(
     device = input_ids.device
     if trie.device != device:
         trie = trie.to(device)
-    num_users = input_ids.shape[0]
-    beams = num_beams
     max_steps = trie.max_depth if max_new_tokens is None else min(max_new_tokens, trie.max_depth)
-
-    fin_scores = torch.full((num_users, beams), NEG_INF, dtype=torch.float32, device=device)
-    fin_groups = torch.full((num_users, beams), INVALID, dtype=torch.int64, device=device)
-    steps_run = torch.zeros(num_users, dtype=torch.int64, device=device)
-    trace: list[torch.Tensor] | None = [] if return_trace else None
-    live_thr = cand_thr = None
-    if return_thresholds:
-        live_thr = torch.full((num_users, max_steps), float("nan"), dtype=torch.float32, device=device)
-        cand_thr = torch.full_like(live_thr, float("nan"))
-
-    def result() -> BeamResult:
-        return BeamResult(fin_groups, fin_scores, steps_run, trace, live_thr, cand_thr)
-
-    if num_users == 0:
-        if synced:
-            if prompt_state is None:
-                _dummy_forward(model, device)  # the prefill every other rank runs
-            while _others_still_working(False, device):
-                _dummy_forward(model, device)
-        return result()
-
-    # prefill: each prompt encoded once (beams are created from its cache after the first step)
-    if prompt_state is None:
-        logits, cache, attention_mask = _prefill(model, input_ids, attention_mask, share_prefix=not synced)
-    else:
-        logits, cache, attention_mask = prompt_state.logits, prompt_state.cache, prompt_state.attention_mask
-        if logits.shape[0] != num_users or attention_mask.shape[0] != num_users:
-            raise ValueError(f"prompt_state holds {logits.shape[0]} prompts, input_ids {num_users}")
-    vocab = logits.shape[-1]
-    if vocab < trie.vocab_size:
-        raise ValueError(f"model vocabulary {vocab} is smaller than the trie vocabulary {trie.vocab_size}")
-
-    active = torch.arange(num_users, device=device)  # [A] users still searching
-    beam_scores = torch.zeros(num_users, 1, device=device)  # [A, Bc] (Bc = 1 before the first step)
-    beam_states = torch.zeros(num_users, 1, dtype=torch.int64, device=device)  # root
-    row_mask = attention_mask.long()  # [A*Bc, L+t] attention mask of each cache row (generic cache path)
-    shared: DynamicCache | None = None  # the shared-prefix cache, from the first decoding step on
-    row_pos = attention_mask.long().sum(-1)  # [A*Bc] position of the next token
-
-    for step in range(max_steps):
-        n_active, cur_beams = beam_scores.shape
-        if temperature != 1.0:
-            logits = logits.float() / temperature
-        logp = next_token_log_probs(logits, beam_states.reshape(-1), trie, mask)  # [A*Bc, V]
-        cand = (logp.view(n_active, cur_beams, vocab) + beam_scores[..., None]).view(n_active, cur_beams * vocab)
-        n_cand = min(2 * beams, cur_beams * vocab)
-        top_scores, top_idx = cand.topk(n_cand, dim=1)  # [A, 2B], best first
-        parent = top_idx // vocab
-        token = top_idx % vocab
-        child = trie.advance(beam_states.gather(1, parent), token)  # [A, 2B]
-        is_eos = torch.isfinite(top_scores) & (token == eos_token_id)
-
-        # finished items: EOS candidates among the first B of the 2B (HF's top_num_beam_mask)
-        length = float(step + 1)  # generated tokens including EOS
-        rank = torch.arange(n_cand, device=device)[None, :]
-        new_fin = is_eos & (rank < beams)
-        new_scores = torch.where(new_fin, top_scores / length**length_penalty, NEG_INF)
-        new_groups = torch.where(new_fin, trie.terminal_group(child), INVALID)
-        merged_scores = torch.cat([fin_scores[active], new_scores], dim=1)  # [A, B + 2B]
-        merged_groups = torch.cat([fin_groups[active], new_groups], dim=1)
-        kept_scores, kept_idx = merged_scores.topk(beams, dim=1)
-        fin_scores[active] = kept_scores
-        fin_groups[active] = merged_groups.gather(1, kept_idx)
-
-        # live beams: the B best non-EOS candidates
-        run_scores = top_scores.masked_fill(is_eos, NEG_INF)
-        n_live = min(beams, n_cand)
-        live_scores, live_idx = run_scores.topk(n_live, dim=1)  # [A, B]
-        live_parent = parent.gather(1, live_idx)
-        live_token = token.gather(1, live_idx)
-        live_states = torch.where(torch.isfinite(live_scores), child.gather(1, live_idx), INVALID)
-        steps_run[active] = step + 1
-        if trace is not None:
-            snapshot = torch.full((num_users, beams), INVALID, dtype=torch.int64, device=device)
-            snapshot[active, :n_live] = live_states
-            trace.append(snapshot)
-        if return_thresholds:
-            live_thr[active, step] = lowest_of_best(live_scores, beams)
-            cand_thr[active, step] = lowest_of_best(top_scores, beams)
-
-        # HF early_stopping=False heuristic: stop once B items are finished and the best live beam,
-        # at the current length, cannot beat the worst of them
-        all_filled = torch.isfinite(kept_scores).all(dim=1)
-        best_live = live_scores[:, 0] / length**length_penalty
-        can_improve = best_live > kept_scores[:, -1]
-        still = torch.isfinite(live_scores[:, 0]) & ~(all_filled & ~can_improve)  # [A]
-
-        if step + 1 >= max_steps or not bool(still.any()):
-            break
-        if synced:
-            _others_still_working(True, device)  # pairs with the flag of ranks that are done
-
-        keep = still.nonzero().squeeze(1)  # [A'] local indices of users that go on
-        rows = (keep[:, None] * cur_beams + live_parent[keep]).reshape(-1)  # [A'*B] cache rows to copy
-        users_left = None if keep.numel() == n_active else keep
-        if step == 0:
-            shared = _beam_cache(cache, attention_mask, model)
-            if shared is not None:
-                cache = shared
-        if shared is not None:
-            for layer in cache.layers:
-                layer.select(rows, users_left)
-        else:
-            cache.reorder_cache(rows)
-            row_mask = torch.cat([row_mask[rows], row_mask.new_ones(rows.numel(), 1)], dim=1)
-        row_pos = row_pos[rows]
-        active = active[keep]
-        beam_scores = live_scores[keep]
-        beam_states = live_states[keep]
-        if shared is not None:
-            with decoding_with_shared_prefix(model):
-                out = model(
-                    input_ids=live_token[keep].reshape(-1, 1),
-                    position_ids=row_pos[:, None],
-                    past_key_values=cache,
-                    shared_prefix_cache=cache,
-                    use_cache=True,
-                )
-            if step == 0:
-                check_shared_prefix_used(cache, model)
-        else:
-            out = model(
-                input_ids=live_token[keep].reshape(-1, 1),
-                attention_mask=row_mask,
-                position_ids=row_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
+    outcome = _Outcome.empty(input_ids.shape[0], num_beams, max_steps, device, return_trace, return_thresholds)
+    if input_ids.shape[0] > 0:
+        logits, cache, cache_mask = _encode_prompts(model, input_ids, attention_mask, prompt_state, synced)
+        if logits.shape[-1] < trie.vocab_size:
+            raise ValueError(
+                f"model vocabulary {logits.shape[-1]} is smaller than the trie vocabulary {trie.vocab_size}"
             )
-        row_pos = row_pos + 1
-        logits = out.logits[:, -1, :]
-        cache = out.past_key_values
-        del out
-
+        search = _SearchSettings(num_beams, eos_token_id, mask, length_penalty, temperature, max_steps, synced)
+        _decode(logits, _BeamCache(model, cache, cache_mask), trie, outcome, search)
+    elif synced and prompt_state is None:
+        _dummy_forward(model, device)  # the prefill every other rank runs
     if synced:
         # this rank finished its steps; keep serving forwards while other ranks decode
         while _others_still_working(False, device):
             _dummy_forward(model, device)
-    return result()
+    return outcome.result()
+
+
+def _encode_prompts(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_state: PromptState | None,
+    synced: bool,
+) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """(last-position logits [U, V], cache, cache attention mask [U, L]) of the prompts: each prompt
+    encoded once (beams are created from its cache after the first step), or `prompt_state`'s."""
+    if prompt_state is None:
+        return _prefill(model, input_ids, attention_mask, share_prefix=not synced)
+    num_users = input_ids.shape[0]
+    if prompt_state.logits.shape[0] != num_users or prompt_state.attention_mask.shape[0] != num_users:
+        raise ValueError(f"prompt_state holds {prompt_state.logits.shape[0]} prompts, input_ids {num_users}")
+    return prompt_state.logits, prompt_state.cache, prompt_state.attention_mask
+
+
+@dataclass(frozen=True)
+class _SearchSettings:
+    beams: int
+    eos_token_id: int
+    mask: str
+    length_penalty: float
+    temperature: float
+    max_steps: int
+    synced: bool
+
+
+@dataclass
+class _Outcome:
+    """What the search returns, filled in step by step for the users still searching (`active`)."""
+
+    fin_scores: torch.Tensor  # [U, B] finished items, best first
+    fin_groups: torch.Tensor  # [U, B]
+    steps_run: torch.Tensor  # [U]
+    trace: list[torch.Tensor] | None  # with return_trace
+    live_thr: torch.Tensor | None  # [U, S] with return_thresholds
+    cand_thr: torch.Tensor | None
+
+    @classmethod
+    def empty(
+        cls, num_users: int, beams: int, max_steps: int, device: torch.device, trace: bool, thresholds: bool
+    ) -> _Outcome:
+        live_thr = cand_thr = None
+        if thresholds:
+            live_thr = torch.full((num_users, max_steps), float("nan"), dtype=torch.float32, device=device)
+            cand_thr = torch.full_like(live_thr, float("nan"))
+        return cls(
+            fin_scores=torch.full((num_users, beams), NEG_INF, dtype=torch.float32, device=device),
+            fin_groups=torch.full((num_users, beams), INVALID, dtype=torch.int64, device=device),
+            steps_run=torch.zeros(num_users, dtype=torch.int64, device=device),
+            trace=[] if trace else None,
+            live_thr=live_thr,
+            cand_thr=cand_thr,
+        )
+
+    def result(self) -> BeamResult:
+        return BeamResult(self.fin_groups, self.fin_scores, self.steps_run, self.trace, self.live_thr, self.cand_thr)
+
+    def finish(self, active: torch.Tensor, cand: _Candidates, groups: torch.Tensor, norm: float) -> torch.Tensor:
+        """Merge this step's finished items: EOS candidates among the first B of the 2B (HF's
+        top_num_beam_mask), scored / norm (= length ** length_penalty); `groups` [A, 2B] their trie
+        terminals. Returns the B finished scores [A, B] of the active users, best first."""
+        beams = self.fin_scores.shape[1]
+        rank = torch.arange(cand.scores.shape[1], device=cand.scores.device)[None, :]
+        new_fin = cand.is_eos & (rank < beams)
+        new_scores = torch.where(new_fin, cand.scores / norm, NEG_INF)
+        new_groups = torch.where(new_fin, groups, INVALID)
+        merged_scores = torch.cat([self.fin_scores[active], new_scores], dim=1)  # [A, B + 2B]
+        merged_groups = torch.cat([self.fin_groups[active], new_groups], dim=1)
+        kept_scores, kept_idx = merged_scores.topk(beams, dim=1)
+        self.fin_scores[active] = kept_scores
+        self.fin_groups[active] = merged_groups.gather(1, kept_idx)
+        return kept_scores
+
+    def record(self, active: torch.Tensor, step: int, live: _LiveBeams, cand: _Candidates) -> None:
+        """Steps run; with return_trace the live beams' states; with return_thresholds the B-th best
+        live and candidate scores."""
+        num_users, beams = self.fin_scores.shape
+        self.steps_run[active] = step + 1
+        if self.trace is not None:
+            snapshot = torch.full((num_users, beams), INVALID, dtype=torch.int64, device=active.device)
+            snapshot[active, : live.scores.shape[1]] = live.states
+            self.trace.append(snapshot)
+        if self.live_thr is not None and self.cand_thr is not None:
+            self.live_thr[active, step] = lowest_of_best(live.scores, beams)
+            self.cand_thr[active, step] = lowest_of_best(cand.scores, beams)
+
+
+@dataclass
+class _Candidates:
+    """One step's 2B best continuations per active user, best first: [A, C], C = min(2B, Bc * V)."""
+
+    scores: torch.Tensor  # cumulative log-prob
+    parent: torch.Tensor  # the live beam (0 .. Bc-1) extended
+    token: torch.Tensor
+    child: torch.Tensor  # trie state after the token
+    is_eos: torch.Tensor
+
+    @classmethod
+    def best(
+        cls,
+        logits: torch.Tensor,
+        beam_scores: torch.Tensor,
+        beam_states: torch.Tensor,
+        trie: TokenTrie,
+        search: _SearchSettings,
+    ) -> _Candidates:
+        """logits [A*Bc, V] of the live beams, their scores and trie states [A, Bc]."""
+        n_active, cur_beams = beam_scores.shape
+        vocab = logits.shape[-1]
+        if search.temperature != 1.0:
+            logits = logits.float() / search.temperature
+        logp = next_token_log_probs(logits, beam_states.reshape(-1), trie, search.mask)  # [A*Bc, V]
+        cand = (logp.view(n_active, cur_beams, vocab) + beam_scores[..., None]).view(n_active, cur_beams * vocab)
+        top_scores, top_idx = cand.topk(min(2 * search.beams, cur_beams * vocab), dim=1)  # [A, 2B], best first
+        parent = top_idx // vocab
+        token = top_idx % vocab
+        child = trie.advance(beam_states.gather(1, parent), token)  # [A, 2B]
+        is_eos = torch.isfinite(top_scores) & (token == search.eos_token_id)
+        return cls(top_scores, parent, token, child, is_eos)
+
+
+@dataclass
+class _LiveBeams:
+    """The B best non-EOS candidates of a step, [A, B] (fewer columns when there are fewer candidates)."""
+
+    scores: torch.Tensor
+    parent: torch.Tensor
+    token: torch.Tensor
+    states: torch.Tensor  # INVALID for dead beams (score -inf)
+
+    @classmethod
+    def of(cls, cand: _Candidates, beams: int) -> _LiveBeams:
+        run_scores = cand.scores.masked_fill(cand.is_eos, NEG_INF)
+        live_scores, live_idx = run_scores.topk(min(beams, run_scores.shape[1]), dim=1)  # [A, B]
+        states = torch.where(torch.isfinite(live_scores), cand.child.gather(1, live_idx), INVALID)
+        return cls(live_scores, cand.parent.gather(1, live_idx), cand.token.gather(1, live_idx), states)
+
+
+def _still_searching(finished: torch.Tensor, live: _LiveBeams, norm: float) -> torch.Tensor:
+    """bool [A]: HF's early_stopping=False heuristic: a user stops once B items are finished and the
+    best live beam, at the current length (norm = length ** length_penalty), cannot beat the worst."""
+    all_filled = torch.isfinite(finished).all(dim=1)
+    can_improve = live.scores[:, 0] / norm > finished[:, -1]
+    return torch.isfinite(live.scores[:, 0]) & ~(all_filled & ~can_improve)
+
+
+class _BeamCache:
+    """The live beams' KV cache, one row per beam: from the first decoding step on the shared-prefix
+    cache (each prompt stored once) where the model allows it, else the model's own cache with the
+    prompt copied per beam by `reorder_cache` (with an attention mask grown by one column per step)."""
+
+    def __init__(self, model: torch.nn.Module, cache, attention_mask: torch.Tensor) -> None:
+        self.model, self.cache, self.prompt_mask = model, cache, attention_mask
+        self.row_mask = attention_mask.long()  # [A*Bc, L+t] (model's own cache only)
+        self.row_pos = attention_mask.long().sum(-1)  # [A*Bc] position of the next token
+        self.shared: bool | None = None  # decided at the first decoding step
+
+    def decode(self, rows: torch.Tensor, users_left: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """Row r continues cache row rows[r] with tokens [R]; `users_left`: the prompts kept (None:
+        all). Returns the next logits [R, V]."""
+        if self.shared is None:
+            shared = _beam_cache(self.cache, self.prompt_mask, self.model)
+            self.shared = shared is not None
+            if shared is not None:
+                self.cache = shared
+        self.row_pos = self.row_pos[rows]
+        if self.shared:
+            reorder_rows(self.cache, rows, users_left)
+            out = shared_prefix_forward(self.model, self.cache, tokens.reshape(-1, 1), self.row_pos[:, None])
+        else:
+            self.cache.reorder_cache(rows)
+            self.row_mask = torch.cat([self.row_mask[rows], self.row_mask.new_ones(rows.numel(), 1)], dim=1)
+            out = self.model(
+                input_ids=tokens.reshape(-1, 1),
+                attention_mask=self.row_mask,
+                position_ids=self.row_pos[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        self.row_pos = self.row_pos + 1
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+
+def _decode(logits: torch.Tensor, cache: _BeamCache, trie: TokenTrie, outcome: _Outcome, search: _SearchSettings):
+    """The decoding steps, from the prompts' last logits [U, V] until every user stops."""
+    num_users, device = logits.shape[0], logits.device
+    active = torch.arange(num_users, device=device)  # [A] users still searching
+    beam_scores = torch.zeros(num_users, 1, device=device)  # [A, Bc] (Bc = 1 before the first step)
+    beam_states = torch.zeros(num_users, 1, dtype=torch.int64, device=device)  # root
+    for step in range(search.max_steps):
+        cand = _Candidates.best(logits, beam_scores, beam_states, trie, search)
+        norm = float(step + 1) ** search.length_penalty  # generated tokens including EOS
+        finished = outcome.finish(active, cand, trie.terminal_group(cand.child), norm)
+        live = _LiveBeams.of(cand, search.beams)
+        outcome.record(active, step, live, cand)
+        still = _still_searching(finished, live, norm)  # [A]
+        if step + 1 >= search.max_steps or not bool(still.any()):
+            break
+        if search.synced:
+            _others_still_working(True, device)  # pairs with the flag of ranks that are done
+        keep = still.nonzero().squeeze(1)  # [A'] local indices of users that go on
+        rows = (keep[:, None] * beam_scores.shape[1] + live.parent[keep]).reshape(-1)  # [A'*B] cache rows
+        users_left = None if keep.numel() == active.numel() else keep
+        active, beam_scores, beam_states = active[keep], live.scores[keep], live.states[keep]
+        logits = cache.decode(rows, users_left, live.token[keep])

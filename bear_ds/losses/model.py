@@ -126,7 +126,7 @@ def lm_head_context(model: Any) -> Iterator[LMHead]:
     scale, softcap = logit_transform(getattr(hf_model, "config", None))
     params = [p for p in (weight, bias) if p is not None]
     if is_zero3_partitioned(params):
-        import deepspeed
+        import deepspeed  # deferred: DeepSpeed is heavy and needed under ZeRO-3 only
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield LMHead(weight, bias, scale, softcap)

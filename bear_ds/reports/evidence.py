@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from bear_ds.data import load_split
 from bear_ds.evaluation.metrics import rank_metrics
+from bear_ds.evaluation.popularity import most_popular_ranks, popularity_order
 from bear_ds.reports.stats import (
     PairedDifference,
     is_rank,
@@ -26,8 +28,8 @@ from bear_ds.reports.stats import (
     wilson_interval,
     window_mean_over_seeds,
 )
+from bear_ds.reports.tables import format_number, markdown_table
 from bear_ds.runs import RunData, find_output, read_jsonl
-from bear_ds.sweeps import format_number, markdown_table
 
 DEFAULT_K = 10  # K of the statistics when no run says which K it evaluated
 MOST_POPULAR = "most-popular"
@@ -160,9 +162,6 @@ def most_popular_ranks_for(
 ) -> tuple[UserRanks | None, str | None]:
     """The top-k most-popular list scored on the run's test users (the same users, in the same order):
     groups from the run's exported catalog (OUT/model/catalog.json), frequencies from its training split."""
-    from bear_ds.data import load_split
-    from bear_ds.evaluation.popularity import most_popular_ranks, popularity_order
-
     prepared = _prepared_folder(run)
     if prepared is None or not (prepared / "train.parquet").is_file():
         return None, f"{run.name}: no prepared data folder found (config data.path or {run.folder / 'data'})"

@@ -7,7 +7,6 @@ runs left out of a plot are listed in its notes.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from bear_ds.outputs import atomic_path
+from bear_ds.reports.stats import wilson_interval
+from bear_ds.reports.tables import is_finite_number
 
 _MAX_LEGEND_ROWS = 12
 
@@ -42,10 +43,6 @@ def _finish(fig: Any, ax: Any, out: Path, n_series: int) -> None:
     ax.grid(True, alpha=0.3)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def mean_series(series: Sequence[dict[float, float]]) -> tuple[list[float], list[float]]:
@@ -109,7 +106,11 @@ def plot_step_metric(
     for run, records in logs.items():
         if not records:
             continue  # the caller says why the file is missing or empty
-        points = {float(r["step"]): float(r[key]) for r in records if _finite(r.get("step")) and _finite(r.get(key))}
+        points = {
+            float(r["step"]): float(r[key])
+            for r in records
+            if is_finite_number(r.get("step")) and is_finite_number(r.get(key))
+        }
         if points:
             per_run[run] = points
         else:
@@ -151,7 +152,9 @@ def plot_epoch_metric(
         points = {
             float(r["epoch"]): float(r["valid"][metric])
             for r in records
-            if _finite(r.get("epoch")) and isinstance(r.get("valid"), dict) and _finite(r["valid"].get(metric))
+            if is_finite_number(r.get("epoch"))
+            and isinstance(r.get("valid"), dict)
+            and is_finite_number(r["valid"].get(metric))
         }
         if points:
             per_run[run] = points
@@ -166,7 +169,7 @@ def plot_epoch_metric(
         if len(runs) == 1:  # a mean over seeds has no single selected epoch
             run = runs[0]
             sel = selected.get(run)
-            if _finite(sel) and float(sel) in per_run[run]:
+            if is_finite_number(sel) and float(sel) in per_run[run]:
                 ax.plot([float(sel)], [per_run[run][float(sel)]], marker="*", markersize=14, color=line.get_color())
                 stars += 1
     if n_series == 0:
@@ -201,7 +204,7 @@ def plot_metric_vs_param(
         outcome.skipped_because = f"no done point has {metric_col}"
         return outcome
     done = points[points["status"] == "done"]
-    finite = done[metric_col].map(_finite)
+    finite = done[metric_col].map(is_finite_number)
     outcome.notes += [  # inf (nan is indistinguishable from absent here: the sweep summary names it)
         f"point {name}: {metric_col} = {value} is not finite; left out"
         for name, value in zip(done["point"][~finite], done[metric_col][~finite], strict=True)
@@ -244,7 +247,7 @@ def plot_metric_vs_param(
 
 def _count(analysis: dict[str, Any], key: str) -> int | None:
     value = analysis.get(key)
-    return int(value) if _finite(value) and float(value) == int(value) and value >= 0 else None
+    return int(value) if is_finite_number(value) and float(value) == int(value) and value >= 0 else None
 
 
 def plot_pruning(analyses: dict[str, dict[str, Any]], groups: dict[str, list[str]], *, out: Path) -> PlotOutcome:
@@ -253,8 +256,6 @@ def plot_pruning(analyses: dict[str, dict[str, Any]], groups: dict[str, list[str
     at or before the pruning step (analysis.json counts), each with its Wilson 95% interval and its
     counts k/n. Every group is drawn: one without top-B positives as "n = 0", one without an
     analysis as "no analysis"."""
-    from bear_ds.reports.stats import wilson_interval
-
     title = "Beam-search pruning of top-B positives (analysis.json, Wilson 95% intervals)"
     outcome = PlotOutcome(title=title, file=None)
     counts: dict[str, tuple[int, int, int | None]] = {}  # run -> (positives, pruned, pruned violating)

@@ -7,7 +7,6 @@ plot are named.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,27 +16,16 @@ import pandas as pd
 from bear_ds.outputs import write_text_atomic
 from bear_ds.reports.evidence import MOST_POPULAR, evidence_sections
 from bear_ds.reports.plots import PlotOutcome, plot_epoch_metric, plot_metric_vs_param, plot_pruning, plot_step_metric
+from bear_ds.reports.sweep_results import aggregate_markdown, collect_points, group_keys_of, group_over_seeds
+from bear_ds.reports.tables import format_number, format_param, is_finite_number, markdown_table
 from bear_ds.runs import RunData, discover_runs, load_run
-from bear_ds.sweeps import (
-    aggregate_markdown,
-    collect_points,
-    format_number,
-    format_param,
-    group_keys_of,
-    group_over_seeds,
-    markdown_table,
-)
 
 PLOTS_DIR = "plots"
 TABLE_METRICS: tuple[str, ...] = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _percent(value: Any) -> str:
-    return f"{100.0 * value:.1f}%" if _is_number(value) else "–"
+    return f"{100.0 * value:.1f}%" if is_finite_number(value) else "–"
 
 
 def _test_metrics(run: RunData, notes: list[str]) -> dict[str, Any]:
@@ -71,7 +59,7 @@ def _results_table(runs: dict[str, RunData], popular: dict[str, Any] | None = No
     notes: list[str] = []
     for name, run in runs.items():
         metrics = _test_metrics(run, notes)
-        missing = [m for m in TABLE_METRICS if m in metrics and not _is_number(metrics[m])] + [
+        missing = [m for m in TABLE_METRICS if m in metrics and not is_finite_number(metrics[m])] + [
             m for m in TABLE_METRICS if metrics and m not in metrics
         ]
         if missing:
@@ -80,22 +68,22 @@ def _results_table(runs: dict[str, RunData], popular: dict[str, Any] | None = No
         pruned = (run.analysis or {}).get("pruned_share")
         if run.analysis is None:
             notes.append(f"{name}: pruned share unknown ({'; '.join(run.notes.get('analysis', []))})")
-        elif not _is_number(pruned):
+        elif not is_finite_number(pruned):
             notes.append(f"{name}: analysis.json has no numeric 'pruned_share'")
         rows.append(
             [
                 name,
-                *(format_number(metrics.get(m)) if _is_number(metrics.get(m)) else "–" for m in TABLE_METRICS),
+                *(format_number(metrics.get(m)) if is_finite_number(metrics.get(m)) else "–" for m in TABLE_METRICS),
                 str(summary.get("selected_epoch", "–")),
                 *(
-                    format_number(summary.get(key), 1) if _is_number(summary.get(key)) else "–"
+                    format_number(summary.get(key), 1) if is_finite_number(summary.get(key)) else "–"
                     for key in ("train_time_s", "optim_time_s")
                 ),
                 _percent(pruned),
             ]
         )
     if popular is not None:  # the reference every method has to beat: the same list for every test user
-        cells = [format_number(popular[m]) if _is_number(popular.get(m)) else "–" for m in TABLE_METRICS]
+        cells = [format_number(popular[m]) if is_finite_number(popular.get(m)) else "–" for m in TABLE_METRICS]
         users = f" ({popular['users']} users)" if "users" in popular else ""
         rows.append([f"{MOST_POPULAR}{users}", *cells, "–", "–", "–", "–"])
         if "users" not in popular:
@@ -136,7 +124,7 @@ def _pruning_table(runs: dict[str, RunData]) -> str:
         if absent:
             notes.append(f"{name}: analysis.json lacks {', '.join(absent)}")
         beams = a.get("num_beams")
-        k = int(beams) if _is_number(beams) else None
+        k = int(beams) if is_finite_number(beams) else None
         recall = [_analysis_recall(a, which, k) for which in ("exhaustive", "beam")]
         rows.append(
             [
@@ -144,7 +132,7 @@ def _pruning_table(runs: dict[str, RunData]) -> str:
                 *(str(a.get(key, "–")) for key in ("num_beams", "users", "topb_positives", "pruned")),
                 _percent(a.get("pruned_share")),
                 _percent(a.get("pruned_violating_share")),
-                *(format_number(r) if _is_number(r) else "–" for r in recall),
+                *(format_number(r) if is_finite_number(r) else "–" for r in recall),
             ]
         )
     if not rows:

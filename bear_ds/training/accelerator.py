@@ -12,6 +12,7 @@ them from a prepared DataLoader.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -162,8 +163,6 @@ def build_accelerator(train_cfg: TrainConfig, project_dir: str | Path | None = N
 
 def _tracker(report_to: str) -> str | None:
     """train.report_to as Accelerate's `log_with`; a tracker that is not installed is an error, not skipped."""
-    import importlib.util
-
     if report_to == "none":
         return None
     modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[report_to]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.errors import ConfigError
@@ -73,8 +74,6 @@ def collate(
     input_ids: list[list[int]], labels: list[list[int]], indices: np.ndarray, pad_token_id: int
 ) -> dict[str, torch.Tensor]:  # noqa: F821
     """Right-padded tensors of one micro-batch: input_ids, attention_mask [B, L]; labels [B, L] (-100 pad)."""
-    import torch
-
     rows = [int(i) for i in indices]
     width = max(len(input_ids[i]) for i in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)

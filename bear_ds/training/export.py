@@ -55,7 +55,7 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scalings: dict[st
 
 
 def _lora_scalings(peft_model) -> dict[str, float]:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # deferred: peft is needed with model.lora only
 
     scalings = {}
     for name, module in peft_model.named_modules():

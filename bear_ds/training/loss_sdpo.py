@@ -5,28 +5,41 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from bear_ds.errors import ConfigError
 from bear_ds.evaluation.evaluate import check_context
 from bear_ds.losses import backbone_hidden_states, lm_head_context, preference_loss, response_rows, select_response
 from bear_ds.models import pretrained_folder
 from bear_ds.training.loss_api import LossContext, MicroBatch, MicroBatchLoss, head_zero, with_loss_name
 from bear_ds.training.loss_token import token_loss
-from bear_ds.training.preference_pairs import PreferencePairs, prompt_ids_of
+from bear_ds.training.preference_pairs import PreferencePairs, check_reference_model, prompt_ids_of
 
 
 def sdpo_setup(model: Any, ctx: LossContext) -> PreferencePairs:
     """`ctx.loss_state`: the run's `PreferencePairs` (negatives and reference log-probabilities per epoch)."""
-    rows, catalog = ctx.train_rows, ctx.catalog
+    rows, catalog, cfg = ctx.train_rows, ctx.catalog, ctx.cfg
+    k = cfg.loss.num_negatives
+    if catalog.num_groups - 1 < k:  # every negative is another title group than the target's
+        raise ConfigError(
+            f"loss.num_negatives={k} needs at least {k + 1} distinct titles in the catalog, which has "
+            f"{catalog.num_groups}: lower loss.num_negatives or use a larger catalog"
+        )
+    if cfg.model.reference_path is not None:  # before any epoch: the pass that loads it comes later
+        check_reference_model(Path(cfg.model.reference_path), ctx.tokenizer, catalog)
+    # the trainer fitted the examples with room for the longest title (train.truncate_history)
     prompts = prompt_ids_of(ctx.examples.input_ids, ctx.examples.labels)
     context = int(getattr(getattr(model, "module", model).config, "max_position_embeddings", 0) or 10**9)
     check_context(prompts, catalog.trie.max_depth, context, what="training row")  # any title may be a negative
-    return PreferencePairs(
+    pairs = PreferencePairs(
         ctx.cfg, prompts=prompts, target_groups=[catalog.group_of_item(t) for t in rows["target"]],
         history_groups=[[catalog.group_of_item(i) for i in h] for h in rows["history"]], catalog=catalog,
         tokenizer=ctx.tokenizer, zero3=ctx.zero3, policy_folder=pretrained_folder(ctx.cfg.model),
         accelerator=ctx.accelerator,
     )  # fmt: skip
+    pairs.prompts_truncated = ctx.examples.truncated_examples
+    return pairs
 
 
 def sdpo_epoch_start(model: Any, ctx: LossContext, epoch: int, step: int) -> None:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bear_ds.models import unwrap_model
+
 # dense bf16 tensor-core FLOP/s per device; the first name found in the device's name wins
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12),
@@ -70,8 +72,6 @@ class FlopModel:
     @classmethod
     def of(cls, model: Any) -> FlopModel:
         """From a Hugging Face causal LM (a peft or DeepSpeed wrapper unwrapped first, or not)."""
-        from bear_ds.models import unwrap_model
-
         hf = unwrap_model(model)
         config = hf.config
         skip = {id(p) for m in (hf.get_input_embeddings(), hf.get_output_embeddings()) if m is not None

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from bear_ds.errors import RunStateError
 from bear_ds.outputs import write_text_atomic
 
@@ -68,8 +70,6 @@ class ProgressBar:
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
     def update(self, loss: float, tokens_per_s: float) -> None:

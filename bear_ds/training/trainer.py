@@ -29,11 +29,8 @@ Extension points (details in `bear_ds/training/loss_api.py`):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,17 +38,37 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
+from transformers import get_scheduler
 
+from bear_ds.catalog import Catalog
 from bear_ds.config import Config, ConfigError, save_config
+from bear_ds.data import PromptBuilder, load_catalog, load_stats, load_train_split, resolve_prepared
 from bear_ds.distributed import end_distributed
 from bear_ds.errors import BearDsError
+from bear_ds.folders import check_output_dir
 from bear_ds.locks import RunFolderBusyError, RunFolderLock
-from bear_ds.models import model_hidden_size
+from bear_ds.memory import TrainingShape, checkpointing_needed
+from bear_ds.models import (
+    build_model,
+    enable_activation_checkpointing,
+    is_zero3_partitioned,
+    model_hidden_size,
+    pretrained_folder,
+)
 from bear_ds.outputs import write_json_atomic
 from bear_ds.runtime import launcher_rank, launcher_world_size
 from bear_ds.training.accelerator import build_accelerator
 from bear_ds.training.batching import epoch_schedule, padded_fraction, rank_micro_batches
 from bear_ds.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from bear_ds.training.epochs import (
+    EpochEvaluator,
+    check_select_metric,
+    metric_text,
+    read_export_info,
+    selected_epoch_summary,
+    write_test_ranks,
+)
 from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
 from bear_ds.training.host_syncs import count_host_syncs, not_counted
@@ -60,14 +77,13 @@ from bear_ds.training.loss_table import loss_spec
 from bear_ds.training.mfu import FlopModel, mean_mfu, mfu, peak_flops
 from bear_ds.training.micro_batch import StepTotals, load_micro_batch, micro_batch_loss
 from bear_ds.training.run_folder import (
-    TOKENIZER_RECORD,
+    SUMMARY_FILE,
     check_launch,
+    finished_run_summary,
     model_is_selected_epoch,
-    read_tokenizer_record,
     record_resume,
-    tokenizer_mismatch,
-    tokenizer_record,
 )
+from bear_ds.training.run_tokenizer import check_resumed_tokenizer, prepare_tokenizer
 from bear_ds.training.train_log import JsonlLog, ProgressBar
 
 logger = logging.getLogger(__name__)
@@ -77,74 +93,7 @@ class NonFiniteLossError(BearDsError, FloatingPointError):
     """A micro-batch produced a NaN/inf loss and train.on_nonfinite=stop."""
 
 
-# ---------------------------------------------------------------------------------------- setup
-def prepare_tokenizer(
-    cfg: Config,
-    output_dir: Path,
-    model_folder: Path | None,
-    titles: dict[str, str],
-    prompts: list[str],
-    resuming: bool = False,
-):
-    """The run's tokenizer: tokenizer.path, else the model folder's, else a BPE trained once into OUT/tokenizer.
-
-    OUT/tokenizer/trained_from.json records what the BPE was trained from; a leftover trained from
-    other texts or with another vocabulary size is retrained in a fresh run and refused on a resume
-    (its checkpoints hold embeddings of that tokenizer). Not collective: call on one process first
-    (`main_process_first`), then the others load it.
-    """
-    from bear_ds.tokenization import ensure_pad_token, load_tokenizer, train_bpe_tokenizer
-
-    if cfg.tokenizer.path:
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
-    elif model_folder is not None:
-        tokenizer = load_tokenizer(model_folder)
-    else:
-        folder = output_dir / "tokenizer"
-        texts = [*titles.values(), *prompts]
-        wanted = tokenizer_record(texts, cfg.tokenizer.vocab_size)
-        reuse = (folder / "tokenizer_config.json").is_file()
-        if reuse and (mismatch := tokenizer_mismatch(read_tokenizer_record(folder), wanted)) is not None:
-            if resuming:
-                check_resumed_tokenizer(folder, texts, cfg.tokenizer.vocab_size)  # raises on a recorded mismatch
-                logger.warning("%s: %s; reused for the resume", folder, mismatch)
-            else:
-                logger.warning("%s is a leftover that does not match this run (%s): retrained", folder, mismatch)
-                reuse = False
-        if reuse:  # resume / second rank: reuse, never retrain
-            tokenizer = load_tokenizer(folder)
-        else:
-            tokenizer = train_bpe_tokenizer(texts, cfg.tokenizer.vocab_size)
-            tmp = output_dir / f"tokenizer.tmp-{os.getpid()}"
-            tokenizer.save_pretrained(tmp)
-            write_json_atomic(tmp / TOKENIZER_RECORD, wanted)
-            old = output_dir / f"tokenizer.old-{os.getpid()}"
-            if folder.exists():
-                os.replace(folder, old)
-            os.replace(tmp, folder)  # atomic: a killed run never leaves a half tokenizer to reuse
-            shutil.rmtree(old, ignore_errors=True)
-    ensure_pad_token(tokenizer)
-    return tokenizer
-
-
-def check_resumed_tokenizer(folder: Path, texts: list[str], vocab_size: int) -> None:
-    """A resumed run's OUT/tokenizer must be the one its checkpoints were trained with: refuse
-    (ValueError) one recorded as trained from other texts or with another vocabulary size."""
-    saved = read_tokenizer_record(folder)
-    if saved is None or not (folder / "tokenizer_config.json").is_file():
-        return  # nothing recorded (an older run), or nothing to reuse: prepare_tokenizer decides
-    mismatch = tokenizer_mismatch(saved, tokenizer_record(texts, vocab_size))
-    if mismatch is not None:
-        raise ValueError(
-            f"{folder} does not match this run: {mismatch}; its checkpoints were trained with it, so the "
-            "resume is refused (resume with the data and tokenizer.vocab_size it was started with, or use "
-            "another output_dir)"
-        )
-
-
 def _schedule(name: str, optimizer, warmup: int, total: int):
-    from transformers import get_scheduler
-
     kind = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[name]
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
@@ -158,57 +107,6 @@ def _optimizer(cfg: Config, model):
     if not params:
         raise ConfigError("the model has no trainable parameters (model.lora.target_modules matched nothing?)")
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
-class EpochEvaluator:
-    """Valid (first train.eval_max_users users) and test beam-search metrics after an epoch."""
-
-    def __init__(
-        self, cfg: Config, prepared: Path, titles: dict[str, str], builder, catalog, tokenizer, context: int
-    ) -> None:
-        from bear_ds.catalog import fit_prompts
-        from bear_ds.data import load_split
-        from bear_ds.evaluation.evaluate import run_beam_evaluation
-
-        self.run, self.cfg = run_beam_evaluation, cfg
-        self.splits: dict[str, tuple[list[list[int]], list[int | None]]] = {}
-        self.user_ids: dict[str, list[str]] = {}
-        # per user of the last evaluation of each split: {"user_id", "target_rank"} (for paired statistics)
-        self.last_ranks: dict[str, list[dict[str, Any]]] = {}
-        for split, cap in (("valid", cfg.train.eval_max_users), ("test", cfg.eval.max_users)):
-            rows = load_split(prepared, split)
-            if cap is not None:
-                rows = rows.select(range(min(cap, len(rows))))
-            fitted = fit_prompts(
-                [[titles[i] for i in h] for h in rows["history"]], tokenizer, builder,
-                context - catalog.trie.max_depth,  # room for the longest title, as `bear-ds evaluate` leaves
-                truncate=cfg.eval.truncate_history, what=f"{split} user", option="eval.truncate_history",
-            )  # fmt: skip
-            if fitted.truncated_examples:
-                logger.warning("%s: %d prompts lost oldest history items to fit the context", split,
-                               fitted.truncated_examples)  # fmt: skip
-            self.splits[split] = (fitted.prompt_ids, [catalog.group_of_item(t) for t in rows["target"]])
-            self.user_ids[split] = [str(u) for u in rows["user_id"]]
-
-    def __call__(
-        self, accelerator, model, tokenizer, catalog, splits: tuple[str, ...] = ("valid", "test")
-    ) -> dict[str, dict[str, Any]]:
-        results = {}
-        for split in splits:
-            prompts, groups = self.splits[split]
-            if not prompts:  # an empty test split: nothing to report
-                results[split] = {}
-                continue
-            predictions, metrics = self.run(
-                model, tokenizer, catalog, prompts, groups, self.cfg.eval, accelerator,
-                loss_name=self.cfg.loss.name, progress=accelerator.is_main_process,
-            )  # fmt: skip
-            results[split] = metrics
-            self.last_ranks[split] = [
-                {"user_id": u, "target_rank": p["target_rank"]}
-                for u, p in zip(self.user_ids[split], predictions, strict=True)
-            ]
-        return results
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -271,11 +169,17 @@ class Trainer:
         self.t_start = time.time()
         self.loss = loss_spec(self.cfg.loss.name)  # an unknown loss.name is refused before any work
         if self.cfg.train.eval_every_epoch:
-            _check_select_metric(self.cfg)
-        # check first, write after: the lock, then a refused launch or resume, before config.yaml
+            check_select_metric(self.cfg)
+        # check first, write after: the folder's kind, the lock, then a refused launch or resume, before config.yaml
+        check_output_dir(self.out, "train")
         lock_error = self._lock_run_folder()
         self.checkpoint = latest_checkpoint(self.out)
         self.resume_changes = check_launch(self.out, self.cfg, self.checkpoint)  # the same on every rank
+        self.finished = finished_run_summary(self.out, self.checkpoint)
+        if self.finished is not None:  # this very run, finished, no checkpoint: nothing is changed
+            logger.info("%s: this run finished already (%s, %d steps; no checkpoints): nothing to train",
+                        self.out, SUMMARY_FILE, self.finished["steps"])  # fmt: skip
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator, self.plan, self.zero_stage = build_accelerator(
             self.cfg.train, self.out, hidden_size=model_hidden_size(self.cfg.model)
@@ -318,17 +222,13 @@ class Trainer:
 
     def _load_data(self) -> TrainingData:
         """Prepared data, tokenizer, catalog: rank 0 writes what is shared, the others then read it."""
-        from bear_ds.catalog import Catalog
-        from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
-        from bear_ds.models import pretrained_folder
-
         cfg = self.cfg
         with self.accelerator.main_process_first():
             prepared = resolve_prepared(cfg, self.out / "data")
             self.model_folder = pretrained_folder(cfg.model)
         builder = PromptBuilder(cfg.prompt, cfg.data.domain or load_stats(prepared).get("domain"))
         titles = load_catalog(prepared)
-        self.rows = load_split(prepared, "train")
+        self.rows, self.train_data = load_train_split(prepared, cfg.data)  # data.train_sample applied
         prompts = (
             [builder.prompt([titles[i] for i in h]) for h in self.rows["history"]] if self.model_folder is None else []
         )
@@ -344,10 +244,6 @@ class Trainer:
 
     def _build_model(self) -> None:
         """Model, the examples fitted to its context, optimiser, schedule, all `accelerator.prepare`d."""
-        from accelerate.utils import set_seed
-
-        from bear_ds.models import build_model, is_zero3_partitioned
-
         cfg, data = self.cfg, self.data
         set_seed(cfg.train.seed)
         self.use_deepspeed = self.accelerator.state.deepspeed_plugin is not None
@@ -358,6 +254,8 @@ class Trainer:
         data.examples = encode_training_examples(
             self.rows["history"], self.rows["target"], data.titles, data.catalog, data.tokenizer, data.builder,
             max_length=data.max_length, truncate_history=cfg.train.truncate_history,
+            # S-DPO puts every title after a prompt (its negatives): room for the longest, as evaluation
+            response_room=data.catalog.trie.max_depth if cfg.loss.name == "sdpo" else None,
         )  # fmt: skip
         self.gradient_checkpointing = self._activation_checkpointing(model)
         self.steps_per_epoch = len(data.examples.lengths) // self.plan.global_batch
@@ -381,9 +279,6 @@ class Trainer:
     def _activation_checkpointing(self, model) -> bool:
         """model.gradient_checkpointing, with auto decided from the memory estimate (bear_ds/memory.py)
         for the longest training example; enables it on `model` when auto says on."""
-        from bear_ds.memory import TrainingShape, checkpointing_needed
-        from bear_ds.models import enable_activation_checkpointing
-
         setting = self.cfg.model.gradient_checkpointing
         if setting != "auto":
             return bool(setting)
@@ -609,9 +504,9 @@ class Trainer:
             results.update(self._evaluate(("test",)))
         test = results.get("test", {})
         if self.main:
-            logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, _metric_text(valid), _metric_text(test))
+            logger.info("epoch %d (step %d): valid %s, test %s", epoch, step, metric_text(valid), metric_text(test))
         if improved and test and self.main:
-            _write_test_ranks(self.out / "test_predictions.jsonl", self.evaluate.last_ranks["test"], epoch)
+            write_test_ranks(self.out / "test_predictions.jsonl", self.evaluate.last_ranks["test"], epoch)
         record = {"epoch": epoch, "step": step, "valid": valid, "test": test}
         self.epochs_log.write(record)
         if self.accelerator.trackers:  # train.report_to: the epoch's metrics beside the per-step scalars
@@ -635,12 +530,14 @@ class Trainer:
         summary: dict[str, Any] = {"steps": self.state.step, "world_size": self.world, "zero_stage": self.zero_stage,
                                    "gradient_checkpointing": self.gradient_checkpointing}  # fmt: skip
         summary["model"] = self._export_final()
+        summary["data"] = self.train_data
         records = self.epochs_log.read() if self.main else []
         if records:
-            summary.update(self._selection(records, summary["model"]))
+            summary.update(selected_epoch_summary(records, self.cfg, self.out / "model", summary["model"]))
         logs = self.train_log.read()
         summary["loss"] = logs[-1]["loss"] if logs else None
         summary["mfu_mean"] = mean_mfu(logs)  # over the logged steps; null where the peak is unknown
+        summary["prompts_truncated"] = self.data.examples.truncated_examples  # examples that lost history items
         summary["train_time_s"] = self.elapsed()  # including per-epoch evaluation
         summary["optim_time_s"] = self.state.counters.get("optim_time_s", 0.0)  # optimiser steps only
         summary["wall_time_s"] = time.time() - self.t_start
@@ -654,40 +551,12 @@ class Trainer:
         step = self.state.step
         # OUT/model is the selected epoch's only when an epoch was selected into it: a finished run
         # re-run with resume finds its final export there, which no epoch selected
-        selected = model_is_selected_epoch(_read_export_info(self.out / "model"))
+        selected = model_is_selected_epoch(read_export_info(self.out / "model"))
         if self.evaluate is None or not _main_decides(self.accelerator, selected):
             self.export("model", {"step": step, "selected_by": None})
             return {"path": "model", "is": "final model (no per-epoch evaluation)"}
         self.export("model_final", {"step": step})
         return {"path": "model", "is": "the selected epoch's model", "final": "model_final"}
-
-    def _selection(self, records: list[dict[str, Any]], model_info: dict[str, str]) -> dict[str, Any]:
-        """The selected epoch's metrics (rank 0); flags an OUT/model that is not that epoch's."""
-        metric = self.cfg.train.select_metric
-        best = max(records, key=lambda r: r["valid"][metric])
-        selection: dict[str, Any] = {
-            "selected_epoch": best["epoch"], "select_metric": metric, "valid": best["valid"], "test": best["test"],
-        }  # fmt: skip
-        exported = _read_export_info(self.out / "model")
-        if exported.get("epoch") != best["epoch"]:
-            # a crash between an epoch's export and its checkpoint, then a replay that did not improve
-            # on the best: OUT/model is from a discarded continuation. Say so rather than pair them.
-            why = (
-                f"{self.out / 'model'} holds epoch {exported.get('epoch')} (step {exported.get('step')}) but the "
-                f"selected epoch is {best['epoch']}; re-export that epoch from its checkpoint if it is still kept"
-            )
-            model_info["mismatch"] = why
-            logger.error("%s", why)
-        if self.cfg.train.eval_test == "every_epoch":
-            selection["test_max_over_epochs"] = {
-                "protocol": "released (max over epochs of TEST metrics; for comparison only, not model selection)",
-                **{
-                    k: max(r["test"].get(k, -math.inf) for r in records)
-                    for k in best["test"]
-                    if k.startswith(("hr@", "ndcg@"))
-                },  # fmt: skip
-            }
-        return selection
 
     def cleanup(self) -> None:
         """Leave the process group together and forget its state (`bear_ds.distributed.end_distributed`)."""
@@ -699,6 +568,8 @@ def train(cfg: Config) -> dict[str, Any]:
     trainer = Trainer(cfg)
     try:
         trainer.setup()
+        if trainer.finished is not None:
+            return trainer.finished
         trainer.run_epochs()
         return trainer.finish()
     finally:
@@ -706,32 +577,11 @@ def train(cfg: Config) -> dict[str, Any]:
             trainer.release()
 
 
-# ---------------------------------------------------------------------------------------- epochs
+# ---------------------------------------------------------------------------------------- helpers
 def _main_decides(accelerator, flag: bool) -> bool:
     """Rank 0's boolean, on every rank (only rank 0 reads the run's logs)."""
     vote = torch.tensor([1.0 if (flag and accelerator.is_main_process) else 0.0], device=accelerator.device)
     return accelerator.reduce(vote, reduction="sum").item() > 0
-
-
-def _read_export_info(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "export_info.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _check_select_metric(cfg: Config) -> None:
-    """Fail before training, not after the first epoch, when train.select_metric is not computed."""
-    from bear_ds.evaluation.evaluate import metric_ks
-
-    ks, _ = metric_ks(cfg.eval.top_k, cfg.eval.num_beams, warn=False)
-    allowed = [f"{name}@{k}" for name in ("hr", "ndcg") for k in ks]
-    if cfg.train.select_metric not in allowed:
-        raise ConfigError(
-            f"train.select_metric={cfg.train.select_metric!r} is not among the metrics the per-epoch evaluation "
-            f"computes with eval.top_k={cfg.eval.top_k} and eval.num_beams={cfg.eval.num_beams}: "
-            f"{', '.join(allowed) or 'none'} (K above num_beams is left out)"
-        )
 
 
 def _stop_on_nonfinite(accelerator, unchecked: list[tuple[torch.Tensor, torch.Tensor, str]], step: int) -> None:
@@ -747,20 +597,6 @@ def _stop_on_nonfinite(accelerator, unchecked: list[tuple[torch.Tensor, torch.Te
     raise NonFiniteLossError(
         f"non-finite loss {value} at {where}; set train.on_nonfinite=skip to drop such micro-batches"
     )
-
-
-def _write_test_ranks(path: Path, ranks: list[dict[str, Any]], epoch: int) -> None:
-    """Per-user test ranks of the best epoch so far (the selected one at the end), for paired
-    statistics across methods; written whole then renamed, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        for row in ranks:
-            fh.write(json.dumps({"epoch": epoch, **row}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _metric_text(metrics: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("hr@", "ndcg@")))
 
 
 __all__ = ["NonFiniteLossError", "TrainState", "Trainer", "prepare_tokenizer", "train"]
