@@ -1,8 +1,9 @@
 """beamsim under real DeepSpeed ZeRO-3 on 2 CPU ranks (gloo) equals a single process.
 
 Each rank holds a partitioned tiny Llama and runs, as the trainer does, the forward, the simulated
-beam search started from that forward's KV cache (synced: the rank that stops decoding first runs
-dummy forwards) and the loss on its own micro-batch; the reference encodes the prompts again: step 1, rank 0 has
+beam search started from that forward's KV cache and the loss on its own micro-batch, twice: with the
+weights gathered at every forward (synced: the rank that stops decoding first runs dummy forwards)
+and gathered once for the search (hooks off, unsynced); the reference encodes the prompts again: step 1, rank 0 has
 three long titles and rank 1 one short title that stops early; step 2 the other way round. Per
 rank, theta, the verdicts and the loss must equal a plain single-process computation on the same
 micro-batch (losses to 1e-6), and the gathered gradient their mean.
@@ -11,17 +12,18 @@ micro-batch (losses to 1e-6), and the gathered gradient their mean.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from launching import launch_env
 from tiny_models import tiny_llama_kwargs
 
 from bear_ds.config import LossConfig
 from bear_ds.distributed import torchrun_command
 from bear_ds.generation.survival import prompt_ends, prompt_state_of_forward, simulate_beam_search
+from bear_ds.generation.zero3_gather import decoding_weights
 from bear_ds.losses import (
     backbone_forward,
     backbone_hidden_states,
@@ -34,6 +36,7 @@ from bear_ds.trie import TokenTrie
 V, H, EOS = 40, 16, 2
 TITLES = [[3, 4, 5, 2], [3, 4, 6, 2], [3, 7, 2], [8, 9, 2], [8, 4, 5, 6, 11, 12, 2], [10, 2], [3, 4, 5, 6, 13, 2]]
 LOSS = dict(name="beamsim", beam_width=2, lam=0.5, xi=0.8, chunk_size=3)
+GATHERS = ("per_step", "once")  # eval.gather of the partitioned search, as the trainer's beamsim loss passes it
 
 WORKER = r"""
 import json, os, sys
@@ -43,7 +46,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
 sys.path.insert(0, os.environ["BEAR_TEST_DIR"])
-from test_beamsim_zero3 import LOSS, TITLES, V, case_batches, run_micro_batch, tiny_config  # noqa: E402
+from test_beamsim_zero3 import GATHERS, LOSS, TITLES, V, case_batches, run_micro_batch, tiny_config  # noqa: E402
 from zero3_worker import partitioned_engine  # noqa: E402
 
 from bear_ds.config import LossConfig
@@ -52,21 +55,24 @@ from bear_ds.trie import TokenTrie
 work = sys.argv[1]
 engine, rank, partitioned = partitioned_engine(tiny_config(), os.path.join(work, "weights.pt"))
 trie = TokenTrie.from_sequences(TITLES, V)
-result = {"partitioned": partitioned, "steps": []}
-for step, batches in enumerate(case_batches()):
-    ids, mask, labels = (torch.tensor(x) for x in batches[rank])
-    loss, search = run_micro_batch(engine, engine.module, ids, mask, labels, trie, LossConfig(**LOSS), synced=True,
-                                   backward=engine.backward, reuse=True)
-    grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
-    result["steps"].append({
-        "loss": float(loss.detach()),
-        "theta": search.thresholds.tolist(),
-        "pruned": search.pruned.tolist(),
-        "search_steps": search.steps,
-        "grads": {n: g.tolist() for n, g in grads.items()} if rank == 0 else {},
-    })
-    engine.zero_grad()
-    engine.optimizer.zero_grad()
+result = {"partitioned": partitioned}
+for gather in GATHERS:  # the same micro-batches with the weights gathered per step, then once per search
+    result[gather] = []
+    for step, batches in enumerate(case_batches()):
+        ids, mask, labels = (torch.tensor(x) for x in batches[rank])
+        loss, search, gathered = run_micro_batch(engine, engine.module, ids, mask, labels, trie, LossConfig(**LOSS),
+                                                 synced=True, backward=engine.backward, reuse=True, gather=gather)
+        grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
+        result[gather].append({
+            "loss": float(loss.detach()),
+            "theta": search.thresholds.tolist(),
+            "pruned": search.pruned.tolist(),
+            "search_steps": search.steps,
+            "gathered": gathered,
+            "grads": {n: g.tolist() for n, g in grads.items()} if rank == 0 else {},
+        })
+        engine.zero_grad()
+        engine.optimizer.zero_grad()
 with open(os.path.join(work, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 dist.barrier()
@@ -93,22 +99,27 @@ def case_batches() -> list[list[list[list[list[int]]]]]:
     return [[long, short], [short, long]]
 
 
-def run_micro_batch(model, net, ids, mask, labels, trie, cfg: LossConfig, *, synced: bool, backward, reuse: bool):
+def run_micro_batch(model, net, ids, mask, labels, trie, cfg: LossConfig, *, synced: bool, backward, reuse: bool,
+                    gather: str = "per_step"):  # fmt: skip
     """A beamsim micro-batch: forward, search (no gradient), chunked loss, backward. reuse=True: the
-    trainer's way, the search starts from the forward's KV cache; False: it encodes the prompts."""
+    trainer's way, the search starts from the forward's KV cache; False: it encodes the prompts.
+    gather="once": a partitioned model's weights gathered for the search, unsynced (the trainer's way).
+    Returns (loss, search, the gathering that ran: None for a full model)."""
     if reuse:
         out = backbone_forward(model, ids, mask, prompt_ends(mask, labels))
         hidden, state = out.hidden, prompt_state_of_forward(mask, labels, out.prompt_logits, out.cache)
         assert state is not None
     else:
         hidden, state = backbone_hidden_states(model, ids, mask), None
-    search = simulate_beam_search(net, ids, mask, labels, trie, beam_width=cfg.beam_width, eos_token_id=EOS,
-                                  mask="before", tau=cfg.tau, synced=synced, prompt_state=state)  # fmt: skip
+    with decoding_weights(model, gather, ids.device) as gathered:
+        search = simulate_beam_search(net, ids, mask, labels, trie, beam_width=cfg.beam_width, eos_token_id=EOS,
+                                      mask="before", tau=cfg.tau, synced=synced and gathered != "once",
+                                      prompt_state=state)  # fmt: skip
     h, y, s = select_response(hidden, labels, trie)
     with lm_head_context(model) as head:
         out = response_loss(h, head, y, s, trie, cfg, search=search)
         backward(out.loss)
-    return out.loss, search
+    return out.loss, search, gathered
 
 
 @pytest.mark.slow
@@ -123,7 +134,7 @@ def test_zero3_two_ranks_with_uneven_searches_match_one_process(tmp_path: Path):
     weights = model.state_dict()
     torch.save(weights, tmp_path / "weights.pt")
     (tmp_path / "worker.py").write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", BEAR_TEST_DIR=str(Path(__file__).parent))
+    env = dict(launch_env(), BEAR_TEST_DIR=str(Path(__file__).parent))  # this checkout's bear_ds
     cmd = torchrun_command(2, str(tmp_path / "worker.py"), str(tmp_path))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
@@ -136,19 +147,23 @@ def test_zero3_two_ranks_with_uneven_searches_match_one_process(tmp_path: Path):
     trie = TokenTrie.from_sequences(TITLES, V)
     cfg = LossConfig(**LOSS)
     for step, batches in enumerate(case_batches()):
-        steps = [ranks[r]["steps"][step]["search_steps"] for r in range(2)]
+        steps = [ranks[r]["per_step"][step]["search_steps"] for r in range(2)]
         assert steps[0] != steps[1], f"step {step}: both ranks decoded {steps} steps; the case is not uneven"
         model.zero_grad()
         for r in range(2):
             ids, mask, labels = (torch.tensor(x) for x in batches[r])
-            loss, search = run_micro_batch(model, model, ids, mask, labels, trie, cfg, synced=False,
+            loss, search, gathered = run_micro_batch(model, model, ids, mask, labels, trie, cfg, synced=False,
                                            backward=lambda loss: (loss / 2).backward(), reuse=False)  # fmt: skip
-            got = ranks[r]["steps"][step]
-            torch.testing.assert_close(torch.tensor(got["theta"]), search.thresholds, rtol=0, atol=1e-6)
-            assert got["pruned"] == search.pruned.tolist()
-            assert abs(got["loss"] - loss.item()) < 1e-6, (step, r, got["loss"], loss.item())
-        grads = ranks[0]["steps"][step]["grads"]
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, rtol=1e-4, atol=1e-6, msg=name)
-    verdicts = [v for r in range(2) for step in ranks[r]["steps"] for v in step["pruned"]]
+            assert gathered is None  # a full model: nothing to gather
+            for gather in GATHERS:  # weights gathered per step and once per search: the same results
+                got = ranks[r][gather][step]
+                assert got["gathered"] == gather
+                torch.testing.assert_close(torch.tensor(got["theta"]), search.thresholds, rtol=0, atol=1e-6)
+                assert got["pruned"] == search.pruned.tolist()
+                assert abs(got["loss"] - loss.item()) < 1e-6, (gather, step, r, got["loss"], loss.item())
+        for gather in GATHERS:
+            grads = ranks[0][gather][step]["grads"]
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(torch.tensor(grads[name]), p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    verdicts = [v for r in range(2) for step in ranks[r]["per_step"] for v in step["pruned"]]
     assert any(verdicts) and not all(verdicts), verdicts  # both a pruned and a returned gold
