@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from eval_fixtures import write_model_folder, write_prepared
+from launching import launch_env
 
 from bear_ds.config import load_config
 from bear_ds.distributed import torchrun_command
@@ -31,10 +31,21 @@ def folders(tmp_path_factory):
 
 
 def _torchrun(root: Path, out: str, base: list[str], *extra: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = torchrun_command(2, "-m", "bear_ds.cli", "evaluate", f"output_dir={root}/{out}", *base, *extra)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=55)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# both ZeRO-3 gatherings in one launch (a launch is the costly part): evaluations in one process
+# leave no state behind (`end_distributed`), as an in-process sweep relies on
+BOTH_GATHERINGS = """
+import sys
+from bear_ds.config import load_config
+from bear_ds.evaluation.evaluate import evaluate
+root, base = sys.argv[1], sys.argv[2:]
+for gather in ("once", "per_step"):
+    evaluate(load_config(None, [f"output_dir={root}/zero3_{gather}", *base, "eval.weights=zero3", f"eval.gather={gather}"]))
+"""
 
 
 def _read(root: Path, out: str):
@@ -59,13 +70,21 @@ def test_two_ranks_replicated_equal_one(folders):
     assert m2["decoding"]["world_size"] == 2 and m2["hr@5"] == m1["hr@5"] and m2["ndcg@5"] == m1["ndcg@5"]
 
 
-def test_two_ranks_zero3_equal_replicated(folders):
+def test_two_ranks_zero3_equal_replicated_gathered_once_or_per_step(folders):
+    """ZeRO-3 partitioned weights gathered once for the evaluation (ranks decode on their own) and at
+    every forward (ranks synced) give the predictions of one process with a full model."""
     root, base = folders
-    _torchrun(root, "zero3", base, "eval.weights=zero3")
+    (root / "both_gatherings.py").write_text(BOTH_GATHERINGS)
+    proc = subprocess.run(torchrun_command(2, str(root / "both_gatherings.py"), str(root), *base), env=launch_env(),
+                          capture_output=True, text=True, timeout=90)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     single, _ = _read(root, "single")
-    zero3, m3 = _read(root, "zero3")
-    assert m3["decoding"]["zero3_partitioned"] and m3["decoding"]["synced"] and m3["decoding"]["world_size"] == 2
-    _assert_same_predictions(single, zero3)
+    for gather, synced in (("once", False), ("per_step", True)):
+        zero3, m3 = _read(root, f"zero3_{gather}")
+        decoding = m3["decoding"]
+        assert decoding["zero3_partitioned"] and decoding["world_size"] == 2 and decoding["weights"] == "zero3"
+        assert (decoding["gather"], decoding["synced"]) == (gather, synced)
+        _assert_same_predictions(single, zero3)
 
 
 def test_two_ranks_analysis_equals_one(folders, tmp_path):
@@ -74,7 +93,7 @@ def test_two_ranks_analysis_equals_one(folders, tmp_path):
     root, base = folders
     common = [*base, "eval.mask=after", "analyze.batch_items=6"]
     analyze(load_config(None, [f"output_dir={tmp_path}/single", *common]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = launch_env()
     cmd = torchrun_command(2, "-m", "bear_ds.cli", "analyze", f"output_dir={tmp_path}/two", *common)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -94,7 +113,7 @@ def test_two_ranks_refuse_a_training_run_folder_together(folders):
     run = root / "a_training_run"
     run.mkdir()
     (run / "train_log.jsonl").write_text("")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = launch_env()
     cmd = torchrun_command(2, "-m", "bear_ds.cli", "evaluate", f"output_dir={run}", *base, "eval.timeout_s=600")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
     assert proc.returncode != 0

@@ -319,6 +319,7 @@ def run_beam_evaluation(
             "synced": synced,
             "zero3_partitioned": partitioned,
             "gather": gather,
+            "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),  # the precision decoded in
             "world_size": world,
             "top_k_skipped": skipped,
         },
