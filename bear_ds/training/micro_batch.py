@@ -28,6 +28,7 @@ synced beam search), whatever its number of response tokens.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,8 @@ from bear_ds.models import unwrap_model
 from bear_ds.training.batching import collate
 from bear_ds.training.examples import EncodedExamples
 from bear_ds.trie import TokenTrie
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -174,6 +177,10 @@ def beamsim_micro_batch_loss(model: Any, batch: MicroBatch, ctx: LossContext) ->
     net = unwrap_model(model)
     if ctx.zero3 and ctx.search_gather is None:
         ctx.search_gather = choose_gather(ctx.cfg.eval.gather, net, ids.device)
+        if ctx.accelerator is None or ctx.accelerator.is_main_process:
+            logger.info("beamsim's search under ZeRO-3: weights gathered %s (eval.gather=%s)",
+                        "once per search" if ctx.search_gather == "once" else "at every step",
+                        ctx.cfg.eval.gather)  # fmt: skip
     # ZeRO-3 weights gathered once for the search (hooks off, no synced steps), or at every step
     with decoding_weights(model, ctx.search_gather or "per_step", ids.device) as gather:
         search = simulate_beam_search(
