@@ -11,7 +11,7 @@ from eval_fixtures import write_model_folder, write_prepared
 from launching import launch_env
 
 from bear_ds.config import load_config
-from bear_ds.distributed import torchrun_command
+from bear_ds.distributed import free_port, torchrun_command
 from bear_ds.evaluation.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
@@ -36,15 +36,18 @@ def _torchrun(root: Path, out: str, base: list[str], *extra: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-# both ZeRO-3 gatherings in one launch (a launch is the costly part): evaluations in one process
-# leave no state behind (`end_distributed`), as an in-process sweep relies on
+# both ZeRO-3 gatherings in one launch (a launch is the costly part): two evaluations in one process.
+# The second joins its process group through a store of its own (a port the test chose): torch
+# resets its group counter when a group is destroyed, so a second group on torchrun's shared store
+# could read the first one's rendezvous keys (seen: a rank waiting for a peer that had moved on).
 BOTH_GATHERINGS = """
-import sys
+import os, sys
 from bear_ds.config import load_config
 from bear_ds.evaluation.evaluate import evaluate
-root, base = sys.argv[1], sys.argv[2:]
+root, second_port, base = sys.argv[1], sys.argv[2], sys.argv[3:]
 for gather in ("once", "per_step"):
     evaluate(load_config(None, [f"output_dir={root}/zero3_{gather}", *base, "eval.weights=zero3", f"eval.gather={gather}"]))
+    os.environ.update(MASTER_PORT=second_port, TORCHELASTIC_USE_AGENT_STORE="False")
 """
 
 
@@ -75,8 +78,8 @@ def test_two_ranks_zero3_equal_replicated_gathered_once_or_per_step(folders):
     every forward (ranks synced) give the predictions of one process with a full model."""
     root, base = folders
     (root / "both_gatherings.py").write_text(BOTH_GATHERINGS)
-    proc = subprocess.run(torchrun_command(2, str(root / "both_gatherings.py"), str(root), *base), env=launch_env(),
-                          capture_output=True, text=True, timeout=90)  # fmt: skip
+    cmd = torchrun_command(2, str(root / "both_gatherings.py"), str(root), str(free_port()), *base)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     single, _ = _read(root, "single")
     for gather, synced in (("once", False), ("per_step", True)):
