@@ -188,29 +188,6 @@ def _decode_batch(
     return decoded
 
 
-def _decode_shard(
-    net: torch.nn.Module,
-    prompt_ids: list[list[int]],
-    batches: list[list[int]],
-    n_calls: int,
-    catalog: Any,
-    eval_cfg: Any,
-    trie: Any,
-    pad: int,
-    mask: str,
-    synced: bool,
-    bar: Any,
-) -> list[tuple[int, list[int], list[float]]]:
-    """(user, groups, scores) of this rank's users, batch by batch; calls past its own batches are
-    a synced rank's dummy searches."""
-    local: list[tuple[int, list[int], list[float]]] = []
-    for call in range(n_calls):
-        batch = batches[call] if call < len(batches) else []
-        local += _decode_batch(net, [prompt_ids[i] for i in batch], batch, catalog, eval_cfg, trie, pad, mask, synced)
-        bar.update(len(batch))
-    return local
-
-
 def _each_user_once(
     decoded: list[tuple[int, list[int], list[float]]], num_users: int
 ) -> dict[int, tuple[list[int], list[float]]]:
@@ -288,6 +265,7 @@ def run_beam_evaluation(
 
     was_training = net.training
     net.eval()
+    local: list[tuple[int, list[int], list[float]]] = []  # (user, groups, scores) of this rank's users
     bar = tqdm(total=len(mine), desc="beam search", unit="user", disable=not (progress and rank == 0))
     started = time.perf_counter()
     try:
@@ -296,7 +274,12 @@ def run_beam_evaluation(
             synced = (synced or partitioned) and gather != "once"
             # per-step gathering: every rank runs as many beam searches as the busiest one (dummies)
             n_calls = int(all_max(len(batches))) if synced and world > 1 else len(batches)
-            local = _decode_shard(net, prompt_ids, batches, n_calls, catalog, eval_cfg, trie, pad, mask, synced, bar)
+            for call in range(n_calls):
+                batch = batches[call] if call < len(batches) else []
+                local += _decode_batch(
+                    net, [prompt_ids[i] for i in batch], batch, catalog, eval_cfg, trie, pad, mask, synced
+                )
+                bar.update(len(batch))
     finally:
         bar.close()
         net.train(was_training)

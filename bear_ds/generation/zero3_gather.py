@@ -7,7 +7,8 @@ weights once (`deepspeed.zero.GatheredParameters`) and takes the hooks off the m
 duration, as DeepSpeed's own `unwrap_model_for_generation` (and TRL's) do; the start-of-forward hook
 goes too, since its trace check is a collective and ranks now run unequal numbers of forwards. The
 search then runs on a plain full model, each rank on its own (no synced steps); on exit the hooks
-are put back and the weights partitioned again.
+are put back (DeepSpeed then records its prefetch trace again at the next forward) and the weights
+partitioned again.
 
 That needs the whole model in memory beside its partition: `eval.gather=auto` gathers once when
 the full model's bytes take at most half of the memory free on the device (the other half is left
