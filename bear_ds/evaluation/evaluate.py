@@ -232,8 +232,8 @@ def run_beam_evaluation(
     targets_groups: each user's target group (None when the target is not in the catalog: a miss).
     Each rank decodes its shard; results are gathered on every rank in the original order.
     A ZeRO-3 partitioned `model` (its DeepSpeed engine) has its weights gathered once for the whole
-    evaluation, or per decoding step with synced ranks, as eval.gather decides (`decoding_weights`;
-    `synced` is then forced on). The model's train/eval mode is restored on return. eval.mask="auto"
+    evaluation (ranks decode on their own), or at every forward with `synced` forced on, as
+    eval.gather decides (`decoding_weights`). The model's train/eval mode is restored on return. eval.mask="auto"
     follows `loss_name` (after for lml, before otherwise). Returns (predictions, metrics):
     predictions[i] = {"groups", "predictions" (titles), "scores", "target_rank"}; metrics = {"hr@K", "ndcg@K", "users",
     "targets_not_in_catalog", "decoding", "decode_s", "users_per_second"}.

@@ -168,8 +168,7 @@ def beamsim_micro_batch_loss(model: Any, batch: MicroBatch, ctx: LossContext) ->
     """beamsim (`bear_ds/losses/beamsim.py`): the training forward (also keeping its KV cache), the
     simulated beam search of the micro-batch's prompts started from it (no gradient, the current
     weights; under ZeRO-3 gathered once for the search, or, per eval.gather, at every step with
-    the ranks' decoding steps synced), then the
-    chunked head with the survival terms. Extra metric `sim_pruned_frac`: examples whose gold item
+    the ranks' decoding steps synced), then the chunked head with the survival terms. Extra metric `sim_pruned_frac`: examples whose gold item
     the search does not return / examples; timing `search`."""
     cfg = ctx.cfg.loss
     ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
