@@ -10,16 +10,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import yaml
+
 from bear_ds.config import Config, with_overrides
 from bear_ds.data import resolve_prepared
 from bear_ds.evaluation.analysis import analyze
+from bear_ds.folders import check_output_dir
 from bear_ds.locks import RunFolderLock
-from bear_ds.outputs import write_json_atomic
+from bear_ds.outputs import check_writable_folder, write_json_atomic, write_text_atomic
 from bear_ds.reports import report
 from bear_ds.sweeps import CLAIMS, run_sweep, sweep_base
 from bear_ds.training import train
 
 METHODS = ("lml", "msl", "bear")
+DEMO_CONFIG = "demo.yaml"  # the resolved config of the demo, in its folder
 
 
 def point_finished(out_dir: Path) -> bool:
@@ -46,8 +50,10 @@ def run_point(cfg: Config, out_dir: Path) -> None:
 
 def demo(cfg: Config) -> Path:
     """The embedded default: LML, MSL and BEAR on the same data and seed, then results.md and plots."""
-    out = Path(cfg.output_dir)
+    out = check_output_dir(cfg.output_dir, "demo")
     started = time.perf_counter()
+    # the demo's resolved config; it also tells a demo folder (bear_ds.folders) from the start
+    write_text_atomic(check_writable_folder(out) / DEMO_CONFIG, yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     data_dir = resolve_prepared(cfg, out / "data")  # once: every method sees the same splits
     for method in METHODS:
         point_dir = out / method
@@ -64,7 +70,7 @@ def demo(cfg: Config) -> Path:
 
 def sweep(cfg: Config) -> Path:
     """Run (or write job scripts for) every grid point of `cfg.sweep`, then aggregate and report."""
-    out = Path(cfg.output_dir)
+    out = check_output_dir(cfg.output_dir, "sweep")
     # once, from the data the points use (a sweep.base file's, if set): every point sees the same
     # splits; a second process on the same sweep waits for the first one's preparation
     with RunFolderLock(out / CLAIMS / "data").acquire(wait=True):

@@ -155,3 +155,13 @@ def write_model_folder(folder: Path, titles: dict[str, str], seed: int = 0) -> N
     model.config.bos_token_id = tok.bos_token_id
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes under `folder` but a lock's (which names its last owner: train takes it
+    before its launch checks), to check that a refused command changed nothing."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }

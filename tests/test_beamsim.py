@@ -175,6 +175,27 @@ def test_the_gold_survives_iff_its_prefixes_reach_the_thresholds():
     assert 0 < pruned < checked
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_one_title_catalog_has_no_survival_term(masked):
+    """One item: the search returns it whatever the scores, so beamsim is 0 like BEAR and MSL (no position
+    has a choice), not lam * T * log(1/2) from the gold being its own B-th candidate."""
+    model = random_model(0, 5.0)
+    trie = TokenTrie.from_sequences([[5, 6, 7, EOS]], V)
+    batch = micro_batch([[4, 9], [8, 10, 11]], [[5, 6, 7, EOS]] * 2)
+    search = simulate_beam_search(model, **batch, trie=trie, beam_width=1, eos_token_id=EOS,
+                                  mask="before" if masked else "after", tau=1.0)  # fmt: skip
+    assert torch.isinf(search.thresholds).all() and not bool(search.pruned.any())
+    with torch.no_grad():
+        hidden = backbone_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        h, y, s = select_response(hidden, batch["labels"], trie)
+        logits = model.lm_head(h)
+    valid = trie.allowed_mask(s, V) if masked else None
+    loss = beamsim_loss(logits, y, valid, search, lam=1.0)
+    assert float(loss) == float(beamsim_loss(logits, y, valid, search, lam=0.0))  # the CE alone
+    if masked:
+        assert float(loss) == 0.0
+
+
 def test_prompts_are_recovered_left_padded():
     batch = micro_batch([[5, 6, 7], [8]], [[9, 2], [10, 11, 2]])
     ids, mask = batch_prompts(**batch)

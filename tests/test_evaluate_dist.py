@@ -64,6 +64,8 @@ def _assert_same_predictions(a, b):
 
 
 def test_two_ranks_replicated_equal_one(folders):
+    """Alone guards: users sharded over 2 ranks that each decode their own share, unsynced (3
+    batches vs 2), gathered at the end: none lost, none duplicated, the same predictions and metrics."""
     root, base = folders
     _torchrun(root, "replicated", base)
     single, m1 = _read(root, "single")
@@ -74,8 +76,9 @@ def test_two_ranks_replicated_equal_one(folders):
 
 
 def test_two_ranks_zero3_equal_replicated_gathered_once_or_per_step(folders):
-    """ZeRO-3 partitioned weights gathered once for the evaluation (ranks decode on their own) and at
-    every forward (ranks synced) give the predictions of one process with a full model."""
+    """Alone guards: weights partitioned across 2 ranks, gathered once for the evaluation (each rank
+    then decodes on its own) or at every forward (from both ranks; the rank with fewer batches keeps
+    stepping with the other), give the predictions of one process with a full model."""
     root, base = folders
     (root / "both_gatherings.py").write_text(BOTH_GATHERINGS)
     cmd = torchrun_command(2, str(root / "both_gatherings.py"), str(root), str(free_port()), *base)
@@ -91,6 +94,7 @@ def test_two_ranks_zero3_equal_replicated_gathered_once_or_per_step(folders):
 
 
 def test_two_ranks_analysis_equals_one(folders, tmp_path):
+    """Alone guards: the exhaustive analysis sharded over 2 ranks and gathered equals one process."""
     from bear_ds.evaluation.analysis import analyze
 
     root, base = folders

@@ -61,3 +61,9 @@ def test_self_negatives_take_the_top_recommendations_except_the_target():
     assert neg[1][0] == 5 and neg[1][1] not in (4, 5)  # one recommendation left: one filler
     assert neg[2].tolist() == [6, 0]  # -1 (unfinished beam) and the target's group skipped
     assert filled == 1
+
+
+def test_self_negatives_that_cannot_be_filled_name_the_configured_k():
+    # 2 recommended, 2 more to draw, but only 1 other group is left: the error names K = 4, not the 2 missing
+    with pytest.raises(ValueError, match=r"only 3 catalog title groups are eligible.*num_negatives=4 "):
+        self_negatives([[1, 2]], [0], 4, 4, seed=0)

@@ -88,7 +88,7 @@ def test_contract_one_process_and_two_ranks_zero3_agree(sft, tmp_path):
 def _item_logps(model_dir: Path, prompts, groups, catalog, loss_cfg) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    from bear_ds.training.preference import item_logps_pass
+    from bear_ds.training.preference_pairs import item_logps_pass
 
     net = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     return item_logps_pass(net, prompts, groups, catalog, loss_cfg, batch_examples=16,
@@ -255,10 +255,18 @@ def test_frozen_reference_under_two_rank_zero3_equals_one_process(sft, tmp_path)
     train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.zero_stage=0"]))
     yaml = REPO / "launchers" / "accelerate" / "cpu_zero3.yaml"
     _run([str(BIN / "accelerate"), "launch", "--config_file", str(yaml), "--main_process_port", str(free_port()),
-          "-m", "bear_ds.train", *common, f"output_dir={tmp_path / 'two'}", "train.pg_timeout_s=30"], cwd=REPO)  # fmt: skip
+          "-m", "bear_ds.train", *common, f"output_dir={tmp_path / 'two'}", "train.pg_timeout_s=30",
+          "train.save_every=3"], cwd=REPO)  # fmt: skip
     one, two = (torch.load(tmp_path / n / "reference_logps" / "epoch_0.pt", weights_only=True) for n in ("one", "two"))
     assert torch.equal(one["negatives"], two["negatives"])
+    # what the file was computed from is recorded alike (rank 0 digests, the other ranks receive it)
+    assert one["reference_digest"] == two["reference_digest"] and one["examples_digest"] == two["examples_digest"]
     torch.testing.assert_close(one["reference_logps"], two["reference_logps"], rtol=1e-5, atol=1e-5)
     for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two"), strict=True):
         assert b["zero_stage"] == 3 and b["world_size"] == 2
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["reward_accuracy"] == a["reward_accuracy"]
+    # a 2-rank resume checks the reloaded file against the reference on every rank together
+    _run([str(BIN / "accelerate"), "launch", "--config_file", str(yaml), "--main_process_port", str(free_port()),
+          "-m", "bear_ds.train", *[c.replace("max_steps=3", "max_steps=4") for c in common],
+          f"output_dir={tmp_path / 'two'}", "train.pg_timeout_s=30", "train.resume=auto"], cwd=REPO)  # fmt: skip
+    assert [r["step"] for r in _log(tmp_path / "two")] == [1, 2, 3, 4]

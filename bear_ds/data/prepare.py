@@ -7,6 +7,7 @@ written last: a folder with it is complete.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ from bear_ds.data.bear_csv import load_bear_csv
 from bear_ds.data.common import CATALOG_SCHEMA, EXAMPLE_SCHEMA, SPLITS, DataError, SourceData, shared_title_counts
 from bear_ds.data.movielens import is_ml100k_folder, load_ml100k
 from bear_ds.domains import canonical_domain
+from bear_ds.folders import check_output_dir
 from bear_ds.outputs import atomic_path, check_writable_folder, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 PREPARED_FILES = ("catalog.parquet", "stats.json")
 
@@ -146,7 +150,7 @@ def build_stats(data: SourceData, domain: str) -> dict[str, Any]:
 
 def prepare(cfg: Config) -> Path:
     """Read `cfg.data`'s source and write the prepared folder to `cfg.output_dir`; return it."""
-    out = Path(cfg.output_dir)
+    out = check_output_dir(cfg.output_dir, "prepare")
     source = detect_source(cfg.data.path) if cfg.data.source == "auto" else cfg.data.source
     if source == "prepared":
         return _copy_prepared(cfg, out)
@@ -167,18 +171,46 @@ def prepare(cfg: Config) -> Path:
     return out
 
 
+def sample_indices(num_rows: int, size: int | None, seed: int) -> np.ndarray | None:
+    """The rows a data.train_sample of `size` keeps, in their original order (None: all of them).
+    The same draw whether the sample is taken at preparation or from an already-prepared folder."""
+    if size is None or size >= num_rows:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(num_rows, size=size, replace=False))
+
+
+def _sample_note(size: int, num_rows: int, seed: int) -> str:
+    return (
+        f"train is a random sample of {size} of {num_rows} windows (data.train_sample, seed {seed}), "
+        "kept in their original order"
+    )
+
+
 def _sample_train(data: SourceData, size: int | None, seed: int) -> None:
     """Keep a seeded random sample of `size` training windows, in their original order."""
     train = data.splits["train"]
-    if size is None or size >= train.num_rows:
+    keep = sample_indices(train.num_rows, size, seed)
+    if keep is None:
         return
-    keep = np.sort(np.random.default_rng(seed).choice(train.num_rows, size=size, replace=False))
     data.splits["train"] = train.take(pa.array(keep))
-    data.notes.append(
-        f"train is a random sample of {size} of {train.num_rows} windows (data.train_sample, seed {seed}), "
-        "kept in their original order"
-    )
+    data.notes.append(_sample_note(len(keep), train.num_rows, seed))
     data.extra["train_windows_before_sample"] = train.num_rows
+
+
+def load_train_split(folder: str | Path, data: Any) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """The train split of a prepared folder with `data.train_sample` applied (`sample_indices`: a
+    folder prepared without a sample gives the windows preparing with it would have kept), and
+    what was used: {"prepared", "train_windows", and when sampled here "sampled_from", "train_sample",
+    "sample_seed"}."""
+    rows = load_split(folder, "train")
+    used: dict[str, Any] = {"prepared": str(folder), "train_windows": len(rows)}
+    keep = sample_indices(len(rows), data.train_sample, data.sample_seed)
+    if keep is not None:
+        logger.info("%s: %s", folder, _sample_note(len(keep), len(rows), data.sample_seed))
+        used.update(train_windows=len(keep), sampled_from=len(rows), train_sample=data.train_sample,
+                    sample_seed=data.sample_seed)  # fmt: skip
+        rows = rows.select(keep)
+    return rows, used
 
 
 def _copy_prepared(cfg: Config, out: Path) -> Path:
@@ -187,12 +219,30 @@ def _copy_prepared(cfg: Config, out: Path) -> Path:
         raise DataError(f"data.path {folder} is not a prepared folder (needs {', '.join(PREPARED_FILES)})")
     for name in SPLITS:
         load_split(folder, name)  # validates presence and columns
-    if folder.resolve() != out.resolve():
+    train = pq.read_table(folder / "train.parquet")
+    keep = sample_indices(train.num_rows, cfg.data.train_sample, cfg.data.sample_seed)
+    same_folder = folder.resolve() == out.resolve()
+    if keep is not None and same_folder:
+        raise DataError(
+            f"data.train_sample={cfg.data.train_sample} would sample {folder}'s own train split ({train.num_rows} "
+            "windows) in place: prepare into another output_dir"
+        )
+    if not same_folder:
         check_writable_folder(out)
         (out / "stats.json").unlink(missing_ok=True)  # stats.json last: the copy is complete with it
-        for name in [f"{s}.parquet" for s in SPLITS] + ["catalog.parquet", "stats.json"]:
+        copied = [f"{s}.parquet" for s in SPLITS if keep is None or s != "train"] + ["catalog.parquet"]
+        for name in copied + (["stats.json"] if keep is None else []):
             with atomic_path(out / name) as tmp:
                 shutil.copy2(folder / name, tmp)
+        if keep is not None:
+            stats = load_stats(folder)
+            _write_parquet(train.take(pa.array(keep)), EXAMPLE_SCHEMA, out / "train.parquet")
+            notes = stats.get("notes") or []
+            notes = notes if isinstance(notes, list) else [notes]
+            stats["notes"] = [*notes, _sample_note(len(keep), train.num_rows, cfg.data.sample_seed)]
+            stats["train_windows_before_sample"] = train.num_rows
+            stats.setdefault("rows", {})["train"] = len(keep)
+            write_json_atomic(out / "stats.json", stats)
     return out
 
 

@@ -19,6 +19,7 @@ from bear_ds.distributed import end_distributed, make_accelerator
 from bear_ds.evaluation.evaluate import (
     check_output_folder_together,
     choose_mask,
+    holds_output_lock,
     load_eval_inputs,
     load_eval_model,
     shard_indices,
@@ -29,6 +30,7 @@ from bear_ds.outputs import open_atomic, write_json_atomic
 logger = logging.getLogger(__name__)
 
 
+@holds_output_lock
 def analyze(cfg) -> dict[str, Any]:
     """`bear-ds analyze`: pruning analysis of the model in `model.path` on `eval.split`.
 

@@ -39,13 +39,14 @@ from bear_ds.config import save_config
 from bear_ds.data import load_catalog, load_split, load_stats, resolve_prepared
 from bear_ds.data.prompts import PromptBuilder
 from bear_ds.distributed import all_max, end_distributed, make_accelerator
-from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputError, RunFolderError
+from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputError
 from bear_ds.evaluation.metrics import rank_metrics
+from bear_ds.folders import check_output_folder_together, holds_output_lock
 from bear_ds.generation.beam import constrained_beam_search, left_pad
 from bear_ds.generation.zero3_gather import decoding_weights
 from bear_ds.masking import resolve_mask
 from bear_ds.models import is_zero3_partitioned, unwrap_model
-from bear_ds.outputs import check_writable_folder, open_atomic, write_json_atomic
+from bear_ds.outputs import open_atomic, write_json_atomic
 from bear_ds.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -57,37 +58,6 @@ def shard_indices(num_users: int, rank: int, world_size: int) -> list[int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
     return list(range(rank, num_users, world_size))
-
-
-# files only `bear-ds train` writes: an output_dir holding one is a training run's folder
-TRAINING_RUN_FILES = ("train_log.jsonl", "summary.json", "checkpoints")
-
-
-def check_output_folder(out: Path, command: str) -> None:
-    """Refuse (before any work) an output_dir that is a training run's folder, whose config.yaml
-    the command would overwrite, or that cannot be written."""
-    found = [name for name in TRAINING_RUN_FILES if (out / name).exists()]
-    if found:
-        raise RunFolderError(
-            f"output_dir {out} is a training run's folder (it holds {', '.join(found)}): {command} would "
-            f"overwrite its config.yaml; write into a folder of its own, e.g. output_dir={out / command}"
-        )
-    check_writable_folder(out)
-
-
-def check_output_folder_together(accelerator: Any, out: Path, command: str) -> None:
-    """`check_output_folder` on the main process, its verdict on every rank: all ranks raise together
-    (none loads and decodes only to wait at the gather for a rank that has left), leaving the group."""
-    error: Exception | None = None
-    if accelerator.is_main_process:
-        try:
-            check_output_folder(out, command)
-        except (ValueError, OSError) as exc:
-            error = exc
-    refused = gather_object([error is not None]) if accelerator.num_processes > 1 else [error is not None]
-    if any(refused):
-        end_distributed(accelerator)
-        raise error or RunFolderError(f"{command}: output_dir {out} was refused (see rank 0)")
 
 
 # ---------------------------------------------------------------------- decoding + metrics
@@ -464,6 +434,7 @@ def load_eval_model(model_dir: Path, accelerator: Any) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------- the command
+@holds_output_lock
 def evaluate(cfg: Any) -> dict[str, Any]:
     """`bear-ds evaluate`: top-K beam-search evaluation of `model.path` on `eval.split`.
 

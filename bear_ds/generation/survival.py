@@ -15,6 +15,7 @@ cumulative log-prob g_s >= theta_s) for the search to keep it at step s:
   by items finished earlier or later. So theta_T = max(B-th best candidate of step T, EOS ones
   included; B-th best returned item, or -inf when fewer than B are returned).
 - Fewer than B finite candidates: the lowest one (the condition then holds for any candidate).
+- A trie of one item: -inf at every step (nothing to choose, nothing ever pruned: no survival term).
 - Steps the search did not run (the user stopped early: B items finished that no live prefix can
   beat, exactly so without a length penalty; or no live beam was left) use the B-th returned item:
   no prefix below it can still be returned. -inf (no returned item) means "no constraint".
@@ -32,11 +33,11 @@ import time
 
 import torch
 
-from bear_ds.generation.beam import NEG_INF, PromptState, constrained_beam_search
+from bear_ds.catalog import IGNORE_INDEX
+from bear_ds.generation.beam import PromptState, constrained_beam_search
 from bear_ds.losses.beamsim import SimulatedSearch
+from bear_ds.masking import NEG_INF
 from bear_ds.trie import TokenTrie
-
-IGNORE_INDEX = -100
 
 
 def batch_prompts(
@@ -185,6 +186,8 @@ def simulate_beam_search(
         raise ValueError(f"micro-batch row {row}: the gold response does not end a catalog title (no trie item)")
     pruned = ~(result.groups == gold[:, None]).any(dim=1)
     theta = survival_thresholds(result.live_thresholds, result.candidate_thresholds, result.scores, lengths)
+    if int((trie.terminal >= 0).sum()) == 1:  # a one-item trie has no choice: the search always returns it
+        theta = torch.full_like(theta, NEG_INF)  # no step constrains the gold prefix, as no position counts in CE
     steps = int(result.steps.max()) if result.steps.numel() else 0
     return SimulatedSearch(theta, lengths, pruned, time.perf_counter() - started, steps)
 

@@ -170,6 +170,7 @@ def load_checkpoint(accelerator, folder: str | Path) -> dict[str, Any]:
     state_file = folder / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint: {STATE_FILE} is missing")
+    state = read_trainer_state(state_file)  # before the (large) state is loaded
     verify_checkpoint_files(folder)
     try:
         with weights_only_loading():
@@ -177,4 +178,29 @@ def load_checkpoint(accelerator, folder: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsafeCheckpointError(f"checkpoint {folder}: refused by the weights-only loader: {first_line}") from None
-    return json.loads(state_file.read_text())
+    return state
+
+
+# what `save_checkpoint` writes into trainer_state.json and a resume reads back
+_STATE_COUNTS = ("step", "epoch", "step_in_epoch")
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json, checked: a JSON object whose step, epoch and step_in_epoch
+    are non-negative integers and whose counters (if any) are an object. Anything else (a truncated
+    or edited file) is UnsafeCheckpointError naming the file and what is wrong."""
+    path = Path(path)
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UnsafeCheckpointError(f"{path} is not valid JSON ({exc}): this checkpoint cannot be resumed") from None
+    if not isinstance(state, dict):
+        raise UnsafeCheckpointError(f"{path} is not a JSON object: this checkpoint cannot be resumed")
+    for key in _STATE_COUNTS:
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            what = "is missing" if key not in state else f"is {value!r}, not a non-negative integer"
+            raise UnsafeCheckpointError(f"{path}: {key!r} {what}: this checkpoint cannot be resumed")
+    if not isinstance(state.get("counters", {}), dict):
+        raise UnsafeCheckpointError(f"{path}: 'counters' is not a JSON object: this checkpoint cannot be resumed")
+    return state

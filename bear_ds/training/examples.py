@@ -2,7 +2,9 @@
 
 Prompts that do not fit the model's context lose their oldest history items one at a time
 (train.truncate_history=true, counted and logged) or stop the run naming the row (false). The
-response is never truncated: it is the decoding target, a full path of the trie.
+response is never truncated: it is the decoding target, a full path of the trie. A loss that scores
+other titles than the target after the prompt (S-DPO's negatives) fits every prompt against the
+longest title instead (`response_room`), as evaluation does.
 """
 
 from __future__ import annotations
@@ -14,8 +16,29 @@ from dataclasses import dataclass
 import numpy as np
 
 from bear_ds.catalog import Catalog, encode_example, fit_prompts
+from bear_ds.errors import DataError, ModelInputError
 
 logger = logging.getLogger(__name__)
+
+
+def check_titles_fit(catalog: Catalog, max_length: int, groups: Sequence[int] | None = None) -> None:
+    """Refuse titles whose response leaves no position of the model context for a prompt, naming the item.
+
+    groups: the title groups that must fit (None: every title of the catalog).
+    """
+    candidates = range(catalog.num_groups) if groups is None else sorted(set(groups))
+    too_long = [g for g in candidates if len(catalog.group_token_ids[g]) >= max_length]
+    if not too_long:
+        return
+    group = max(too_long, key=lambda g: len(catalog.group_token_ids[g]))
+    item = catalog.item_ids[catalog.item_group.index(group)]
+    title = catalog.group_titles[group]
+    shown = title if len(title) <= 80 else title[:77] + "..."
+    raise DataError(
+        f"{len(too_long)} titles are too long for the model context of {max_length} positions, e.g. item {item!r} "
+        f"(title {shown!r}: {len(catalog.group_token_ids[group])} tokens as a response); shorten or drop them "
+        "in the data, or use a model with a longer context"
+    )
 
 
 @dataclass
@@ -38,24 +61,36 @@ def encode_training_examples(
     max_length: int,
     truncate_history: bool,
     split_name: str = "train",
+    response_room: int | None = None,
 ) -> EncodedExamples:
-    """Encode rows (history item ids oldest first, target item id) into (input_ids, labels)."""
+    """Encode rows (history item ids oldest first, target item id) into (input_ids, labels).
+
+    response_room: tokens every prompt leaves free after it (e.g. the longest title, when any title
+    may follow the prompt); None leaves room for the row's own response only.
+    """
     responses: list[list[int]] = []
+    target_groups: list[int] = []
     for row, target in enumerate(targets):
         group = catalog.group_of_item(target)
         if group is None:
-            raise ValueError(f"{split_name} row {row}: target item {target!r} is not in the catalog")
+            raise DataError(f"{split_name} row {row}: target item {target!r} is not in the catalog")
+        target_groups.append(group)
         responses.append(catalog.group_token_ids[group])
     history_titles = []
     for row, history in enumerate(histories):
         missing = [i for i in history if i not in titles]
         if missing:
-            raise ValueError(f"{split_name} row {row}: history items {missing[:5]} are not in the catalog")
+            raise DataError(f"{split_name} row {row}: history items {missing[:5]} are not in the catalog")
         history_titles.append([titles[i] for i in history])
-    fitted = fit_prompts(
-        history_titles, tokenizer, prompt_builder, [max_length - len(r) for r in responses],
-        truncate=truncate_history, what=f"{split_name} row", option="train.truncate_history",
-    )  # fmt: skip
+    check_titles_fit(catalog, max_length, None if response_room is not None else target_groups)
+    budgets = [max_length - (len(r) if response_room is None else response_room) for r in responses]
+    try:
+        fitted = fit_prompts(
+            history_titles, tokenizer, prompt_builder, budgets,
+            truncate=truncate_history, what=f"{split_name} row", option="train.truncate_history",
+        )  # fmt: skip
+    except ValueError as exc:  # a prompt that cannot fit: the row and the option to change are named
+        raise ModelInputError(str(exc)) from None
     truncated_examples, truncated_items = fitted.truncated_examples, fitted.truncated_items
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
@@ -64,11 +99,13 @@ def encode_training_examples(
         input_ids.append(ids)
         labels.append(lab)
     if truncated_examples:
+        room = "" if response_room is None else f" with room for the longest title ({response_room} tokens)"
         logger.warning(
-            "%s: %d examples exceeded the context of %d tokens and lost %d oldest history items in total",
+            "%s: %d examples exceeded the context of %d tokens%s and lost %d oldest history items in total",
             split_name,
             truncated_examples,
             max_length,
+            room,
             truncated_items,
         )
     lengths = np.array([len(x) for x in input_ids], dtype=np.int64)

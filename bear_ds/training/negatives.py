@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bear_ds.errors import ConfigError
+
 
 def group_weights(item_groups: Sequence[int], num_groups: int, source: str, target_groups: Sequence[int]) -> np.ndarray:
     """float64 [G]: random -> items per group (uniform over items); popular -> training-target counts."""
@@ -30,8 +32,13 @@ def group_weights(item_groups: Sequence[int], num_groups: int, source: str, targ
     raise ValueError(f"loss.negative_source={source!r} has no sampling weights (expected random or popular)")
 
 
-def _draw(rng: np.random.Generator, weights: np.ndarray, eligible: np.ndarray, k: int, row: int) -> np.ndarray:
-    """k distinct groups among `eligible`, by `weights`, filled uniformly when too few have weight."""
+def _draw(
+    rng: np.random.Generator, weights: np.ndarray, eligible: np.ndarray, k: int, row: int, num_negatives: int
+) -> np.ndarray:
+    """k distinct groups among `eligible`, by `weights`, filled uniformly when too few have weight.
+
+    num_negatives: the negatives the row needs in all (k of them drawn here), named in the error.
+    """
     w = np.where(eligible, weights, 0.0)
     positive = int((w > 0).sum())
     if positive >= k:
@@ -39,10 +46,10 @@ def _draw(rng: np.random.Generator, weights: np.ndarray, eligible: np.ndarray, k
     first = np.flatnonzero(w > 0)
     rest = np.flatnonzero(eligible & (w <= 0))
     if positive + len(rest) < k:
-        raise ValueError(
-            f"training row {row}: only {positive + len(rest)} catalog title groups are eligible negatives "
-            f"(the target's and, with loss.exclude_history, the history's are left out); "
-            f"loss.num_negatives={k} needs at least that many"
+        raise ConfigError(
+            f"training row {row}: only {positive + len(rest) + num_negatives - k} catalog title groups are "
+            f"eligible negatives (the target's and, with loss.exclude_history, the history's are left out); "
+            f"loss.num_negatives={num_negatives} needs at least that many"
         )
     fill = rng.choice(rest, size=k - positive, replace=False)
     return np.concatenate([first if positive == 0 else rng.permutation(first), fill])
@@ -69,7 +76,7 @@ def sample_negatives(
         if history_groups is not None:
             eligible[np.asarray(history_groups[row], dtype=np.int64)] = False
         eligible[target] = False
-        out[row] = _draw(rng, weights, eligible, k, row)
+        out[row] = _draw(rng, weights, eligible, k, row, k)
     return out
 
 
@@ -102,7 +109,7 @@ def self_negatives(
         if len(picked) < k:
             eligible = np.ones(num_groups, dtype=bool)
             eligible[[target, *picked]] = False
-            extra = _draw(rng, uniform, eligible, k - len(picked), row)
+            extra = _draw(rng, uniform, eligible, k - len(picked), row, k)
             filled += len(extra)
             picked.extend(int(g) for g in extra)
         out[row] = picked

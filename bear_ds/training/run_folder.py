@@ -1,8 +1,9 @@
 """One owner per run folder, and the checks a training makes before it writes anything there.
 
     lock = RunFolderLock(out).acquire()        # bear_ds.locks: a second run into `out` is refused
-    changes = check_launch(out, cfg)           # refused launch / changed config: raised before any write
-    ...                                        # save config.yaml, record `changes`, train
+    changes = check_launch(out, cfg, ckpt)     # refused launch / changed config: raised before any write
+    if finished_run_summary(out, ckpt) is None:  # else: this run, finished, no checkpoint: nothing to do
+        ...                                    # save config.yaml, record `changes`, train
     lock.release()                             # also released by the kernel when the process dies
 
 - The lock (`bear_ds/locks.py`) is `fcntl.flock` on `OUT/.lock`, held by one process per run
@@ -11,6 +12,10 @@
   continues, except keys that cannot change what was already trained: raising `train.epochs` /
   `train.max_steps`, logging and checkpoint cadence, and evaluation/report keys. Those changes are
   allowed and recorded in `OUT/resumes.jsonl`; any other is refused with the list of changed keys.
+- A finished run (`OUT/summary.json`), with or without checkpoints, is the same: refused without
+  `train.resume=auto`, and with it refused when the config changed. Without checkpoints it is
+  finished already (nothing is changed), or refused when epochs/max_steps were raised (nothing to
+  continue from); with them it resumes (raised epochs/max_steps train on, else the summary is redone).
 - `OUT/tokenizer/trained_from.json` records what a BPE tokenizer was trained from (vocabulary
   size, number and SHA-256 digest of the texts); `tokenizer_mismatch` says how a leftover differs.
 """
@@ -28,12 +33,13 @@ from typing import Any
 import yaml
 
 from bear_ds.config import Config, ConfigError
-from bear_ds.errors import RunFolderError
+from bear_ds.errors import RunFolderError, RunStateError
 from bear_ds.runs import flatten
 
 logger = logging.getLogger(__name__)
 
 RESUMES_FILE = "resumes.jsonl"
+SUMMARY_FILE = "summary.json"  # written when a run ends: its presence says the run finished
 TOKENIZER_RECORD = "trained_from.json"
 
 # keys a resumed run may change: none of them changes the steps already taken
@@ -76,33 +82,69 @@ def classify_resume_changes(
 def check_launch(out: str | Path, cfg: Config, checkpoint: Path | None) -> dict[str, tuple[Any, Any]]:
     """The checks before a training writes anything into `out`; pure reads, the same on every rank.
 
-    Raises FileExistsError when `out` holds checkpoints and train.resume is not auto, ConfigError
-    listing the changed keys when a resume changes a key that matters. Returns the allowed
-    changes of a resume (to record), else {}.
+    Raises RunFolderError when `out` holds checkpoints or a finished run (summary.json) and
+    train.resume is not auto, or holds a finished run it cannot continue (no checkpoint);
+    ConfigError listing the changed keys when a resume changes a key that matters. Returns the
+    allowed changes of a resume (to record), else {}.
     """
     out = Path(out)
-    if checkpoint is None:
+    finished = (out / SUMMARY_FILE).is_file()
+    if checkpoint is None and not finished:
         return {}
     if cfg.train.resume != "auto":
+        held = f"{out / 'checkpoints'} holds checkpoints" if checkpoint is not None else (
+            f"{out} holds a finished training run ({SUMMARY_FILE})")  # fmt: skip
         raise RunFolderError(
-            f"{out / 'checkpoints'} holds checkpoints of an earlier run: add train.resume=auto to continue it, "
-            "or choose another output_dir"
+            f"{held} of an earlier run: add train.resume=auto to continue it, or choose another output_dir"
         )
     saved_path = out / "config.yaml"
     try:
         saved = yaml.safe_load(saved_path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         logger.warning("%s cannot be read (%s): the resumed config is not compared", saved_path, exc)
-        return {}
-    allowed, refused = classify_resume_changes(saved, cfg.model_dump())
+        saved = None
+    allowed, refused = classify_resume_changes(saved, cfg.model_dump()) if isinstance(saved, dict) else ({}, {})
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        stands_for = f"the checkpoint at {checkpoint.name}" if checkpoint is not None else f"its {SUMMARY_FILE}"
         raise ConfigError(
-            f"train.resume=auto: {out} was trained with another config ({listed}); these keys change what the "
-            f"checkpoint at {checkpoint.name} stands for. Resume with the saved {saved_path} (only train.epochs/"
-            "max_steps may be raised, logging, checkpoint and evaluation keys changed), or use another output_dir"
+            f"train.resume=auto: {out} was trained with another config ({listed}); these keys change what "
+            f"{stands_for} stands for. Resume with the saved {saved_path} (only train.epochs/max_steps may be "
+            "raised, logging, checkpoint and evaluation keys changed), or use another output_dir"
         )
+    if finished and checkpoint is None:
+        steps = read_summary(out)["steps"]
+        raised = [key for key in RESUME_RAISE_ONLY if key in allowed]
+        if raised or (cfg.train.max_steps is not None and cfg.train.max_steps > steps):
+            raise RunFolderError(
+                f"train.resume=auto: {out} holds a run finished after {steps} steps ({SUMMARY_FILE}) and no "
+                f"checkpoint in {out / 'checkpoints'} to train it further from (train.max_steps="
+                f"{cfg.train.max_steps}, train.epochs={cfg.train.epochs}); choose another output_dir"
+            )
     return allowed
+
+
+def read_summary(out: str | Path) -> dict[str, Any]:
+    """OUT/summary.json, which must be a JSON object with an integer 'steps' (RunStateError naming it otherwise)."""
+    path = Path(out) / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunStateError(f"{path} cannot be read ({exc}): use another output_dir") from None
+    steps = summary.get("steps") if isinstance(summary, dict) else None
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        raise RunStateError(f"{path} has no integer 'steps' (not what bear-ds writes): use another output_dir")
+    return summary
+
+
+def finished_run_summary(out: str | Path, checkpoint: Path | None) -> dict[str, Any] | None:
+    """After `check_launch` accepted a launch into `out`: the saved summary when `out` holds this very
+    run, finished, with no checkpoint left (nothing to train, nothing to change). None when there is
+    no summary, or a checkpoint to resume from (a finished run's resume finds no step left and
+    recomputes its summary from its logs; raised epochs/max_steps continue it)."""
+    if checkpoint is not None or not (Path(out) / SUMMARY_FILE).is_file():
+        return None
+    return read_summary(out)
 
 
 def record_resume(out: str | Path, step: int, allowed: dict[str, tuple[Any, Any]]) -> None:

@@ -7,7 +7,7 @@
                                under ZeRO-3), optimiser and schedule, resume, the per-epoch evaluator
     Trainer.run_epochs()       epochs; epoch E runs the steps of `epoch_schedule(seed, epoch=E)`
       .optimizer_step(...)     forward/backward of this rank's micro-batches, optimiser step, log record
-        micro_batch_loss(...)  the loss of one micro-batch (`micro_batch.py`: the place to add a loss)
+        micro_batch_loss(...)  the loss of one micro-batch (`loss_table.py`; adding a loss: `loss_api.py`)
       .epoch_end()             evaluate valid (+ test), select the best epoch, export it; then a checkpoint
     Trainer.finish()           final export, summary.json, leave the process group together
 
@@ -18,7 +18,7 @@ gradient is their mean, so it does not depend on the number of ranks. A checkpoi
 (step, epoch, step within the epoch); a resumed run recomputes that epoch's schedule and so
 continues with exactly the batches the uninterrupted run would have used.
 
-Extension points (details in `bear_ds/training/micro_batch.py`):
+Extension points (details in `bear_ds/training/loss_api.py`):
 - a new loss: `register_loss(name, compute, extra_metrics=..., setup=...)`, where `compute(model,
   batch, ctx)` is a context manager yielding a `MicroBatchLoss`; the trainer runs the backward
   inside it and never needs editing;
@@ -43,9 +43,10 @@ from transformers import get_scheduler
 
 from bear_ds.catalog import Catalog
 from bear_ds.config import Config, ConfigError, save_config
-from bear_ds.data import PromptBuilder, load_catalog, load_split, load_stats, resolve_prepared
+from bear_ds.data import PromptBuilder, load_catalog, load_stats, load_train_split, resolve_prepared
 from bear_ds.distributed import end_distributed
 from bear_ds.errors import BearDsError
+from bear_ds.folders import check_output_dir
 from bear_ds.locks import RunFolderBusyError, RunFolderLock
 from bear_ds.models import build_model, is_zero3_partitioned, pretrained_folder
 from bear_ds.outputs import write_json_atomic
@@ -63,15 +64,16 @@ from bear_ds.training.epochs import (
 )
 from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
-from bear_ds.training.micro_batch import (
-    LossContext,
-    MicroBatch,
-    StepTotals,
-    load_micro_batch,
-    loss_spec,
-    micro_batch_loss,
+from bear_ds.training.loss_api import LossContext, MicroBatch
+from bear_ds.training.loss_table import loss_spec
+from bear_ds.training.micro_batch import StepTotals, load_micro_batch, micro_batch_loss
+from bear_ds.training.run_folder import (
+    SUMMARY_FILE,
+    check_launch,
+    finished_run_summary,
+    model_is_selected_epoch,
+    record_resume,
 )
-from bear_ds.training.run_folder import check_launch, model_is_selected_epoch, record_resume
 from bear_ds.training.run_tokenizer import check_resumed_tokenizer, prepare_tokenizer
 from bear_ds.training.train_log import JsonlLog, ProgressBar
 
@@ -156,12 +158,19 @@ class Trainer:
     def setup(self) -> None:
         """Accelerator, data, model (partitioned on creation under ZeRO-3), optimiser, resume, evaluator."""
         self.t_start = time.time()
+        self.loss = loss_spec(self.cfg.loss.name)  # an unknown loss.name is refused before any work
         if self.cfg.train.eval_every_epoch:
             check_select_metric(self.cfg)
-        # check first, write after: the lock, then a refused launch or resume, before config.yaml
+        # check first, write after: the folder's kind, the lock, then a refused launch or resume, before config.yaml
+        check_output_dir(self.out, "train")
         lock_error = self._lock_run_folder()
         self.checkpoint = latest_checkpoint(self.out)
         self.resume_changes = check_launch(self.out, self.cfg, self.checkpoint)  # the same on every rank
+        self.finished = finished_run_summary(self.out, self.checkpoint)
+        if self.finished is not None:  # this very run, finished, no checkpoint: nothing is changed
+            logger.info("%s: this run finished already (%s, %d steps; no checkpoints): nothing to train",
+                        self.out, SUMMARY_FILE, self.finished["steps"])  # fmt: skip
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator, self.plan, self.zero_stage = build_accelerator(self.cfg.train, self.out)
         self.main = self.accelerator.is_main_process
@@ -208,7 +217,7 @@ class Trainer:
             self.model_folder = pretrained_folder(cfg.model)
         builder = PromptBuilder(cfg.prompt, cfg.data.domain or load_stats(prepared).get("domain"))
         titles = load_catalog(prepared)
-        self.rows = load_split(prepared, "train")
+        self.rows, self.train_data = load_train_split(prepared, cfg.data)  # data.train_sample applied
         prompts = (
             [builder.prompt([titles[i] for i in h]) for h in self.rows["history"]] if self.model_folder is None else []
         )
@@ -234,6 +243,8 @@ class Trainer:
         data.examples = encode_training_examples(
             self.rows["history"], self.rows["target"], data.titles, data.catalog, data.tokenizer, data.builder,
             max_length=data.max_length, truncate_history=cfg.train.truncate_history,
+            # S-DPO puts every title after a prompt (its negatives): room for the longest, as evaluation
+            response_room=data.catalog.trie.max_depth if cfg.loss.name == "sdpo" else None,
         )  # fmt: skip
         self.steps_per_epoch = len(data.examples.lengths) // self.plan.global_batch
         if self.steps_per_epoch == 0:
@@ -244,7 +255,6 @@ class Trainer:
         optimizer = _optimizer(cfg, model)
         scheduler = _schedule(cfg.train.schedule, optimizer, cfg.train.warmup_steps, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        self.loss = loss_spec(cfg.loss.name)
         self.loss_ctx = LossContext(
             cfg, data.catalog.trie.to(self.device), data.catalog, data.tokenizer, data.examples,
             zero3=is_zero3_partitioned(self.model), train_rows=self.rows, accelerator=self.accelerator,
@@ -460,11 +470,13 @@ class Trainer:
         """Final export and OUT/summary.json (OUT/model is the selected epoch when epochs were evaluated)."""
         summary: dict[str, Any] = {"steps": self.state.step, "world_size": self.world, "zero_stage": self.zero_stage}
         summary["model"] = self._export_final()
+        summary["data"] = self.train_data
         records = self.epochs_log.read() if self.main else []
         if records:
             summary.update(selected_epoch_summary(records, self.cfg, self.out / "model", summary["model"]))
         logs = self.train_log.read()
         summary["loss"] = logs[-1]["loss"] if logs else None
+        summary["prompts_truncated"] = self.data.examples.truncated_examples  # examples that lost history items
         summary["train_time_s"] = self.elapsed()  # including per-epoch evaluation
         summary["optim_time_s"] = self.state.counters.get("optim_time_s", 0.0)  # optimiser steps only
         summary["wall_time_s"] = time.time() - self.t_start
@@ -495,6 +507,8 @@ def train(cfg: Config) -> dict[str, Any]:
     trainer = Trainer(cfg)
     try:
         trainer.setup()
+        if trainer.finished is not None:
+            return trainer.finished
         trainer.run_epochs()
         return trainer.finish()
     finally:

@@ -6,12 +6,15 @@ log pi_ref(y|x) of every (example, item) pair are computed BEFORE the epoch that
 sharded no-grad pass (each rank scores the examples i with i % world == rank through the
 chunked head, then all ranks gather), and stored in the run folder:
 
-    OUT/reference_logps/epoch_E.pt   {"negatives" [N, K] int64, "reference_logps" [N, 1 + K] float32, ...}
+    OUT/reference_logps/epoch_E.pt   {"negatives" [N, K] int64, "reference_logps" [N, 1 + K] float32,
+                                      "reference_digest", "examples_digest", ...}
 
 Why a pass and not a frozen reference next to the policy (docs/scaling.md): the reference is
 needed once per pair, not once per optimiser step; no second partitioned model stays resident
 during training and no second set of all-gathers runs every micro-step. A resume reloads the file
-of its epoch, so the reference a run resumes with is the one it started the epoch with.
+of its epoch, so the reference a run resumes with is the one it started the epoch with; the file
+records digests of what it was computed from (the `model.reference_path` folder's config and weights
+files, the examples' prompt and title ids) and a resume whose reference or examples differ is refused.
 
 When the pass runs:
 - `model.reference_path` set and random/popular negatives (drawn once per run): once, epoch_0.pt;
@@ -29,25 +32,43 @@ folder and no step has run, the pass uses the policy itself: no second load at a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
+import hashlib
 import logging
 import os
+import pickle
+import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 
-from bear_ds.catalog import IGNORE_INDEX, Catalog, encode_example
+from bear_ds.catalog import CATALOG_FILE, IGNORE_INDEX, Catalog, encode_example
+from bear_ds.errors import MissingPathError, ModelInputError, RunStateError, UnsafeCheckpointError
+from bear_ds.evaluation.evaluate import run_beam_evaluation, shard_indices
+from bear_ds.losses import (
+    backbone_hidden_states,
+    lm_head_context,
+    response_rows,
+    select_response,
+    sequence_logps,
+    token_logps,
+)
+from bear_ds.models import build_model
+from bear_ds.tokenization import TOKENIZER_FILES, load_tokenizer
 from bear_ds.training.batching import collate
-from bear_ds.training.micro_batch import LossContext, MicroBatch, MicroBatchLoss, register_loss, token_loss
 from bear_ds.training.negatives import group_weights, sample_negatives, self_negatives
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_DIR = "reference_logps"
+# what of a model folder decides its log-probabilities (the tokenizer is checked at setup)
+_REFERENCE_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_REFERENCE_FILE_NAMES = ("config.json", "adapter_config.json")
 
 
 # ---------------------------------------------------------------------------------------- batches
@@ -96,18 +117,6 @@ def item_logps_pass(
     and gathered; under ZeRO-3 (`synced`) every rank runs as many forwards as the busiest one (extra
     ones score example 0 and are dropped).
     """
-    from accelerate.utils import gather_object
-
-    from bear_ds.evaluation.evaluate import shard_indices
-    from bear_ds.losses import (
-        backbone_hidden_states,
-        lm_head_context,
-        response_rows,
-        select_response,
-        sequence_logps,
-        token_logps,
-    )
-
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     width = groups.shape[1]
     mine = shard_indices(len(prompts), rank, world)
@@ -144,15 +153,62 @@ def item_logps_pass(
     return out
 
 
+def reference_digest(folder: Path) -> str:
+    """sha256 over the names and bytes of a model folder's config and weights files."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and (p.name in _REFERENCE_FILE_NAMES or p.name.endswith(_REFERENCE_FILE_SUFFIXES))
+    )  # fmt: skip
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def examples_digest(prompts: Sequence[Sequence[int]], target_groups: np.ndarray, catalog: Catalog) -> str:
+    """sha256 over the examples' prompt ids, their targets' groups and every title's response ids."""
+    digest = hashlib.sha256()
+    for rows in (prompts, catalog.group_token_ids):
+        digest.update(np.array([len(r) for r in rows], dtype=np.int64).tobytes())
+        digest.update(np.fromiter((t for r in rows for t in r), dtype=np.int64).tobytes())
+    digest.update(np.asarray(target_groups, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def check_reference_model(folder: Path, tokenizer: Any, catalog: Catalog) -> None:
+    """Refuse, before any work, a `model.reference_path` that is no model folder or reads other token ids."""
+    if not (folder / "config.json").is_file():
+        raise MissingPathError(
+            f"model.reference_path={folder} has no config.json: expected a model folder exported by `bear-ds train`"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        _check_reference_catalog(folder, catalog)
+        return  # weights only: the reference is read with the run's tokenizer
+    try:
+        theirs = load_tokenizer(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelInputError(f"model.reference_path={folder}: its tokenizer cannot be loaded ({exc})") from None
+    special = ("eos_token_id", "pad_token_id", "bos_token_id")
+    if theirs.get_vocab() != tokenizer.get_vocab() or any(getattr(theirs, k) != getattr(tokenizer, k) for k in special):
+        raise ModelInputError(
+            f"model.reference_path={folder} has another tokenizer than the policy ({len(theirs)} vs {len(tokenizer)} "
+            "tokens, or other ids): the reference must score the same token ids; use a model trained from the "
+            "policy's tokenizer"
+        )
+    _check_reference_catalog(folder, catalog)
+
+
 def _check_reference_catalog(folder: Path, catalog: Catalog) -> None:
     """The reference must score the same token ids: its exported catalog must match the run's."""
-    from bear_ds.catalog import CATALOG_FILE
-
     if not (folder / CATALOG_FILE).is_file():
         return  # a plain HF folder: the tokenizer check of build_model is all we can do
     theirs = Catalog.load(folder)
     if theirs.group_token_ids != catalog.group_token_ids:
-        raise ValueError(
+        raise ModelInputError(
             f"model.reference_path={folder}: its catalog.json tokenizes the titles differently from this run's "
             "catalog (another tokenizer or dataset); the reference must be exported on the same data and tokenizer"
         )
@@ -163,11 +219,9 @@ def reference_network(
     cfg: Any, device: torch.device, tokenizer: Any, catalog: Catalog, dtype: torch.dtype, zero3: bool
 ) -> Iterator[torch.nn.Module]:
     """The frozen `model.reference_path` model for one pass, partitioned under ZeRO-3, then released."""
-    from bear_ds.models import build_model
-
     folder = Path(cfg.model.reference_path)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"model.reference_path={folder} has no config.json: expected a model folder exported by `bear-ds train`"
         )
     _check_reference_catalog(folder, catalog)
@@ -184,7 +238,7 @@ def reference_network(
     engine = None
     try:
         if zero3:
-            import deepspeed
+            import deepspeed  # deferred: DeepSpeed is heavy and needed under ZeRO-3 only
 
             if not any(hasattr(p, "ds_id") for p in model.parameters()):  # partitioned as it loaded?
                 raise RuntimeError(
@@ -237,6 +291,7 @@ class PreferencePairs:
         self.reference_logps: torch.Tensor | None = None  # [N, 1 + K]
         self.epoch: int | None = None  # the epoch whose pairs are loaded
         self.sft_epoch = False  # self-play: the current epoch trains the positives' CE only
+        self.prompts_truncated = 0  # examples whose oldest history items were dropped to fit the context
 
     def file_for(self, epoch: int) -> Path:
         if self.static:
@@ -256,24 +311,65 @@ class PreferencePairs:
             self._load(path)
         elif self.self_play and epoch % 2:
             # the round's pairs were built at its start, from the model before its SFT epoch
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{path} (the pairs of this self-play round) is missing: cannot resume epoch {epoch}"
             )
         else:
             self._build(epoch, policy, step, path)
         self.epoch = epoch
 
+    def _digests(self) -> dict[str, str | None]:
+        """What this run's pairs are computed from: the frozen reference's files (None: the policy itself)
+        and the examples. Rank 0 reads the weights once and sends the digests to the other ranks."""
+        digests: dict[str, str | None] | None = None
+        if self.accelerator.is_main_process:
+            reference = self.cfg.model.reference_path
+            digests = {
+                "reference_digest": reference_digest(Path(reference)) if reference is not None else None,
+                "examples_digest": examples_digest(self.prompts, self.target_groups, self.catalog),
+            }
+        if self.accelerator.num_processes > 1:
+            digests = broadcast_object_list([digests])[0]
+        return digests
+
     def _load(self, path: Path) -> None:
+        """Reload a stored epoch file; refused (one line, nothing of it run) when damaged, tampered,
+        or computed from another reference model or other examples than this run's."""
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            negatives, ref = saved["negatives"].numpy(), saved["reference_logps"]
-        except (OSError, RuntimeError, KeyError) as exc:
-            raise ValueError(f"{path}: not a readable reference file ({exc}); delete it to recompute") from exc
+        except pickle.UnpicklingError as exc:
+            if "weights only load failed" not in str(exc).lower():
+                raise RunStateError(f"{path} is damaged ({_first_line(exc)}); delete it to recompute") from None
+            raise UnsafeCheckpointError(
+                f"{path} holds objects no reference file written by bear-ds holds (tampered, or from elsewhere): "
+                "refused to load it, nothing from it was run; delete it to recompute"
+            ) from None
+        except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+            raise RunStateError(
+                f"{path} is not a readable reference file (truncated or damaged: {_first_line(exc)}); "
+                "delete it to recompute"
+            ) from None
+        negatives, ref = (saved.get(k) if isinstance(saved, dict) else None for k in ("negatives", "reference_logps"))
+        if not isinstance(negatives, torch.Tensor) or not isinstance(ref, torch.Tensor):
+            raise RunStateError(f"{path} lacks the negatives and reference_logps tensors; delete it to recompute")
+        negatives = negatives.numpy()
         n, k = len(self.prompts), self.loss_cfg.num_negatives
         if negatives.shape != (n, k) or tuple(ref.shape) != (n, 1 + k):
-            raise ValueError(
+            raise RunStateError(
                 f"{path} holds {tuple(negatives.shape)} negatives for this run's {n} examples x "
                 f"loss.num_negatives={k}: it belongs to another configuration; use another output_dir"
+            )
+        mine = self._digests()
+        if saved.get("examples_digest") != mine["examples_digest"]:
+            raise RunStateError(
+                f"{path} was computed for other training examples than this run's (another prepared data, prompt "
+                "or tokenizer): resume with the configuration the run started with, or delete it to recompute"
+            )
+        if saved.get("reference_digest") != mine["reference_digest"]:
+            raise RunStateError(
+                f"{path} was computed from another reference model than model.reference_path="
+                f"{self.cfg.model.reference_path} holds now (its config or weights files changed since): restore "
+                "that model, or delete the file to recompute from the current one, or start a fresh run"
             )
         self.groups = np.concatenate([self.target_groups[:, None], negatives], axis=1)
         self.reference_logps = ref.float()
@@ -283,8 +379,6 @@ class PreferencePairs:
     def _negatives(self, epoch: int, policy: Any) -> tuple[np.ndarray, int]:
         k, seed, source = self.loss_cfg.num_negatives, self.cfg.train.seed, self.loss_cfg.negative_source
         if source == "self":
-            from bear_ds.evaluation.evaluate import run_beam_evaluation
-
             predictions, _ = run_beam_evaluation(
                 policy, self.tokenizer, self.catalog, self.prompts, list(self.target_groups), self.cfg.eval,
                 self.accelerator, loss_name=self.loss_cfg.name, progress=self.accelerator.is_main_process,
@@ -298,8 +392,6 @@ class PreferencePairs:
         return sample_negatives(self.target_groups, history, weights, k, seed=seed), 0
 
     def _build(self, epoch: int, policy: Any, step: int, path: Path) -> None:
-        import time
-
         started = time.perf_counter()
         negatives, filled = self._negatives(epoch, policy)
         groups = np.concatenate([self.target_groups[:, None], negatives], axis=1)
@@ -326,6 +418,7 @@ class PreferencePairs:
             with reference_network(self.cfg, device, self.tokenizer, self.catalog, dtype, self.zero3) as frozen:
                 ref = item_logps_pass(frozen, self.prompts, groups, self.catalog, self.loss_cfg, **kwargs)
         elapsed = time.perf_counter() - started
+        digests = self._digests()
         if self.accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -337,6 +430,8 @@ class PreferencePairs:
                 "reference": reference or "policy at the start of the epoch",
                 "filled_negatives": filled,
                 "seconds": elapsed,
+                "prompts_truncated": self.prompts_truncated,
+                **digests,
             }
             torch.save(payload, tmp)
             os.replace(tmp, path)  # a killed run never leaves a half file to reuse
@@ -355,84 +450,16 @@ class PreferencePairs:
         return {k: v.to(device) for k, v in batch.items()}
 
 
-# ---------------------------------------------------------------------------------------- the trainer's loss
-def _setup(model: Any, ctx: LossContext) -> PreferencePairs:
-    from bear_ds.evaluation.evaluate import check_context
-    from bear_ds.models import pretrained_folder
-
-    rows, catalog = ctx.train_rows, ctx.catalog
-    prompts = prompt_ids_of(ctx.examples.input_ids, ctx.examples.labels)
-    context = int(getattr(getattr(model, "module", model).config, "max_position_embeddings", 0) or 10**9)
-    check_context(prompts, catalog.trie.max_depth, context, what="training row")  # any title may be a negative
-    return PreferencePairs(
-        ctx.cfg, prompts=prompts, target_groups=[catalog.group_of_item(t) for t in rows["target"]],
-        history_groups=[[catalog.group_of_item(i) for i in h] for h in rows["history"]], catalog=catalog,
-        tokenizer=ctx.tokenizer, zero3=ctx.zero3, policy_folder=pretrained_folder(ctx.cfg.model),
-        accelerator=ctx.accelerator,
-    )  # fmt: skip
-
-
-def _epoch_start(model: Any, ctx: LossContext, epoch: int, step: int) -> None:
-    ctx.loss_state.start_epoch(epoch, model, step)
-
-
-@contextlib.contextmanager
-def sdpo_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
-    """S-DPO of one micro-batch: its examples' 1 + K sequences through the backbone and the chunked head."""
-    from bear_ds.losses import backbone_hidden_states, lm_head_context, preference_loss, response_rows, select_response
-
-    if ctx.loss_state.sft_epoch:  # self-play: this round's SFT epoch
-        with _sft_loss(model, batch, ctx) as out:
-            yield out
-        return
-    pairs = ctx.loss_state.batch(batch.indices, batch.input_ids.device)
-    hidden = backbone_hidden_states(model, pairs["input_ids"], pairs["attention_mask"])  # [b(1+K), L, H]
-    h, y, s = select_response(hidden, pairs["labels"], ctx.trie)
-    rows = response_rows(pairs["labels"])  # [N]: the sequence of each response position
-    with lm_head_context(model) as head:
-        out = preference_loss(h, head, y, s, rows, pairs["reference_logps"], ctx.trie, ctx.cfg.loss)
-        sums = out.sums
-        yield MicroBatchLoss(
-            loss=out.loss,
-            sums=sums.token_sums(),
-            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
-            extras={
-                "pref_loss": (sums.pref.detach(), sums.examples),
-                "reward_margin": (sums.margin, sums.examples),
-                "reward_accuracy": (sums.correct, sums.negatives),
-            },
-        )
-
-
-@contextlib.contextmanager
-def _sft_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
-    """The positives' CE with the loss's softmax (MSL with tau when loss.masked, else LML); no pairs."""
-    name = "msl" if ctx.cfg.loss.masked else "lml"
-    sft_ctx = dataclasses.replace(
-        ctx, cfg=ctx.cfg.model_copy(update={"loss": ctx.cfg.loss.model_copy(update={"name": name})})
-    )
-    with token_loss(model, batch, sft_ctx) as out:
-        none = out.loss.new_zeros(()).detach()  # logged as nan: no pairs in an SFT epoch
-        out.extras = {key: (none, none) for key in PREFERENCE_METRICS}
-        yield out
-
-
-PREFERENCE_METRICS = ("pref_loss", "reward_margin", "reward_accuracy")
-
-register_loss(
-    "sdpo",
-    sdpo_loss,
-    extra_metrics=PREFERENCE_METRICS,
-    setup=_setup,
-    epoch_start=_epoch_start,
-)
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 __all__ = [
     "REFERENCE_DIR",
     "PreferencePairs",
+    "check_reference_model",
     "collate_pairs",
     "item_logps_pass",
     "prompt_ids_of",
-    "sdpo_loss",
 ]
