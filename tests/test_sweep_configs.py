@@ -79,7 +79,7 @@ def test_ml100k_evidence_sweep_runs_at_a_tiny_budget(tmp_path: Path) -> None:
     assert "| most-popular (8 users) |" in text
     others = ("loss.name=msl", "loss.name=bear, loss.form=reweight", "loss.name=bear, loss.form=regularizer")
     for other in (*others, "loss.name=beamsim"):
-        assert f"**{other} vs loss.name=lml**: pooled, over 1 seed(s) (8 user pairs): NDCG@10 difference" in text
+        assert f"**{other} vs loss.name=lml**: pooled, over 1 seed(s) (8 users): NDCG@10 difference" in text
     assert text.count(" p = ") >= 2 * 2 * 7  # NDCG and HR, pooled and per seed: 5 pairs against LML, 2 BEAR vs MSL
 
     # stage 2, ml100k_preference.yaml: DPO from this sweep's LML model, on the same tiny budget
