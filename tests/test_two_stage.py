@@ -4,6 +4,7 @@ and the learning rate chosen on validation; and the contract command of configs/
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,12 +15,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from report_fakes import write_summary
+from report_fakes import write_jsonl, write_run, write_summary
 
 import bear_ds.pipeline as pipeline
 from bear_ds.config import Config, ConfigError
+from bear_ds.reports import report
 from bear_ds.reports.evidence import MethodRuns, choose_on_valid
 from bear_ds.reports.stats import paired_difference, user_level_difference, user_mean_differences
+from bear_ds.sweeps import run_sweep
 from bear_ds.two_stage import stage_one
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +44,9 @@ def test_user_level_pooling_is_wider_than_pair_level_when_outcomes_repeat_across
     one_seed = paired_difference(diffs, np.zeros(40))
     assert by_user.n == 40 and by_pair.n == 120
     assert by_user.mean_diff == pytest.approx(by_pair.mean_diff)
-    assert (by_user.low, by_user.high, by_user.p_value) == pytest.approx((one_seed.low, one_seed.high, one_seed.p_value))
+    assert (by_user.low, by_user.high, by_user.p_value) == pytest.approx(
+        (one_seed.low, one_seed.high, one_seed.p_value)
+    )
     assert by_user.high - by_user.low > 1.5 * (by_pair.high - by_pair.low)
     assert by_user.p_value > by_pair.p_value
 
@@ -67,7 +72,9 @@ def test_choose_on_valid_keeps_each_configurations_best_learning_rate() -> None:
     ]
     kept, lines = choose_on_valid(methods, "train.lr", 10)
     assert [m.label for m in kept] == ["loss.name=lml, train.lr=0.0001", "loss.name=msl, train.lr=0.001", "stage 1"]
-    assert lines[0] == "- loss.name=lml: train.lr=0.0001 (valid NDCG@10 train.lr=0.0001: 0.0500; train.lr=0.001: 0.0400)"
+    assert (
+        lines[0] == "- loss.name=lml: train.lr=0.0001 (valid NDCG@10 train.lr=0.0001: 0.0500; train.lr=0.001: 0.0400)"
+    )
 
 
 # ---------------------------------------------------------------- stage 1 and the links
@@ -158,6 +165,46 @@ def test_a_two_stage_sweep_trains_stage_one_first_and_starts_each_point_from_its
     assert first is not None
     first.wait_for(2, fake_point, pipeline.point_finished)
     assert [r[0] for r in ran] == [stage1 / "loss.name=lml__train.seed=2"]
+
+
+def test_a_two_stage_report_compares_each_method_at_its_chosen_rate_with_continue_lml_and_stage_one(
+    tmp_path: Path,
+) -> None:
+    # stage 1 hits users 0-3, continue-LML 0-7 (at lr 1e-4, its better rate on valid), MSL 0-11 at
+    # lr 1e-3 (better on valid) and nobody at 1e-4; 16 users, seeds 1 and 2
+    hits = {("lml", 1e-4): 8, ("lml", 1e-3): 2, ("msl", 1e-4): 0, ("msl", 1e-3): 12}
+    valid = {("lml", 1e-4): 0.3, ("lml", 1e-3): 0.1, ("msl", 1e-4): 0.1, ("msl", 1e-3): 0.2}
+
+    def fake_point(cfg: Config, out: Path) -> None:
+        key = (cfg.loss.name, cfg.train.lr)
+        write_run(out, [f"loss.name={cfg.loss.name}", f"train.lr={cfg.train.lr}", f"train.seed={cfg.train.seed}"])
+        summary = json.loads((out / "summary.json").read_text())
+        summary["valid"]["ndcg@10"] = valid.get(key, 0.0)
+        (out / "summary.json").write_text(json.dumps(summary))
+        ranks = [0 if i < hits.get(key, 4) else None for i in range(16)]
+        write_jsonl(
+            out / "test_predictions.jsonl",
+            [{"epoch": 3, "user_id": f"u{i}", "target_rank": r} for i, r in enumerate(ranks)],
+        )
+
+    sweep = tmp_path / "s2"
+    grid = {"train.seed": [1, 2]}
+    run_sweep(Config.model_validate({"output_dir": str(sweep / "stage1"), "sweep": {"grid": grid}}), fake_point)
+    grid = {"loss.name": ["lml", "msl"], "train.lr": [1e-4, 1e-3], **grid}
+    run_sweep(Config.model_validate({"output_dir": str(sweep), "sweep": {"grid": grid}}), fake_point)
+    text = report(sweep).read_text()
+    control = "continue-LML: loss.name=lml, train.lr=0.0001"
+    assert f"every method against the control {control} and against stage 1 (2 run(s) in stage1/)" in text
+    assert "- loss.name=msl: train.lr=0.001 (valid NDCG@10 train.lr=0.0001: 0.1000; train.lr=0.001: 0.2000)" in text
+    compared = re.findall(r"\*\*([^*]+) vs ([^*]+)\*\*: pooled, over 2 seed\(s\) \(16 users\)", text)
+    stage1 = "stage 1 (2 run(s) in stage1/)"
+    assert compared == [
+        ("loss.name=msl, train.lr=0.001", control),  # (no prepared data here: no most-popular list)
+        (control, stage1),
+        ("loss.name=msl, train.lr=0.001", stage1),
+    ], compared
+    assert "| stage1/train.seed=1 |" in text  # stage 1's runs in the results table too
+    assert "stage1 is not a point" not in text
 
 
 # ---------------------------------------------------------------- the contract command

@@ -172,12 +172,21 @@ def _groups(runs: dict[str, RunData], points: pd.DataFrame | None, group_keys: l
 CONTROL = "continue-LML: "  # a two-stage sweep's LML configurations: the control every method is compared with
 
 
-def _stage_one_runs(stage1_dir: Path, seeds: set[Any]) -> dict[str, RunData]:
-    """The finished stage-1 points of the stage-2 sweep's seeds, named `stage1/POINT`."""
+def _with_stage_one(
+    stage1_dir: Path, runs: dict[str, RunData], groups: dict[str, list[str]]
+) -> tuple[dict[str, RunData], dict[str, list[str]], str]:
+    """A two-stage sweep's runs and groups with its finished stage-1 points of the same seeds added
+    (named `stage1/POINT`, one group), its LML groups labelled as the control; and the stage-1 label."""
+    groups = {(CONTROL + label if label.startswith("loss.name=lml") else label): n for label, n in groups.items()}
+    seeds = {run.config_value(SEED_KEY) for run in runs.values()}
     points, _, _ = collect_points(stage1_dir)
     done = points.loc[points["status"] == "done", "point"]
     loaded = {f"{STAGE1_DIR}/{name}": load_run(f"{STAGE1_DIR}/{name}", stage1_dir / name) for name in done}
-    return {name: run for name, run in loaded.items() if run.config_value(SEED_KEY) in seeds}
+    stage1_runs = {name: run for name, run in loaded.items() if run.config_value(SEED_KEY) in seeds}
+    label = f"stage 1 ({len(stage1_runs)} run(s) in {STAGE1_DIR}/)"
+    if stage1_runs:
+        groups[label] = list(stage1_runs)
+    return {**runs, **stage1_runs}, groups, label
 
 
 def report(run_or_sweep_dir: str | Path) -> Path:
@@ -207,12 +216,7 @@ def report(run_or_sweep_dir: str | Path) -> Path:
     groups = _groups(runs, points, group_keys or [])
     stage1 = None
     if kind == "sweep" and is_sweep_dir(root / STAGE1_DIR):  # a two-stage sweep: its stage 1 compared too
-        groups = {(CONTROL + label if label.startswith("loss.name=lml") else label): n for label, n in groups.items()}
-        stage1_runs = _stage_one_runs(root / STAGE1_DIR, {run.config_value(SEED_KEY) for run in runs.values()})
-        stage1 = f"stage 1 ({len(stage1_runs)} run(s) in {STAGE1_DIR}/)"
-        if stage1_runs:
-            groups[stage1] = list(stage1_runs)
-            runs = {**runs, **stage1_runs}
+        runs, groups, stage1 = _with_stage_one(root / STAGE1_DIR, runs, groups)
     statistics, popular = evidence_sections(runs, groups, stage1=stage1) if runs else ([], {})
     lines += [
         "## Results (test at the selected epoch)",
