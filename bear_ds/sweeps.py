@@ -18,6 +18,9 @@ Sweep folder (`output_dir`):
     results.csv               one row per point; results_by_config.csv: mean/std/n over seeds
     results.md                the same as Markdown tables (rewritten with plots by `report`)
 
+A two-stage sweep (`sweep.stage1`: each point starts from its own seed's stage-1 model) is
+bear_ds/two_stage.py's; it runs its stage-1 sweep in output_dir/stage1 first.
+
 A point is done when its summary.json exists; rerunning the sweep skips it. Every point runs with
 train.resume=auto, so a point that crashed continues from its newest checkpoint.
 
