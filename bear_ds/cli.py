@@ -16,8 +16,9 @@ Every subcommand takes `--config FILE.yaml` plus dotted overrides:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -68,10 +69,10 @@ def _run_analyze(cfg: Config) -> None:
     analyze(cfg)
 
 
-def _run_sweep(cfg: Config) -> None:
+def _run_sweep(cfg: Config, overrides: Sequence[str] = ()) -> None:
     from bear_ds.pipeline import sweep
 
-    sweep(cfg)
+    sweep(cfg, overrides)
 
 
 def _run_report(cfg: Config) -> None:
@@ -181,7 +182,10 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "report" and overrides and "=" not in overrides[0]:
         overrides[0] = f"output_dir={overrides[0]}"  # `bear-ds report RUN_DIR`: the folder to report on
     cfg = load_config(args.config, overrides, preset=DEMO_PRESET if args.command == "demo" else None)
-    RUNNERS[args.command](cfg)  # each command leaves its process group itself (end_distributed)
+    runner = RUNNERS[args.command]
+    if args.command == "sweep":  # a two-stage sweep applies the command line's overrides to stage 1 too
+        runner = functools.partial(_run_sweep, overrides=overrides)
+    runner(cfg)  # each command leaves its process group itself (end_distributed)
     return 0
 
 

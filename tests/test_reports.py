@@ -195,7 +195,7 @@ def test_report_sweep_has_most_popular_row_and_paired_comparisons(tmp_path: Path
     # the reference row: every test target is one of the four items the training targets are
     assert re.search(r"\| most-popular \(16 users\) \| [0-9.]+ \| 1\.0000 \| [0-9.]+ \| [0-9.]+ \|", text), text
     pairs = re.findall(
-        r"\*\*(loss.name=\w+|most-popular) vs (loss.name=\w+)\*\*: pooled, over 2 seed\(s\) \(32 user pairs\): "
+        r"\*\*(loss.name=\w+|most-popular) vs (loss.name=\w+)\*\*: pooled, over 2 seed\(s\) \(16 users\): "
         r"NDCG@10 difference ([+-][0-9.]+) \(95% interval \[([+-][0-9.]+), ([+-][0-9.]+)\], p = ([0-9.e-]+)\)",
         text,
     )
@@ -209,8 +209,10 @@ def test_report_sweep_has_most_popular_row_and_paired_comparisons(tmp_path: Path
     diff, low, high, p = found[("loss.name=bear", "loss.name=lml")]
     assert diff == pytest.approx(0.75, abs=1e-4) and 0 < low < diff < high <= 1 and p < 0.001
     assert "distinguishable from noise: loss.name=msl vs loss.name=lml" in text
-    assert text.count("  - seed ") == 2 * 4  # each pair per seed too
-    assert "| 32/40 / 32/40 | 64/80 = 80.0% [70.0%, 87.3%] |" in text  # two seeds pooled, Wilson interval
+    assert text.count("  - seed 1,") == text.count("  - seed 2,") == 4  # each pair per seed too
+    assert text.count("  - seed level (each seed's mean difference): NDCG@10 ") == 4  # and the seeds' spread
+    # two seeds pooled, Wilson interval; the positives and the beam HR@10 beside the share
+    assert re.search(r"\| 32/40 / 32/40 \| 80 \| [0-9.]+ \| 64/80 = 80.0% \[70.0%, 87.3%\] \|", text), text
 
 
 def test_report_statistics_are_at_the_k_the_runs_evaluated(tmp_path: Path) -> None:
@@ -253,7 +255,7 @@ def test_report_statistics_are_at_the_k_the_runs_evaluated(tmp_path: Path) -> No
     # bear hits users 0-11 at rank i % 5, lml users 0-3: the mean NDCG@5 difference over 16 users
     ndcg5 = sum(1 / math.log2(i % 5 + 2) for i in range(4, 12)) / 16
     assert (
-        f"**loss.name=bear vs loss.name=lml**: pooled, over 2 seed(s) (32 user pairs): NDCG@5 difference +{ndcg5:.4f}"
+        f"**loss.name=bear vs loss.name=lml**: pooled, over 2 seed(s) (16 users): NDCG@5 difference +{ndcg5:.4f}"
         in statistics
     )
     assert "In plain words (pooled over seeds, NDCG@5)" in statistics
@@ -306,6 +308,6 @@ def test_report_of_a_one_method_ablation_compares_each_configuration_with_the_fi
         ("most-popular", "loss.name=bear, loss.lam=0.1"),
     ], compared
     assert re.search(
-        r"lam=0.5 vs loss.name=bear, loss.lam=0.1\*\*: pooled, over 1 seed\(s\) \(16 user pairs\): NDCG@10 difference \+0\.7500",
+        r"lam=0.5 vs loss.name=bear, loss.lam=0.1\*\*: pooled, over 1 seed\(s\) \(16 users\): NDCG@10 difference \+0\.7500",
         text,
     )

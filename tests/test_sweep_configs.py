@@ -77,7 +77,7 @@ def test_ml100k_evidence_sweep_runs_at_a_tiny_budget(tmp_path: Path) -> None:
     assert "| most-popular (8 users) |" in text
     others = ("loss.name=msl", "loss.name=bear, loss.form=reweight", "loss.name=bear, loss.form=regularizer")
     for other in (*others, "loss.name=beamsim"):
-        assert f"**{other} vs loss.name=lml**: pooled, over 1 seed(s) (8 user pairs): NDCG@10 difference" in text
+        assert f"**{other} vs loss.name=lml**: pooled, over 1 seed(s) (8 users): NDCG@10 difference" in text
     assert text.count(" p = ") >= 2 * 2 * 7  # NDCG and HR, pooled and per seed: 5 pairs against LML, 2 BEAR vs MSL
 
     # stage 2, ml100k_preference.yaml: DPO from this sweep's LML model, on the same tiny budget
@@ -105,12 +105,19 @@ def test_ml100k_evidence_sweep_runs_at_a_tiny_budget(tmp_path: Path) -> None:
 
 
 # ml100k_evidence runs in the test above (5 points, with its report, then its stage 2 ml100k_preference);
-# demo_preference_sft and its stage 2, demo_preference, run one after the other in the last test below
+# demo_preference_sft and its stage 2, demo_preference, run one after the other in the last test below;
+# ml100k_finetune runs as its documented contract command in tests/test_two_stage.py
 SWEEPS = sorted(
     p
     for p in (CONFIGS / "sweeps").glob("*.yaml")
     if p.name
-    not in ("ml100k_evidence.yaml", "ml100k_preference.yaml", "demo_preference_sft.yaml", "demo_preference.yaml")
+    not in (
+        "ml100k_evidence.yaml",
+        "ml100k_preference.yaml",
+        "demo_preference_sft.yaml",
+        "demo_preference.yaml",
+        "ml100k_finetune.yaml",
+    )
 )
 # a tiny budget: every stage of a point runs (prepare, tokenizer, train with per-epoch evaluation,
 # export, analysis, aggregate, report), each on a few examples
