@@ -111,4 +111,3 @@ def _pruned_prefix_texts(record: dict[str, Any], group_token_ids: Any, tokenizer
         "pruned_prefix": tokenizer.decode(target_ids, skip_special_tokens=True),
         "beam_cutoff_prefix": None if cutoff_ids is None else tokenizer.decode(cutoff_ids, skip_special_tokens=True),
     }
-
