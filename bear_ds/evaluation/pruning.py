@@ -5,9 +5,9 @@
 - whether beam search returns it;
 - for targets in the global top-B that beam search misses, the decoding step at which the target's
   prefix left the live beams, that prefix's log p and the B-th live beam that beat it (the paper's
-  Figure 1), and whether the per-token condition (the gold token ranks within
-  the top-B trie-valid next tokens given the gold prefix, the relaxed condition BEAR trains for)
-  fails at or before that step.
+  Figure 1), and whether the per-token condition (the gold token ranks within the top-B trie-valid
+  next tokens given the gold prefix, the relaxed condition BEAR trains for) fails at or before that
+  step.
 """
 
 from __future__ import annotations
