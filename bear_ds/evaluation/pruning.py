@@ -4,13 +4,15 @@
 - the target's global rank (by total log-probability, ties counted in the target's favour);
 - whether beam search returns it;
 - for targets in the global top-B that beam search misses, the decoding step at which the target's
-  prefix left the live beams, and whether the per-token condition (the gold token ranks within
-  the top-B trie-valid next tokens given the gold prefix, the relaxed condition BEAR trains for)
-  fails at or before that step.
+  prefix left the live beams, that prefix's log p and the B-th live beam that beat it (the paper's
+  Figure 1), and whether the per-token condition (the gold token ranks within the top-B trie-valid
+  next tokens given the gold prefix, the relaxed condition BEAR trains for) fails at or before that
+  step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,8 +85,34 @@ def user_pruning_record(
             pruned_step=pruned_step,
             prune_reason=reason,
             violated_at_or_before=any(fails[: pruned_step + 1]),
+            pruned_prefix_logp=float(scores.token_logp[target_group, : pruned_step + 1].sum()),
+            **_beam_cutoff(beam, user, pruned_step if reason == "pruned" else None, trie),
         )
     return rec
+
+
+def _beam_cutoff(beam: BeamResult, user: int, step: int | None, trie: TokenTrie) -> dict[str, Any]:
+    """The B-th (lowest kept) live beam at `step`, the prefix that beat the dropped target's: its
+    cumulative log p (no length penalty) and token ids; None when no live beam was cut at that step
+    (the search had stopped, or the target finished but was not returned)."""
+    none = {"beam_cutoff_logp": None, "beam_cutoff_ids": None}
+    if step is None or beam.live_states is None or beam.live_thresholds is None:
+        return none
+    live = [s for s in beam.live_states[step][user].tolist() if s >= 0]  # best first
+    threshold = float(beam.live_thresholds[user, step])
+    if not live or not math.isfinite(threshold):
+        return none
+    return {"beam_cutoff_logp": threshold, "beam_cutoff_ids": _prefix_ids(live[-1], trie)}
+
+
+def _prefix_ids(state: int, trie: TokenTrie) -> list[int]:
+    """Token ids from the root to trie node `state`, walking up its parent edges."""
+    ids: list[int] = []
+    while state != 0:  # node 0 is the root
+        edge = int((trie.edge_child == state).nonzero()[0, 0])
+        ids.append(int(trie.edge_token[edge]))
+        state = int(trie.edge_key[edge]) // trie.vocab_size
+    return ids[::-1]
 
 
 def aggregate_pruning(records: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str, Any]:
@@ -158,9 +186,14 @@ def analyze_users(
             mask=mask,
             length_penalty=length_penalty,
             return_trace=True,
+            return_thresholds=True,  # the B-th live beam's log p at each step: what beat a dropped target
         )
         beam = BeamResult(
-            beam.groups.cpu(), beam.scores.cpu(), beam.steps.cpu(), [s.cpu() for s in beam.live_states or []]
+            beam.groups.cpu(),
+            beam.scores.cpu(),
+            beam.steps.cpu(),
+            [s.cpu() for s in beam.live_states or []],
+            live_thresholds=beam.live_thresholds.cpu() if beam.live_thresholds is not None else None,
         )
         for j, ids in enumerate(chunk):
             bound = (

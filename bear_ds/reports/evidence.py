@@ -19,6 +19,7 @@ import numpy as np
 from bear_ds.data import load_split
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.evaluation.popularity import most_popular_ranks, popularity_order
+from bear_ds.reports.pruned_examples import pruned_examples_section
 from bear_ds.reports.stats import (
     PairedDifference,
     is_rank,
@@ -304,6 +305,7 @@ def evidence_sections(
     lines += _seed_table(methods, popular_metrics, notes, k)
     lines += _paired_section(methods, ranks, notes, k, stage1)
     lines += _pruning_section(methods, notes, k)
+    lines += pruned_examples_section(methods, notes)
     lines += _gold_share_section(methods)
     if notes:
         lines += ["Notes:", "", *(f"- {n}" for n in notes), ""]
