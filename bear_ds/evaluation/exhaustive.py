@@ -28,7 +28,9 @@ from bear_ds.generation.shared_prefix import (
     shared_prefix_cache,
     shared_prefix_forward,
 )
-from bear_ds.masking import check_mask_mode, trie_log_softmax
+from bear_ds.losses.head import LMHead
+from bear_ds.losses.model import lm_head_context
+from bear_ds.masking import check_mask_mode, pair_log_softmax, trie_log_softmax
 from bear_ds.trie import TokenTrie
 
 
@@ -257,6 +259,14 @@ class _BatchWalk:
         self.prompt_lengths = prompt_lengths  # [P] a user's first response position
         self.keys = generated_part(cache)  # per layer [P * width, Hkv, d, D]
         self.width = 1  # rows per user in `keys`
+        # mask "before" reads the children's logits only: the forward stops at the last hidden
+        # states (no [rows, V] projection, the largest matrix product of a small model's row)
+        self.head: LMHead | None = None
+        self.forward_kwargs: dict = {}
+        if mask == "before" and last_logits_only(model):
+            with lm_head_context(model) as head:  # a no-op outside ZeRO-3, which the analysis never uses
+                self.head = head
+            self.forward_kwargs = {"output_hidden_states": True, "logits_to_keep": torch.zeros(0, dtype=torch.int64)}
 
     def score_level(
         self,
@@ -286,15 +296,17 @@ class _BatchWalk:
             cols = slice(start, start + self.slots_per_forward)
             restore_generated(self.cache, self.keys, parent[:, cols].reshape(-1))
             step = token[:, cols].shape[1]
-            logits = shared_prefix_forward(
-                self.model, self.cache, token[:, cols].reshape(-1, 1), position.expand(users, step).reshape(-1, 1)
-            ).logits[:, -1, :]  # [P * step, V]
+            out = shared_prefix_forward(
+                self.model, self.cache, token[:, cols].reshape(-1, 1), position.expand(users, step).reshape(-1, 1),
+                **self.forward_kwargs,
+            )  # fmt: skip
+            logits = out.logits[:, -1, :] if self.head is None else out.hidden_states[-1][:, -1, :]  # [P*step, V|H]
             parts.append([(k.view(users, step, *k.shape[1:]), v.view(users, step, *v.shape[1:]))
                           for k, v in generated_part(self.cache)])  # fmt: skip
             rows = real[:, cols].reshape(-1)
             _edge_stats(
                 logits[rows], node[:, cols].reshape(-1)[rows], self.trie, self.mask,
-                edge_logp.view(-1), edge_rank.view(-1), offset[:, cols].reshape(-1)[rows],
+                edge_logp.view(-1), edge_rank.view(-1), offset[:, cols].reshape(-1)[rows], self.head,
             )  # fmt: skip
         self.keys = [
             (torch.cat([p[i][0] for p in parts], 1).flatten(0, 1), torch.cat([p[i][1] for p in parts], 1).flatten(0, 1))
@@ -414,17 +426,25 @@ def _edge_stats(
     edge_logp: torch.Tensor,
     edge_rank: torch.Tensor,
     edge_offset: torch.Tensor | None = None,
+    head: LMHead | None = None,
 ) -> None:
     """Fill `edge_logp` / `edge_rank` [E] for the edges leaving `nodes` [n], given their logits [n, V]:
     log p of the edge token (per mask mode) and its rank among the node's children (strictly greater).
-    `edge_offset` [n]: row i writes edge e at edge_offset[i] + e (several users' stats in one array)."""
-    logits = logits.float()
+    `edge_offset` [n]: row i writes edge e at edge_offset[i] + e (several users' stats in one array).
+    `head` (mask "before" only): `logits` are the rows' last hidden states [n, H] and only the
+    children's logits are projected (the rest of the vocabulary does not enter a "before" softmax)."""
     counts = trie.num_children(nodes)
     row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)  # [P]
     edges = _edges_of(nodes, trie)  # [P]
-    vals = logits[row, trie.edge_token[edges]]  # [P]
+    tokens = trie.edge_token[edges]  # [P]
     slots = edges if edge_offset is None else edges + edge_offset[row]  # [P] where each edge's stats go
-    edge_logp[slots] = trie_log_softmax(logits, mask, pairs=(row, trie.edge_token[edges]))
+    if head is None:
+        logits = logits.float()
+        vals = logits[row, tokens]  # [P]
+        edge_logp[slots] = trie_log_softmax(logits, mask, pairs=(row, tokens))
+    else:
+        vals = _pair_logits(logits, head, row, tokens)
+        edge_logp[slots] = pair_log_softmax(vals, row, nodes.numel())
     # rank: sort each node's children by value (descending); a child's rank is where its run of
     # equal values starts, relative to the node's first position
     order = torch.argsort(vals, descending=True, stable=True)
@@ -436,6 +456,19 @@ def _edge_stats(
     run_start = torch.cummax(torch.where(new_run, pos, torch.zeros_like(pos)), 0).values
     node_start = torch.cumsum(counts, 0) - counts
     edge_rank[slots[order]] = run_start - node_start[sorted_row]
+
+
+def _pair_logits(hidden: torch.Tensor, head: LMHead, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """float32 logits [P] of (row, token) pairs from last hidden states [n, H]: the output layer
+    for those tokens only, rounded to the hidden dtype as the full projection's logits are."""
+    z = (hidden[rows].float() * head.weight[tokens].float()).sum(-1)  # [P]
+    if head.bias is not None:
+        z = z + head.bias[tokens].float()
+    if head.scale != 1.0:
+        z = z * head.scale
+    if head.softcap is not None:
+        z = torch.tanh(z / head.softcap) * head.softcap
+    return z.to(hidden.dtype).float()
 
 
 @torch.no_grad()
