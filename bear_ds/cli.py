@@ -133,6 +133,9 @@ DEMO_PRESET: list[str] = [
     "train.micro_batch=64",
     "train.zero_stage=0",  # one process: ZeRO partitioning would only add gathers
     "analyze.max_users=943",  # every test user: the exhaustive ranking scores every movie for each
+    # the exhaustive walk's rows of a batch's 16 users share forwards: bigger matrix products (the
+    # same records; 1.2x less CPU time than 256 rows per forward at one thread)
+    "analyze.batch_items=2048",
 ]
 
 RUNNERS: dict[str, Callable[[Config], None]] = {

@@ -137,6 +137,8 @@ def analyze_users(
 
     bounded: skip trie subtrees that cannot change a record (`PruneBound`, with beam search's groups
     as the first top-B estimate); False walks the whole trie. Both give the same records.
+    batch_users: users per beam search and per exhaustive walk (`exhaustive_scores_batch`: their
+    trie nodes share forwards of at most `batch_items` rows).
     rank_cap (bounded only): global ranks are exact below it; a record at or beyond it has
     `global_rank_exact: false` and a global_rank that is a lower bound (>= rank_cap)."""
     if rank_cap is not None and (not bounded or rank_cap < num_beams):
