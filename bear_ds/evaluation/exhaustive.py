@@ -31,6 +31,7 @@ from bear_ds.generation.shared_prefix import (
 from bear_ds.losses.head import LMHead
 from bear_ds.losses.model import lm_head_context
 from bear_ds.masking import check_mask_mode, pair_log_softmax, trie_log_softmax
+from bear_ds.models import is_zero3_partitioned
 from bear_ds.trie import TokenTrie
 
 
@@ -263,8 +264,8 @@ class _BatchWalk:
         # states (no [rows, V] projection, the largest matrix product of a small model's row)
         self.head: LMHead | None = None
         self.forward_kwargs: dict = {}
-        if mask == "before" and last_logits_only(model):
-            with lm_head_context(model) as head:  # a no-op outside ZeRO-3, which the analysis never uses
+        if mask == "before" and last_logits_only(model) and not is_zero3_partitioned(model):
+            with lm_head_context(model) as head:  # a no-op without ZeRO-3: the tensors stay valid after it
                 self.head = head
             self.forward_kwargs = {"output_hidden_states": True, "logits_to_keep": torch.zeros(0, dtype=torch.int64)}
 
