@@ -179,16 +179,6 @@ def generated_part(cache: DynamicCache) -> GeneratedPart:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def join_generated(parts: list[GeneratedPart]) -> GeneratedPart:
-    """Parts saved from consecutive batches of rows, as one part holding all their rows in order."""
-    if len(parts) == 1:
-        return parts[0]
-    return [
-        (torch.cat([part[i][0] for part in parts]), torch.cat([part[i][1] for part in parts]))
-        for i in range(len(parts[0]))
-    ]
-
-
 def restore_generated(cache: DynamicCache, part: GeneratedPart, rows: torch.Tensor) -> None:
     """Continue from a saved `generated_part`: row r of the next forward's cache = its row rows[r]."""
     for layer, (keys, values) in zip(cache.layers, part, strict=True):
