@@ -176,10 +176,10 @@ def exhaustive_scores_batch(
     The prompts are encoded together once; then the trie is walked level by level: each user's
     nodes with children at that depth are one forward row each, attending to that user's prompt
     (stored once) and to the node's ancestors' keys, and the rows of every user of the batch go
-    through the same forwards (at most `batch_items` rows each). So a level costs a few forwards
-    per batch, not per user: the tiny models this runs on are bound by per-forward overhead, and a
-    bounded walk keeps only tens of nodes per level. The per-edge log p and sibling rank are read
-    from each row's logits.
+    through the same forwards (at most `batch_items` rows each). The walk's cost is its rows (a
+    bounded walk of the demo's model keeps a few hundred nodes per user and level); sharing
+    forwards lets `batch_items` be large (2048 in the demo) and the larger matrix products are
+    cheaper per row. The per-edge log p and sibling rank are read from each row's logits.
     With `bounds[u]`, subtrees that cannot hold user u's target's better nor a top-B group are
     skipped for that user: the groups in them get total_logp -inf (and token_logp -inf, token_rank
     -1 on unscored tokens); the target's rank and the top-B (with their scores) are those of the
