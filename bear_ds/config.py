@@ -161,11 +161,13 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["lml", "msl", "bear", "beamsim", "sdpo"] = Field(
+    name: str = Field(
         "bear",
+        min_length=1,
         description="lml: token cross-entropy; msl: softmax over trie-valid tokens; bear: MSL + beam regulariser; beamsim: the direct beam-search survival objective (paper eq. 3.1), "
         "a beam search of width loss.beam_width per micro-batch (bear_ds/losses/beamsim.py); sdpo: softmax-DPO "
-        "over trie negatives (K=1 is DPO)",
+        "over trie negatives (K=1 is DPO); or a loss added with bear_ds.training.register_loss (the trainer "
+        "refuses a name in neither)",
     )
     tau: float = Field(
         1.0, gt=0.0, description="softmax temperature of MSL/BEAR/beamsim/SDPO (beamsim: also of its search)"

@@ -57,6 +57,7 @@ from bear_ds.locks import RunFolderBusyError, RunFolderLock
 from bear_ds.outputs import write_json_atomic, write_text_atomic
 from bear_ds.reports.sweep_results import aggregate
 from bear_ds.runs import CLAIMS, POINT_CONFIGS, SWEEP_CONFIG, SWEEP_MANIFEST, flatten, read_config_yaml
+from bear_ds.training.loss_table import loss_spec
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def expand_grid(sweep_cfg: SweepConfig, base: Config | None = None) -> list[tupl
         seen[name] = assignment
         overrides = [f"{k}={override_value(v)}" for k, v in assignment.items()]
         try:
-            with_overrides(base, overrides)
+            loss_spec(with_overrides(base, overrides).loss.name)  # a name in the table of losses
         except ConfigError as err:
             problems.append(f"point {name}: {err}")
             continue

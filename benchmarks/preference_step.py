@@ -4,7 +4,7 @@ Same model, catalog and prompts as `benchmarks/train_step.py`. A BEAR step train
 (B sequences); an S-DPO step on the same B examples trains on B x (1 + K) sequences (the positive
 and K random catalog negatives, sharing the prompt), through the chunked head with the trie mask,
 against stored reference log-probabilities. The reference pass is the no-grad forward that
-computes those log-probabilities once before training (`bear_ds.training.preference`); its cost
+computes those log-probabilities once before training (`bear_ds.training.preference_pairs`); its cost
 per example is printed next to the training step's, so pass / (one epoch of training) is their ratio.
 Rounds interleave the methods so machine load hits all alike; medians are printed.
 

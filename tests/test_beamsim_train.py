@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import BIN, REPO, kill_after_checkpoint, run_ok
+from launching import BIN, REPO, run_ok
 from train_data import write_prepared
 
 from bear_ds.distributed import free_port
@@ -37,6 +37,9 @@ def contract_run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_contract_log_and_model(contract_run, tmp_path):
+    """The contract command itself, 2 ranks (the synced search across ranks is what only a launch
+    runs end to end), then `bear-ds evaluate` on its export. Resume is not beamsim's own: the loss
+    keeps no state, and test_train_epochs.py kills and resumes 2 ranks."""
     prepared, out = contract_run
     rows = _rows(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -55,6 +58,8 @@ def test_contract_log_and_model(contract_run, tmp_path):
 
 
 def test_one_process_with_accumulation_matches_two_ranks(contract_run, tmp_path):
+    """Alone guards: beamsim's per-rank searches and all-reduced gradients over 2 ranks equal one
+    process accumulating the same micro-batches (losses and pruning shares to 1e-6)."""
     prepared, reference = contract_run
     out = tmp_path / "one"
     run_ok([sys.executable, "-m", "bear_ds.train", f"data.path={prepared}", "model.name=tiny", "loss.name=beamsim",
@@ -66,25 +71,6 @@ def test_one_process_with_accumulation_matches_two_ranks(contract_run, tmp_path)
         a, b = [r[key] for r in one], [r[key] for r in two]
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, (key, a, b)
     assert len({r["sim_pruned_frac"] for r in two}) > 1, "pruning never changed: the check would be vacuous"
-
-
-def test_killed_and_resumed_run_gives_the_same_losses(contract_run, tmp_path):
-    prepared, reference = contract_run
-    out = tmp_path / "resumed"
-
-    def cmd(*extra: str) -> list[str]:
-        return [str(BIN / "accelerate"), "launch", "--config_file", str(YAML), "--main_process_port",
-                str(free_port()), "-m", "bear_ds.train", f"data.path={prepared}", "model.name=tiny",
-                "loss.name=beamsim", "loss.beam_width=5", f"train.max_steps={STEPS}", f"output_dir={out}",
-                "train.save_every=2", *extra]  # fmt: skip
-
-    killed_at = kill_after_checkpoint(cmd(), out, 2, timeout=150)
-    assert killed_at < STEPS, "killed too late: the run had already finished"
-    run_ok(cmd("train.resume=auto"), timeout=150)
-    got, ref = _rows(out), _rows(reference)
-    for key in ("loss", "sim_pruned_frac"):
-        a, b = [r[key] for r in got], [r[key] for r in ref]
-        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, (key, a, b)
 
 
 def test_method_config():

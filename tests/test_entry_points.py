@@ -88,6 +88,8 @@ def test_train_module_prints_a_tool_error_as_one_line_and_exits_2(tmp_path, caps
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["bear_ds", "bear_ds.train"])
 def test_entry_point_processes_exit_2_without_traceback(tmp_path, module):
+    """Alone guards (the in-process tests see only `main`'s return value): a real interpreter run
+    through the module's `__main__` exits 2 with one error line and prints no traceback at exit."""
     missing = tmp_path / "no_such_dataset"
     command = ["prepare"] if module == "bear_ds" else []
     proc = subprocess.run(
@@ -112,6 +114,8 @@ exit_process(3)
 
 @pytest.mark.parametrize("world_size", ["1", "2"])
 def test_a_rank_among_several_exits_without_finalization(world_size):
+    """Alone guards: the process's real exit through exit_process: output flushed, finalization run
+    for a lone process and skipped for a rank of several."""
     # one rank of several skips interpreter finalization (gloo may abort there), output flushed first
     env = {**_env(), "WORLD_SIZE": world_size}
     proc = subprocess.run([sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, env=env, timeout=120)
@@ -120,6 +124,7 @@ def test_a_rank_among_several_exits_without_finalization(world_size):
 
 
 def test_module_entry_point_runs_the_cli_as_one_rank_of_several():
+    """Alone guards: `python -m bear_ds` as one rank of several runs its command and exits 0."""
     proc = subprocess.run(
         [sys.executable, "-m", "bear_ds", "config", "loss.lam=0.3"],
         capture_output=True, text=True, env={**_env(), "WORLD_SIZE": "2"}, timeout=300,
@@ -159,6 +164,8 @@ print(json.dumps({"modules": names, "changed": changed}))
 
 @pytest.mark.slow
 def test_importing_any_bear_ds_module_changes_no_global_state():
+    """Needs a fresh interpreter: in the test process the modules are already imported, so their
+    import-time effects would not show."""
     import json
 
     proc = subprocess.run(
@@ -174,6 +181,8 @@ def test_importing_any_bear_ds_module_changes_no_global_state():
 
 @pytest.mark.slow
 def test_analyze_and_sweep_messages_show_without_a_training(tmp_path):
+    """Alone guards: a fresh `python -m bear_ds` process configures logging itself, so INFO messages
+    reach stderr without a training having set anything up."""
     # logging is configured by the entry point: a sweep writing job scripts reports it on stderr
     from train_data import write_prepared
 

@@ -50,6 +50,8 @@ def _assert_same_predictions(a, b):
 
 
 def test_two_ranks_replicated_equal_one(folders):
+    """Alone guards: users sharded over 2 ranks that each decode their own share, unsynced (3
+    batches vs 2), gathered at the end: none lost, none duplicated, the same predictions and metrics."""
     root, base = folders
     _torchrun(root, "replicated", base)
     single, m1 = _read(root, "single")
@@ -60,6 +62,8 @@ def test_two_ranks_replicated_equal_one(folders):
 
 
 def test_two_ranks_zero3_equal_replicated(folders):
+    """Alone guards: decoding synced over weights partitioned across 2 ranks (every forward gathers
+    from both; the rank with fewer batches keeps stepping with the other) gives the same predictions."""
     root, base = folders
     _torchrun(root, "zero3", base, "eval.weights=zero3")
     single, _ = _read(root, "single")
@@ -69,6 +73,7 @@ def test_two_ranks_zero3_equal_replicated(folders):
 
 
 def test_two_ranks_analysis_equals_one(folders, tmp_path):
+    """Alone guards: the exhaustive analysis sharded over 2 ranks and gathered equals one process."""
     from bear_ds.evaluation.analysis import analyze
 
     root, base = folders

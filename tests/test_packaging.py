@@ -40,6 +40,8 @@ def test_version_flag_prints_the_package_version(capsys):
 
 @pytest.mark.slow
 def test_wheel_holds_the_package_data_and_the_entry_point(tmp_path):
+    """Alone guards (pip builds it in a subprocess): what the built wheel holds, as an install
+    outside the checkout sees it."""
     # built from a copy of what the wheel is made of: an in-tree build would leave build/ in the checkout
     source = tmp_path / "source"
     source.mkdir()

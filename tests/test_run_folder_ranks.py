@@ -16,6 +16,8 @@ YAML = REPO / "launchers" / "accelerate" / "cpu_zero3.yaml"
 
 
 def test_busy_folder_refused_by_every_rank_without_a_hang(tmp_path):
+    """Alone guards: a refusal decided by rank 0 reaches the other rank of a real launch, so both
+    leave at once instead of one waiting at a collective until the process-group timeout."""
     data = write_prepared(tmp_path / "data", rows=64)
     out = tmp_path / "run"
     cmd = [

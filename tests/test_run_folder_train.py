@@ -37,6 +37,7 @@ def data(tmp_path: Path) -> Path:
 
 
 def test_two_trainings_into_one_folder_exactly_one_is_refused(tmp_path, data):
+    """Alone guards: two processes racing for one run folder: the lock lets exactly one train."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "bear_ds.cli", "train", *_args(data, out, "train.max_steps=3")]

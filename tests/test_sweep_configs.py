@@ -4,14 +4,12 @@ schema; sweep files also expand into valid points, and each runs as its header d
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from bear_ds import cli
 from bear_ds.config import load_config
 from bear_ds.sweeps import expand_grid, override_value, sweep_base
 
@@ -107,11 +105,12 @@ def test_ml100k_evidence_sweep_runs_at_a_tiny_budget(tmp_path: Path) -> None:
 
 
 # ml100k_evidence runs in the test above (5 points, with its report, then its stage 2 ml100k_preference);
-# demo_preference is stage 2 of demo_preference_sft and runs after it in the test below
+# demo_preference_sft and its stage 2, demo_preference, run one after the other in the last test below
 SWEEPS = sorted(
     p
     for p in (CONFIGS / "sweeps").glob("*.yaml")
-    if p.name not in ("ml100k_evidence.yaml", "ml100k_preference.yaml", "demo_preference.yaml")
+    if p.name
+    not in ("ml100k_evidence.yaml", "ml100k_preference.yaml", "demo_preference_sft.yaml", "demo_preference.yaml")
 )
 # a tiny budget: every stage of a point runs (prepare, tokenizer, train with per-epoch evaluation,
 # export, analysis, aggregate, report), each on a few examples
@@ -134,22 +133,25 @@ def _two_points(cfg) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
-def test_each_sweep_config_runs_as_documented(path: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_each_sweep_config_runs_as_documented(
+    path: Path, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = load_config(path)
     extra = []
     data_path = str(sweep_base(cfg).data.path or "")
     if data_path.startswith("data/bear/"):  # the paper's data: on this project's machines, ../shared/data
         extra.append(f"data.path={request.getfixturevalue('shared_data') / Path(data_path).name}")
     out = tmp_path / path.stem
-    _run_sweep(path, [f"output_dir={out}", *TINY, *_two_points(cfg), *extra], cwd=REPO)
+    _run_sweep(path, [f"output_dir={out}", *TINY, *_two_points(cfg), *extra], cwd=REPO, monkeypatch=monkeypatch)
     _check_points(out, len(expand_grid(load_config(path, _two_points(cfg)).sweep, sweep_base(cfg))))
 
 
-def _run_sweep(path: Path, overrides: list[str], cwd: Path) -> None:
-    cmd = [sys.executable, "-m", "bear_ds.cli", "sweep", "--config", str(path), *overrides]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def _run_sweep(path: Path, overrides: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bear-ds sweep --config PATH OVERRIDES` from `cwd`, in this process: starting an interpreter
+    costs more than a tiny point (test_entry_points.py starts `python -m bear_ds sweep` as a process);
+    each point leaves its process group itself, as in a sweep process."""
+    monkeypatch.chdir(cwd)
+    assert cli.main(["sweep", "--config", str(path), *overrides]) == 0
 
 
 def _check_points(out: Path, points: int) -> None:
@@ -161,14 +163,17 @@ def _check_points(out: Path, points: int) -> None:
 
 
 @pytest.mark.slow
-def test_the_two_stage_preference_sweeps_run_as_documented(tmp_path: Path) -> None:
+def test_the_two_stage_preference_sweeps_run_as_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # demo_preference.yaml names stage 1's model by a path relative to the working directory, as its
     # header says: run both from one folder, stage 1 into its default output_dir
     sft = load_config(CONFIGS / "sweeps" / "demo_preference_sft.yaml")
     short = ["data.max_history=3"]  # prompts within the tiny model's context with its 300-token BPE
-    _run_sweep(CONFIGS / "sweeps" / "demo_preference_sft.yaml", [*TINY, *short, *_two_points(sft)], cwd=tmp_path)
+    stage_1 = [*TINY, *short, *_two_points(sft)]
+    _run_sweep(CONFIGS / "sweeps" / "demo_preference_sft.yaml", stage_1, cwd=tmp_path, monkeypatch=monkeypatch)
+    _check_points(tmp_path / sft.output_dir, 1)  # its grid has one value per key
     pref = load_config(CONFIGS / "sweeps" / "demo_preference.yaml")
     out = tmp_path / pref.output_dir
     tiny_pref = [o for o in TINY if not o.startswith(("model.", "tokenizer."))]  # the model is stage 1's
-    _run_sweep(CONFIGS / "sweeps" / "demo_preference.yaml", [*tiny_pref, *short, *_two_points(pref)], cwd=tmp_path)
+    stage_2 = [*tiny_pref, *short, *_two_points(pref)]
+    _run_sweep(CONFIGS / "sweeps" / "demo_preference.yaml", stage_2, cwd=tmp_path, monkeypatch=monkeypatch)
     _check_points(out, 2)

@@ -51,6 +51,8 @@ def _kill_twice_and_resume(command, prepared: Path, out: Path, steps_per_epoch: 
 
 
 def test_one_process_epochs_differ_and_kills_resume_to_the_same_losses(tmp_path):
+    """The contract in one process (subprocesses, since SIGKILL ends the whole process): epochs draw
+    their own order, and a run killed mid-epoch resumes to the same positions and losses."""
     prepared = write_prepared(tmp_path / "data", rows=48, varied_titles=True)  # 6 steps per epoch
     reference = tmp_path / "reference"
     run_ok(_bear_ds_train(prepared, reference))
@@ -68,6 +70,9 @@ def test_one_process_epochs_differ_and_kills_resume_to_the_same_losses(tmp_path)
 
 
 def test_two_zero3_ranks_kills_resume_to_the_same_losses(tmp_path):
+    """Alone guards: a 2-rank ZeRO-3 run killed (launcher and ranks) twice mid-epoch resumes from
+    per-rank checkpoint shards to the same losses, and exports the model at the end; the only
+    2-rank kill-and-resume test (it covers the accelerate-launched resume of the training contract)."""
     prepared = write_prepared(tmp_path / "data", rows=32, varied_titles=True)  # 4 steps per epoch
     reference = tmp_path / "reference"
     run_ok(_accelerate_train(prepared, reference))
@@ -80,6 +85,7 @@ def test_two_zero3_ranks_kills_resume_to_the_same_losses(tmp_path):
     resumed, ref = logged(out, "loss"), logged(reference, "loss")
     assert len(resumed) == 12
     assert max(abs(a - b) for a, b in zip(resumed, ref, strict=True)) < 1e-6, (resumed, ref)
+    assert (out / "model" / "model.safetensors").is_file()  # the resumed run exports, gathered from 2 ranks
 
 
 def test_a_registered_loss_gets_prompts_setup_state_and_logs_extra_metrics(tmp_path, monkeypatch):
@@ -88,7 +94,8 @@ def test_a_registered_loss_gets_prompts_setup_state_and_logs_extra_metrics(tmp_p
     from bear_ds.catalog import IGNORE_INDEX
     from bear_ds.config import load_config
     from bear_ds.training import train
-    from bear_ds.training.micro_batch import LOSSES, register_loss, token_loss
+    from bear_ds.training.loss_table import LOSSES, register_loss
+    from bear_ds.training.loss_token import token_loss
 
     calls = {"setup": 0, "micro_batches": 0}
 

@@ -88,7 +88,7 @@ def test_contract_one_process_and_two_ranks_zero3_agree(sft, tmp_path):
 def _item_logps(model_dir: Path, prompts, groups, catalog, loss_cfg) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    from bear_ds.training.preference import item_logps_pass
+    from bear_ds.training.preference_pairs import item_logps_pass
 
     net = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     return item_logps_pass(net, prompts, groups, catalog, loss_cfg, batch_examples=16,

@@ -89,6 +89,7 @@ def test_nonfinite_micro_batches_are_skipped_or_stop_the_run(tmp_path):
 
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 1 \(epoch 0.*accumulation round 0"):
         train(load_config(None, [*on_poisoned, f"output_dir={tmp_path / 'stop'}"]))
+    assert not (tmp_path / "stop" / "model").exists()  # the stopped job exports nothing
 
 
 @pytest.mark.slow

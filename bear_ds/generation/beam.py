@@ -41,10 +41,8 @@ import torch.distributed as dist
 from transformers.cache_utils import DynamicCache
 
 from bear_ds.generation.shared_prefix import reorder_rows, shared_prefix_cache, shared_prefix_forward
-from bear_ds.masking import check_mask_mode, trie_log_softmax
+from bear_ds.masking import NEG_INF, check_mask_mode, trie_log_softmax
 from bear_ds.trie import INVALID, TokenTrie
-
-NEG_INF = float("-inf")
 
 
 @dataclass

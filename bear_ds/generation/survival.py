@@ -33,11 +33,11 @@ import time
 
 import torch
 
-from bear_ds.generation.beam import NEG_INF, PromptState, constrained_beam_search
+from bear_ds.catalog import IGNORE_INDEX
+from bear_ds.generation.beam import PromptState, constrained_beam_search
 from bear_ds.losses.beamsim import SimulatedSearch
+from bear_ds.masking import NEG_INF
 from bear_ds.trie import TokenTrie
-
-IGNORE_INDEX = -100
 
 
 def batch_prompts(

@@ -13,6 +13,7 @@ from bear_ds.losses.functional import (
     metrics_from_sums,
     msl_loss,
     position_terms,
+    zero_through,
 )
 from bear_ds.losses.head import LMHead, LossOutput, response_loss, select_response
 from bear_ds.losses.model import (
@@ -67,4 +68,5 @@ __all__ = [
     "sequence_logps",
     "survival_terms",
     "token_logps",
+    "zero_through",
 ]

@@ -24,6 +24,8 @@ is exact, which is what the chunked head in `bear_ds.losses.head` relies on.
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -151,16 +153,25 @@ def _bear_reg(terms: PositionTerms, xi: float) -> torch.Tensor:
     return F.logsigmoid((terms.log_beta - terms.log_p_gold) / xi)
 
 
-def _zero_like_graph(logits: torch.Tensor) -> torch.Tensor:
-    """A float32 zero that still reaches `logits` in the graph; only for N == 0 (-inf * 0 is NaN)."""
-    return logits.float().sum() * 0.0
+def zero_through(*tensors: torch.Tensor | None) -> torch.Tensor:
+    """A float32 0 whose graph reaches every given tensor (None ones skipped).
+
+    Added to a loss, or backpropagated instead of one, it makes every parameter behind those
+    tensors take part in the backward, so gradient synchronisation (DDP, ZeRO) sees the same
+    parameters on every rank whatever the micro-batch held. It is 0 only for finite tensors (or
+    empty ones: the loss of no positions); -inf * 0 is NaN.
+    """
+    terms = [t.float().sum() * 0.0 for t in tensors if t is not None]
+    if not terms:
+        raise ValueError("zero_through needs at least one tensor")
+    return functools.reduce(operator.add, terms)
 
 
 def lml_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Language-model cross-entropy: mean over N of -log softmax(z)[y]."""
     _check_inputs(logits, targets, None)
     if targets.numel() == 0:
-        return _zero_like_graph(logits)
+        return zero_through(logits)
     return -log_probs(logits).gather(1, targets.unsqueeze(1)).mean()
 
 
@@ -173,7 +184,7 @@ def msl_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, t
         raise ValueError("msl_loss needs the valid mask; use lml_loss for the full softmax")
     _check_inputs(logits, targets, valid)
     if targets.numel() == 0:
-        return _zero_like_graph(logits)
+        return zero_through(logits)
     return -log_probs(logits, valid, tau).gather(1, targets.unsqueeze(1)).mean()
 
 
@@ -223,7 +234,7 @@ def bear_loss(
         loss = torch.where(terms.counted, per_position, 0.0).sum() / n_counted
         weights = counted / n_counted
     if targets.numel() == 0:
-        loss = _zero_like_graph(logits)
+        loss = zero_through(logits)
     if not return_details:
         return loss
     details = BearDetails(

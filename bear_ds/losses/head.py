@@ -20,9 +20,10 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.config import LossConfig
 from bear_ds.losses.beamsim import SimulatedSearch, survival_terms
-from bear_ds.losses.functional import LossSums, loss_from_sums, loss_sums, metrics_from_sums
+from bear_ds.losses.functional import LossSums, loss_from_sums, loss_sums, metrics_from_sums, zero_through
 from bear_ds.trie import TokenTrie
 
 
@@ -163,9 +164,7 @@ def response_loss(
     trie = trie if trie.device == hidden.device else trie.to(hidden.device)
     if (loss_cfg.name == "beamsim") != (search is not None):
         raise ValueError(f"loss.name={loss_cfg.name}: `search` must be given exactly for the beamsim loss")
-    touch = hidden.float().sum() * 0.0 + head.weight.float().sum() * 0.0  # a 0 that reaches every input
-    if head.bias is not None:
-        touch = touch + head.bias.float().sum() * 0.0
+    touch = zero_through(hidden, head.weight, head.bias)  # a 0 that reaches every input
     totals = LossSums.zeros(hidden)
     gold_log_probs: list[torch.Tensor] = []
     n = hidden.shape[0]
@@ -195,7 +194,7 @@ def response_loss(
 
 
 def select_response(
-    hidden: torch.Tensor, labels: torch.Tensor, trie: TokenTrie, ignore_index: int = -100
+    hidden: torch.Tensor, labels: torch.Tensor, trie: TokenTrie, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states, targets and trie states of the response positions of a batch.
 

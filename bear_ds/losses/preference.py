@@ -14,7 +14,7 @@ vocabulary (tau 1). K = 1: -log sigmoid(r(y) - r(y_1)), the DPO loss.
 Item log-probabilities come from hidden states at response positions through the chunked head
 (C = loss.chunk_size positions projected at a time, each chunk under activation checkpointing):
 the [B, L, V] logits are never built. Reference log-probabilities are inputs (precomputed by a
-pass of the frozen reference, `bear_ds.training.preference`), so this module has no second model.
+pass of the frozen reference, `bear_ds.training.preference_pairs`), so this module has no second model.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from bear_ds.catalog import IGNORE_INDEX
 from bear_ds.config import LossConfig
-from bear_ds.losses.functional import LossSums, log_probs
+from bear_ds.losses.functional import LossSums, log_probs, zero_through
 from bear_ds.losses.head import LMHead, _as_lm_head, _check_response
 from bear_ds.trie import TokenTrie
 
@@ -73,7 +74,7 @@ def sdpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, *, beta
     """Mean over B of -log sigmoid(-log sum_j exp(r(y_j) - r(y))); see the module docstring."""
     terms = sdpo_terms(policy_logps, reference_logps, beta=beta)
     if terms.loss.numel() == 0:
-        return policy_logps.float().sum() * 0.0
+        return zero_through(policy_logps)
     return terms.loss.mean()
 
 
@@ -272,12 +273,10 @@ def preference_loss(
     terms = sdpo_terms(policy, reference_logps.to(policy.device), beta=loss_cfg.dpo_beta)
     positive = sequence_index % width == 0  # [N]
     sums = preference_sums(terms, logp[positive], risk[positive], outside[positive])
-    touch = hidden.float().sum() * 0.0 + head.weight.float().sum() * 0.0
-    if head.bias is not None:
-        touch = touch + head.bias.float().sum() * 0.0
+    touch = zero_through(hidden, head.weight, head.bias)
     return PreferenceOutput(loss=sums.loss(loss_cfg.sft_weight) + touch, sums=sums, policy_logps=policy)
 
 
-def response_rows(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def response_rows(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The row of each response position of a batch [N], in `select_response`'s (row-major) order."""
     return (labels[:, 1:] != ignore_index).nonzero()[:, 0]

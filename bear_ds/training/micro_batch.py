@@ -1,192 +1,24 @@
-"""The loss of one micro-batch: the one place where a training loss meets the model.
+"""The trainer's side of one micro-batch: loading it, running the configured loss, adding up a step.
 
-`micro_batch_loss(model, batch, ctx)` dispatches on `cfg.loss.name` to the loss registered in
-`LOSSES` and yields a `MicroBatchLoss`; the trainer runs the backward inside the `with` block
-(under ZeRO-3 the gathered lm_head must still be held when the chunks are recomputed):
-
-    with accelerator.accumulate(model), micro_batch_loss(model, batch, ctx) as out:
-        accelerator.backward(out.loss)
-        totals.add(out, out.loss, finite)
-
-Adding a loss (e.g. one that runs a beam search over the micro-batch's prompts first, or one that
-needs negative sequences and reference log-probabilities per example):
-1. the math as pure tensor functions in `bear_ds/losses/` (returning sums, normalised once);
-2. a context manager `compute(model, batch, ctx) -> Iterator[MicroBatchLoss]` registered with
-   `register_loss("name", compute, extra_metrics=(...), setup=...)` (and the name added to
-   `LossConfig.name` in `bear_ds/config.py`). It gets the micro-batch's tensors, the example
-   indices and prompts (`batch.prompt_ids()`), and `ctx` (config, trie, catalog, tokenizer, all
-   encoded examples, whether ZeRO-3 partitions the model, and `ctx.loss_state`: what `setup`
-   returned, e.g. reference log-probabilities computed once before training);
-3. per-step metrics beyond the LossSums ones: name them in `extra_metrics` and return each in
-   `MicroBatchLoss.extras` as a (numerator, denominator) pair of device scalars. The trainer adds
-   them over the step's micro-batches and ranks and logs numerator / denominator under that name
-   in `train_log.jsonl` (e.g. `reward_accuracy` = correct pairs / pairs).
-Every micro-batch on every rank must take part in the same collectives (ZeRO-3 gathers, a
-synced beam search), whatever its number of response tokens.
+`micro_batch_loss(model, batch, ctx)` looks `cfg.loss.name` up in the table of losses
+(`loss_table.LOSSES`; what a loss gets and returns: `loss_api.py`) and returns its context
+manager; `StepTotals` adds the micro-batches' sums on the device and reduces them once per step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from bear_ds.catalog import IGNORE_INDEX, Catalog
 from bear_ds.config import Config
-from bear_ds.generation.survival import prompt_ends, prompt_state_of_forward, simulate_beam_search
-from bear_ds.losses import (
-    LossSums,
-    backbone_forward,
-    backbone_hidden_states,
-    lm_head_context,
-    metrics_from_sums,
-    response_loss,
-    select_response,
-)
-from bear_ds.models import unwrap_model
+from bear_ds.losses import LossSums, metrics_from_sums
 from bear_ds.training.batching import collate
 from bear_ds.training.examples import EncodedExamples
-from bear_ds.trie import TokenTrie
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch as the model sees it, and where it comes from (for messages and lookups)."""
-
-    input_ids: torch.Tensor  # [B, L] right-padded
-    attention_mask: torch.Tensor  # [B, L]
-    labels: torch.Tensor  # [B, L], IGNORE_INDEX on prompt and padding
-    indices: np.ndarray  # [B] example indices into `LossContext.examples`
-    where: str  # "step S (epoch E, ...), accumulation round R, examples [...] on rank K"
-
-    def prompt_ids(self) -> list[list[int]]:
-        """The prompt token ids of each example (without the response), for losses that decode."""
-        prompts = []
-        for row in range(self.labels.shape[0]):
-            response = (self.labels[row] != IGNORE_INDEX).nonzero()
-            start = int(response[0, 0]) if response.numel() else int(self.attention_mask[row].sum())
-            prompts.append(self.input_ids[row, :start].tolist())
-        return prompts
-
-
-@dataclass
-class LossContext:
-    """What a loss may read besides the micro-batch; built once by the trainer."""
-
-    cfg: Config
-    trie: TokenTrie  # on the training device
-    catalog: Catalog
-    tokenizer: Any
-    examples: EncodedExamples
-    zero3: bool  # parameters are ZeRO-3 partitioned: every rank must run the same collectives
-    loss_state: Any = None  # what the loss's `setup` returned
-    train_rows: Any = None  # the train split (`history`, `target` item ids), row i = example i
-    accelerator: Any = None  # the run's Accelerator (rank, device, gathers; the evaluator's beam search)
-
-
-@dataclass
-class MicroBatchLoss:
-    loss: torch.Tensor  # scalar float32, carries gradient
-    sums: LossSums  # the LossSums diagnostics (ce, counted, positions, pruning risk, ...)
-    zero: Callable[[], torch.Tensor]  # a 0 that reaches every parameter the loss reaches (a skipped batch)
-    extras: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (num, den)
-    # seconds of named phases of this micro-batch (this rank); the trainer logs each phase's sum over
-    # the step's micro-batches divided by the step time as `{name}_time_frac` (rank 0's)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-MicroBatchLossFn = Callable[[Any, MicroBatch, LossContext], contextlib.AbstractContextManager[MicroBatchLoss]]
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    compute: MicroBatchLossFn
-    extra_metrics: tuple[str, ...] = ()  # keys of `MicroBatchLoss.extras`, logged per step
-    # (model, ctx) -> ctx.loss_state, once, after the model is built and before a resume restores
-    # weights: it sees the initial model (e.g. the reference policy of a preference loss)
-    setup: Callable[[Any, LossContext], Any] | None = None
-    # (model, ctx, epoch, step) at the start of every epoch (also a resumed one), before its first step;
-    # step = optimiser steps done so far
-    epoch_start: Callable[[Any, LossContext, int, int], None] | None = None
-
-
-LOSSES: dict[str, LossSpec] = {}
-
-
-def register_loss(
-    name: str,
-    compute: MicroBatchLossFn,
-    *,
-    extra_metrics: tuple[str, ...] = (),
-    setup: Callable[[Any, LossContext], Any] | None = None,
-    epoch_start: Callable[[Any, LossContext, int, int], None] | None = None,
-) -> None:
-    """Make `loss.name=name` train with `compute` (see the module docstring)."""
-    LOSSES[name] = LossSpec(compute, tuple(extra_metrics), setup, epoch_start)
-
-
-def loss_spec(name: str) -> LossSpec:
-    if name not in LOSSES:
-        raise ValueError(f"loss.name={name!r} has no training loss registered (known: {', '.join(sorted(LOSSES))})")
-    return LOSSES[name]
-
-
-@contextlib.contextmanager
-def token_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
-    """LML / MSL / BEAR: the chunked response head on the backbone's hidden states.
-
-    Hidden state i predicts token i + 1; only response positions are projected to the vocabulary.
-    """
-    hidden = backbone_hidden_states(model, batch.input_ids, batch.attention_mask)  # [B, L, H]
-    h, y, s = select_response(hidden, batch.labels, ctx.trie)  # [N, H], [N], [N]
-    with lm_head_context(model) as head:
-        result = response_loss(h, head, y, s, ctx.trie, ctx.cfg.loss)
-        yield MicroBatchLoss(
-            loss=result.loss,
-            sums=result.sums,
-            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
-        )
-
-
-for _name in ("lml", "msl", "bear"):
-    register_loss(_name, token_loss)
-
-
-@contextlib.contextmanager
-def beamsim_micro_batch_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
-    """beamsim (`bear_ds/losses/beamsim.py`): the training forward (also keeping its KV cache), the
-    simulated beam search of the micro-batch's prompts started from it (no gradient, the current
-    weights; under ZeRO-3 every rank runs it and the ranks' decoding steps are synced), then the
-    chunked head with the survival terms. Extra metric `sim_pruned_frac`: examples whose gold item
-    the search does not return / examples; timing `search`."""
-    cfg = ctx.cfg.loss
-    ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
-    out = backbone_forward(model, ids, mask, prompt_ends(mask, labels))
-    search = simulate_beam_search(
-        unwrap_model(model), ids, mask, labels, ctx.trie,
-        beam_width=cfg.beam_width, eos_token_id=ctx.catalog.eos_token_id, mask="before" if cfg.masked else "after",
-        tau=cfg.tau, synced=ctx.zero3, prompt_state=prompt_state_of_forward(mask, labels, out.prompt_logits, out.cache),
-    )  # fmt: skip
-    hidden = out.hidden  # [B, L, H]
-    del out  # the forward's KV cache is no longer needed
-    h, y, s = select_response(hidden, labels, ctx.trie)  # [N, H], [N], [N]
-    with lm_head_context(model) as head:
-        result = response_loss(h, head, y, s, ctx.trie, cfg, search=search)
-        pruned = search.pruned.float().sum()
-        yield MicroBatchLoss(
-            loss=result.loss,
-            sums=result.sums,
-            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
-            extras={"sim_pruned_frac": (pruned, pruned.new_tensor(float(search.pruned.numel())))},
-            timings={"search": search.search_s},
-        )
-
-
-register_loss("beamsim", beamsim_micro_batch_loss, extra_metrics=("sim_pruned_frac",))
+from bear_ds.training.loss_api import LossContext, MicroBatch, MicroBatchLoss
+from bear_ds.training.loss_table import loss_spec
 
 
 def load_micro_batch(
@@ -248,20 +80,4 @@ class StepTotals:
         return means
 
 
-__all__ = [
-    "LOSSES",
-    "LossContext",
-    "LossSpec",
-    "MicroBatch",
-    "MicroBatchLoss",
-    "StepTotals",
-    "beamsim_micro_batch_loss",
-    "load_micro_batch",
-    "loss_spec",
-    "micro_batch_loss",
-    "register_loss",
-    "token_loss",
-]
-
-# losses defined in their own modules register themselves on import
-import bear_ds.training.preference  # noqa: E402, F401  (loss.name=sdpo)
+__all__ = ["StepTotals", "load_micro_batch", "micro_batch_loss"]

@@ -7,7 +7,7 @@
                                under ZeRO-3), optimiser and schedule, resume, the per-epoch evaluator
     Trainer.run_epochs()       epochs; epoch E runs the steps of `epoch_schedule(seed, epoch=E)`
       .optimizer_step(...)     forward/backward of this rank's micro-batches, optimiser step, log record
-        micro_batch_loss(...)  the loss of one micro-batch (`micro_batch.py`: the place to add a loss)
+        micro_batch_loss(...)  the loss of one micro-batch (`loss_table.py`; adding a loss: `loss_api.py`)
       .epoch_end()             evaluate valid (+ test), select the best epoch, export it; then a checkpoint
     Trainer.finish()           final export, summary.json, leave the process group together
 
@@ -18,7 +18,7 @@ gradient is their mean, so it does not depend on the number of ranks. A checkpoi
 (step, epoch, step within the epoch); a resumed run recomputes that epoch's schedule and so
 continues with exactly the batches the uninterrupted run would have used.
 
-Extension points (details in `bear_ds/training/micro_batch.py`):
+Extension points (details in `bear_ds/training/loss_api.py`):
 - a new loss: `register_loss(name, compute, extra_metrics=..., setup=...)`, where `compute(model,
   batch, ctx)` is a context manager yielding a `MicroBatchLoss`; the trainer runs the backward
   inside it and never needs editing;
@@ -64,14 +64,9 @@ from bear_ds.training.epochs import (
 )
 from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
-from bear_ds.training.micro_batch import (
-    LossContext,
-    MicroBatch,
-    StepTotals,
-    load_micro_batch,
-    loss_spec,
-    micro_batch_loss,
-)
+from bear_ds.training.loss_api import LossContext, MicroBatch
+from bear_ds.training.loss_table import loss_spec
+from bear_ds.training.micro_batch import StepTotals, load_micro_batch, micro_batch_loss
 from bear_ds.training.run_folder import (
     SUMMARY_FILE,
     check_launch,
@@ -163,6 +158,7 @@ class Trainer:
     def setup(self) -> None:
         """Accelerator, data, model (partitioned on creation under ZeRO-3), optimiser, resume, evaluator."""
         self.t_start = time.time()
+        self.loss = loss_spec(self.cfg.loss.name)  # an unknown loss.name is refused before any work
         if self.cfg.train.eval_every_epoch:
             check_select_metric(self.cfg)
         # check first, write after: the folder's kind, the lock, then a refused launch or resume, before config.yaml
@@ -259,7 +255,6 @@ class Trainer:
         optimizer = _optimizer(cfg, model)
         scheduler = _schedule(cfg.train.schedule, optimizer, cfg.train.warmup_steps, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        self.loss = loss_spec(cfg.loss.name)
         self.loss_ctx = LossContext(
             cfg, data.catalog.trie.to(self.device), data.catalog, data.tokenizer, data.examples,
             zero3=is_zero3_partitioned(self.model), train_rows=self.rows, accelerator=self.accelerator,

@@ -32,12 +32,12 @@ folder and no step has run, the pass uses the policy itself: no second load at a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import hashlib
 import logging
 import os
 import pickle
+import time
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,17 +45,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 
-from bear_ds.catalog import IGNORE_INDEX, Catalog, encode_example
-from bear_ds.errors import (
-    ConfigError,
-    MissingPathError,
-    ModelInputError,
-    RunStateError,
-    UnsafeCheckpointError,
+from bear_ds.catalog import CATALOG_FILE, IGNORE_INDEX, Catalog, encode_example
+from bear_ds.errors import MissingPathError, ModelInputError, RunStateError, UnsafeCheckpointError
+from bear_ds.evaluation.evaluate import run_beam_evaluation, shard_indices
+from bear_ds.losses import (
+    backbone_hidden_states,
+    lm_head_context,
+    response_rows,
+    select_response,
+    sequence_logps,
+    token_logps,
 )
+from bear_ds.models import build_model
+from bear_ds.tokenization import TOKENIZER_FILES, load_tokenizer
 from bear_ds.training.batching import collate
-from bear_ds.training.micro_batch import LossContext, MicroBatch, MicroBatchLoss, register_loss, token_loss
 from bear_ds.training.negatives import group_weights, sample_negatives, self_negatives
 
 logger = logging.getLogger(__name__)
@@ -112,18 +117,6 @@ def item_logps_pass(
     and gathered; under ZeRO-3 (`synced`) every rank runs as many forwards as the busiest one (extra
     ones score example 0 and are dropped).
     """
-    from accelerate.utils import gather_object
-
-    from bear_ds.evaluation.evaluate import shard_indices
-    from bear_ds.losses import (
-        backbone_hidden_states,
-        lm_head_context,
-        response_rows,
-        select_response,
-        sequence_logps,
-        token_logps,
-    )
-
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     width = groups.shape[1]
     mine = shard_indices(len(prompts), rank, world)
@@ -188,8 +181,6 @@ def examples_digest(prompts: Sequence[Sequence[int]], target_groups: np.ndarray,
 
 def check_reference_model(folder: Path, tokenizer: Any, catalog: Catalog) -> None:
     """Refuse, before any work, a `model.reference_path` that is no model folder or reads other token ids."""
-    from bear_ds.tokenization import TOKENIZER_FILES, load_tokenizer
-
     if not (folder / "config.json").is_file():
         raise MissingPathError(
             f"model.reference_path={folder} has no config.json: expected a model folder exported by `bear-ds train`"
@@ -213,8 +204,6 @@ def check_reference_model(folder: Path, tokenizer: Any, catalog: Catalog) -> Non
 
 def _check_reference_catalog(folder: Path, catalog: Catalog) -> None:
     """The reference must score the same token ids: its exported catalog must match the run's."""
-    from bear_ds.catalog import CATALOG_FILE
-
     if not (folder / CATALOG_FILE).is_file():
         return  # a plain HF folder: the tokenizer check of build_model is all we can do
     theirs = Catalog.load(folder)
@@ -230,8 +219,6 @@ def reference_network(
     cfg: Any, device: torch.device, tokenizer: Any, catalog: Catalog, dtype: torch.dtype, zero3: bool
 ) -> Iterator[torch.nn.Module]:
     """The frozen `model.reference_path` model for one pass, partitioned under ZeRO-3, then released."""
-    from bear_ds.models import build_model
-
     folder = Path(cfg.model.reference_path)
     if not (folder / "config.json").is_file():
         raise MissingPathError(
@@ -251,7 +238,7 @@ def reference_network(
     engine = None
     try:
         if zero3:
-            import deepspeed
+            import deepspeed  # deferred: DeepSpeed is heavy and needed under ZeRO-3 only
 
             if not any(hasattr(p, "ds_id") for p in model.parameters()):  # partitioned as it loaded?
                 raise RuntimeError(
@@ -342,8 +329,6 @@ class PreferencePairs:
                 "examples_digest": examples_digest(self.prompts, self.target_groups, self.catalog),
             }
         if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
             digests = broadcast_object_list([digests])[0]
         return digests
 
@@ -394,8 +379,6 @@ class PreferencePairs:
     def _negatives(self, epoch: int, policy: Any) -> tuple[np.ndarray, int]:
         k, seed, source = self.loss_cfg.num_negatives, self.cfg.train.seed, self.loss_cfg.negative_source
         if source == "self":
-            from bear_ds.evaluation.evaluate import run_beam_evaluation
-
             predictions, _ = run_beam_evaluation(
                 policy, self.tokenizer, self.catalog, self.prompts, list(self.target_groups), self.cfg.eval,
                 self.accelerator, loss_name=self.loss_cfg.name, progress=self.accelerator.is_main_process,
@@ -409,8 +392,6 @@ class PreferencePairs:
         return sample_negatives(self.target_groups, history, weights, k, seed=seed), 0
 
     def _build(self, epoch: int, policy: Any, step: int, path: Path) -> None:
-        import time
-
         started = time.perf_counter()
         negatives, filled = self._negatives(epoch, policy)
         groups = np.concatenate([self.target_groups[:, None], negatives], axis=1)
@@ -474,95 +455,11 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-# ---------------------------------------------------------------------------------------- the trainer's loss
-def _setup(model: Any, ctx: LossContext) -> PreferencePairs:
-    from bear_ds.evaluation.evaluate import check_context
-    from bear_ds.models import pretrained_folder
-
-    rows, catalog, cfg = ctx.train_rows, ctx.catalog, ctx.cfg
-    k = cfg.loss.num_negatives
-    if catalog.num_groups - 1 < k:  # every negative is another title group than the target's
-        raise ConfigError(
-            f"loss.num_negatives={k} needs at least {k + 1} distinct titles in the catalog, which has "
-            f"{catalog.num_groups}: lower loss.num_negatives or use a larger catalog"
-        )
-    if cfg.model.reference_path is not None:  # before any epoch: the pass that loads it comes later
-        check_reference_model(Path(cfg.model.reference_path), ctx.tokenizer, catalog)
-    # the trainer fitted the examples with room for the longest title (train.truncate_history)
-    prompts = prompt_ids_of(ctx.examples.input_ids, ctx.examples.labels)
-    context = int(getattr(getattr(model, "module", model).config, "max_position_embeddings", 0) or 10**9)
-    check_context(prompts, catalog.trie.max_depth, context, what="training row")  # any title may be a negative
-    pairs = PreferencePairs(
-        ctx.cfg, prompts=prompts, target_groups=[catalog.group_of_item(t) for t in rows["target"]],
-        history_groups=[[catalog.group_of_item(i) for i in h] for h in rows["history"]], catalog=catalog,
-        tokenizer=ctx.tokenizer, zero3=ctx.zero3, policy_folder=pretrained_folder(ctx.cfg.model),
-        accelerator=ctx.accelerator,
-    )  # fmt: skip
-    pairs.prompts_truncated = ctx.examples.truncated_examples
-    return pairs
-
-
-def _epoch_start(model: Any, ctx: LossContext, epoch: int, step: int) -> None:
-    ctx.loss_state.start_epoch(epoch, model, step)
-
-
-@contextlib.contextmanager
-def sdpo_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
-    """S-DPO of one micro-batch: its examples' 1 + K sequences through the backbone and the chunked head."""
-    from bear_ds.losses import backbone_hidden_states, lm_head_context, preference_loss, response_rows, select_response
-
-    if ctx.loss_state.sft_epoch:  # self-play: this round's SFT epoch
-        with _sft_loss(model, batch, ctx) as out:
-            yield out
-        return
-    pairs = ctx.loss_state.batch(batch.indices, batch.input_ids.device)
-    hidden = backbone_hidden_states(model, pairs["input_ids"], pairs["attention_mask"])  # [b(1+K), L, H]
-    h, y, s = select_response(hidden, pairs["labels"], ctx.trie)
-    rows = response_rows(pairs["labels"])  # [N]: the sequence of each response position
-    with lm_head_context(model) as head:
-        out = preference_loss(h, head, y, s, rows, pairs["reference_logps"], ctx.trie, ctx.cfg.loss)
-        sums = out.sums
-        yield MicroBatchLoss(
-            loss=out.loss,
-            sums=sums.token_sums(),
-            zero=lambda: h.float().sum() * 0.0 + head.weight.float().sum() * 0.0,
-            extras={
-                "pref_loss": (sums.pref.detach(), sums.examples),
-                "reward_margin": (sums.margin, sums.examples),
-                "reward_accuracy": (sums.correct, sums.negatives),
-            },
-        )
-
-
-@contextlib.contextmanager
-def _sft_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[MicroBatchLoss]:
-    """The positives' CE with the loss's softmax (MSL with tau when loss.masked, else LML); no pairs."""
-    name = "msl" if ctx.cfg.loss.masked else "lml"
-    sft_ctx = dataclasses.replace(
-        ctx, cfg=ctx.cfg.model_copy(update={"loss": ctx.cfg.loss.model_copy(update={"name": name})})
-    )
-    with token_loss(model, batch, sft_ctx) as out:
-        none = out.loss.new_zeros(()).detach()  # logged as nan: no pairs in an SFT epoch
-        out.extras = {key: (none, none) for key in PREFERENCE_METRICS}
-        yield out
-
-
-PREFERENCE_METRICS = ("pref_loss", "reward_margin", "reward_accuracy")
-
-register_loss(
-    "sdpo",
-    sdpo_loss,
-    extra_metrics=PREFERENCE_METRICS,
-    setup=_setup,
-    epoch_start=_epoch_start,
-)
-
-
 __all__ = [
     "REFERENCE_DIR",
     "PreferencePairs",
+    "check_reference_model",
     "collate_pairs",
     "item_logps_pass",
     "prompt_ids_of",
-    "sdpo_loss",
 ]
