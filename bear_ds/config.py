@@ -291,7 +291,11 @@ class EvalConfig(_Section):
 
 
 class AnalyzeConfig(_Section):
-    batch_items: int = Field(256, ge=1, description="trie nodes scored per forward in the exhaustive ranking")
+    batch_items: int = Field(
+        256,
+        ge=1,
+        description="trie nodes scored per forward in the exhaustive ranking (the nodes of eval.batch_users users share forwards)",
+    )
     max_users: int = Field(300, ge=1, description="pipeline/demo: test users given the exhaustive pruning analysis")
 
 

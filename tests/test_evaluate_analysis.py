@@ -201,6 +201,40 @@ def test_bounded_walk_gives_the_same_records_as_the_full_walk():
 
 
 @torch.no_grad()
+def test_batched_walk_gives_each_user_what_its_own_walk_gives():
+    # the users of a batch share the walk's forwards (rows padded per level, split over forwards by
+    # batch_items): every user's scores must be those of its walk alone, bounded or not
+    from bear_ds.evaluation.exhaustive import PruneBound, exhaustive_scores_batch
+
+    model, titles, trie, prompts = _bushy_setting(seed=7, users=6)
+    prompts[1] = prompts[1][:2]  # prompts of different lengths: the prefill pads them
+    targets = CatalogTargets.build(titles, trie)
+    alone = [exhaustive_scores(model, p, targets, trie, mask="before") for p in prompts]
+    order = [torch.argsort(s.total_logp, descending=True).tolist() for s in alone]
+    # head, middle and tail targets, one not in the catalog; one user unbounded
+    bounds = [PruneBound(order[u][(u * 17) % 80] if u != 4 else None, order[u][:3], 3) for u in range(6)]
+    bounds[2] = PruneBound(order[2][40], order[2][:3], 3, rank_cap=3)
+    bounds[5] = None
+    for mask in ("after", "before"):
+        own = [
+            exhaustive_scores(model, p, targets, trie, mask=mask, bound=b) for p, b in zip(prompts, bounds, strict=True)
+        ]
+        for batch_items in (1, 5, 256):
+            batch = exhaustive_scores_batch(
+                model, prompts, targets, trie, mask=mask, batch_items=batch_items, bounds=bounds
+            )
+            for a, b in zip(own, batch, strict=True):
+                assert torch.equal(torch.isinf(a.total_logp), torch.isinf(b.total_logp))  # same subtrees skipped
+                assert torch.equal(a.token_rank, b.token_rank)
+                kept = ~torch.isinf(a.token_logp)
+                assert torch.allclose(a.token_logp[kept], b.token_logp[kept], atol=1e-5)
+    # the bounds did skip, differently per user, and the unbounded user scored everything ("before")
+    skipped = [int(torch.isinf(s.total_logp).sum()) for s in own]
+    assert skipped[5] == 0 and len(set(skipped[:5])) > 1 and max(skipped) > 0
+    assert torch.allclose(own[5].total_logp, alone[5].total_logp, atol=1e-5)
+
+
+@torch.no_grad()
 def test_rank_cap_keeps_every_record_below_the_cap():
     # with rank_cap, ranks beyond the cap are lower bounds (>= cap); everything else is unchanged
     from bear_ds.evaluation.pruning import analyze_users

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bear_ds.evaluation.exhaustive import CatalogTargets, ExhaustiveScores, PruneBound, exhaustive_scores
+from bear_ds.evaluation.exhaustive import CatalogTargets, ExhaustiveScores, PruneBound, exhaustive_scores_batch
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import BeamResult, constrained_beam_search, left_pad
 from bear_ds.trie import TokenTrie
@@ -165,6 +165,8 @@ def analyze_users(
 
     bounded: skip trie subtrees that cannot change a record (`PruneBound`, with beam search's groups
     as the first top-B estimate); False walks the whole trie. Both give the same records.
+    batch_users: users per beam search and per exhaustive walk (`exhaustive_scores_batch`: their
+    trie nodes share forwards of at most `batch_items` rows).
     rank_cap (bounded only): global ranks are exact below it; a record at or beyond it has
     `global_rank_exact: false` and a global_rank that is a lower bound (>= rank_cap)."""
     if rank_cap is not None and (not bounded or rank_cap < num_beams):
@@ -195,18 +197,16 @@ def analyze_users(
             [s.cpu() for s in beam.live_states or []],
             live_thresholds=beam.live_thresholds.cpu() if beam.live_thresholds is not None else None,
         )
-        for j, ids in enumerate(chunk):
-            bound = (
-                PruneBound(
-                    target_groups[start + j],
-                    [g for g in beam.groups[j].tolist() if g >= 0],
-                    num_beams,
-                    rank_cap=rank_cap,
-                )  # fmt: skip
-                if bounded
-                else None
-            )
-            scores = exhaustive_scores(model, ids, targets, trie_dev, mask=mask, batch_items=batch_items, bound=bound)
+        bounds = [
+            PruneBound(target_groups[start + j], [g for g in beam.groups[j].tolist() if g >= 0], num_beams, rank_cap=rank_cap)
+            if bounded
+            else None
+            for j in range(len(chunk))
+        ]  # fmt: skip
+        batch_scores = exhaustive_scores_batch(
+            model, chunk, targets, trie_dev, mask=mask, batch_items=batch_items, bounds=bounds
+        )
+        for j, scores in enumerate(batch_scores):
             record = user_pruning_record(target_groups[start + j], scores, beam, j, group_token_ids, trie, num_beams)
             if rank_cap is not None and record["global_rank"] is not None:
                 record["global_rank_exact"] = record["global_rank"] < rank_cap
