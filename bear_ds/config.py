@@ -287,6 +287,13 @@ class EvalConfig(_Section):
     weights: Literal["replicated", "zero3"] = Field(
         "replicated", description="full copy per rank, or stay ZeRO-3 partitioned"
     )
+    gather: Literal["auto", "once", "per_step"] = Field(
+        "auto",
+        description="decoding with ZeRO-3 partitioned weights (eval.weights=zero3, the per-epoch evaluation "
+        "and beamsim's search under ZeRO-3): once = gather the full weights once per search or evaluation, "
+        "per_step = every forward gathers them; auto = once when the full model takes at most half the "
+        "free device memory (RAM on CPU) on every rank",
+    )
     timeout_s: int = Field(1800, ge=1, description="process-group timeout (seconds) of multi-process evaluation")
 
 
