@@ -298,11 +298,22 @@ class EvalConfig(_Section):
     weights: Literal["replicated", "zero3"] = Field(
         "replicated", description="full copy per rank, or stay ZeRO-3 partitioned"
     )
+    gather: Literal["auto", "once", "per_step"] = Field(
+        "auto",
+        description="decoding with ZeRO-3 partitioned weights (eval.weights=zero3, the per-epoch evaluation "
+        "and beamsim's search under ZeRO-3): once = gather the full weights once per search or evaluation, "
+        "per_step = every forward gathers them; auto = once when the full model takes at most half the "
+        "free device memory (RAM on CPU) on every rank",
+    )
     timeout_s: int = Field(1800, ge=1, description="process-group timeout (seconds) of multi-process evaluation")
 
 
 class AnalyzeConfig(_Section):
-    batch_items: int = Field(256, ge=1, description="trie nodes scored per forward in the exhaustive ranking")
+    batch_items: int = Field(
+        256,
+        ge=1,
+        description="trie nodes scored per forward in the exhaustive ranking (the nodes of eval.batch_users users share forwards)",
+    )
     max_users: int = Field(300, ge=1, description="pipeline/demo: test users given the exhaustive pruning analysis")
 
 
@@ -318,6 +329,18 @@ class SweepConfig(_Section):
         description="grid key -> {other grid key: values}: sweep the key only on points where the other key "
         "takes one of these values; elsewhere it keeps the base value and is left out of the point name "
         "(e.g. loss.lam: {loss.name: [bear]} runs LML/MSL once per seed, not once per lam)",
+    )
+    stage1: str | None = Field(
+        None,
+        description="two-stage sweep: the stage-1 sweep config file (e.g. configs/sweeps/ml100k_evidence.yaml). "
+        "`bear-ds sweep` runs its missing points first, in output_dir/stage1, with this command's overrides "
+        "(except output_dir and sweep.*) and this sweep's train.seed values; `{stage1}` in model.path and "
+        "model.reference_path stands for the folder of the stage-1 point with the point's train.seed",
+    )
+    stage1_grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="two-stage sweep: grid keys replaced in the stage-1 sweep (e.g. loss.name: [lml]); each "
+        "train.seed must leave exactly one stage-1 point",
     )
 
 
@@ -423,7 +446,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
         node = tree
         parts = key.split(".")
-        if parts[:2] in (["sweep", "grid"], ["sweep", "only_when"]) and len(parts) > 3:
+        if parts[:2] in (["sweep", "grid"], ["sweep", "only_when"], ["sweep", "stage1_grid"]) and len(parts) > 3:
             parts = [*parts[:2], ".".join(parts[2:])]  # grid keys are dotted config keys themselves
         for p in parts[:-1]:
             node = node.setdefault(p, {})

@@ -63,9 +63,7 @@ def trie_log_softmax(
         values = z[rows, tokens]  # [P]
         if mask == "after":
             return values - torch.logsumexp(z, dim=-1)[rows]
-        row_max = torch.full_like(z[:, 0], NEG_INF).scatter_reduce(0, rows, values, reduce="amax")  # [N]
-        sum_exp = torch.zeros_like(row_max).index_add_(0, rows, torch.exp(values - row_max[rows]))  # [N]
-        return values - (row_max + torch.log(sum_exp))[rows]
+        return pair_log_softmax(values, rows, z.shape[0])
     if allowed is None:
         return F.log_softmax(z / tau if tau != 1.0 else z, dim=-1)
     if mask == "after":
@@ -77,4 +75,12 @@ def trie_log_softmax(
     return F.log_softmax(z, dim=-1).masked_fill(~allowed, NEG_INF)
 
 
-__all__ = ["MASK_MODES", "check_mask_mode", "resolve_mask", "trie_log_softmax"]
+def pair_log_softmax(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Mask "before" from the allowed pairs' logits alone: values [P] float32 of (row, token) pairs,
+    rows [P] in [0, num_rows) -> [P] log softmax of each value among its row's pairs."""
+    row_max = torch.full((num_rows,), NEG_INF, device=values.device).scatter_reduce(0, rows, values, reduce="amax")
+    sum_exp = torch.zeros_like(row_max).index_add_(0, rows, torch.exp(values - row_max[rows]))  # [N]
+    return values - (row_max + torch.log(sum_exp))[rows]
+
+
+__all__ = ["MASK_MODES", "check_mask_mode", "pair_log_softmax", "resolve_mask", "trie_log_softmax"]

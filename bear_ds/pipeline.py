@@ -8,11 +8,12 @@ analysis of the exported model on the test split -> summary. Points whose `summa
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
-from bear_ds.config import Config, with_overrides
+from bear_ds.config import Config, ConfigError, with_overrides
 from bear_ds.data import resolve_prepared
 from bear_ds.evaluation.analysis import analyze
 from bear_ds.folders import check_output_dir
@@ -21,6 +22,7 @@ from bear_ds.outputs import check_writable_folder, write_json_atomic, write_text
 from bear_ds.reports import report
 from bear_ds.sweeps import CLAIMS, run_sweep, sweep_base
 from bear_ds.training import train
+from bear_ds.two_stage import stage_one
 
 METHODS = ("lml", "msl", "bear")
 DEMO_CONFIG = "demo.yaml"  # the resolved config of the demo, in its folder
@@ -68,15 +70,33 @@ def demo(cfg: Config) -> Path:
     return out
 
 
-def sweep(cfg: Config) -> Path:
-    """Run (or write job scripts for) every grid point of `cfg.sweep`, then aggregate and report."""
+def sweep(cfg: Config, overrides: Sequence[str] = ()) -> Path:
+    """Run (or write job scripts for) every grid point of `cfg.sweep`, then aggregate and report.
+
+    A two-stage sweep (`sweep.stage1`, bear_ds/two_stage.py) runs its stage-1 sweep first, in
+    OUT/stage1, with `overrides` (the command line's) applied there too."""
     out = check_output_dir(cfg.output_dir, "sweep")
+    first = stage_one(cfg, overrides)
+    if first is not None:
+        if cfg.sweep.mode == "scripts":
+            raise ConfigError("sweep.mode=scripts does not run two-stage sweeps (sweep.stage1): use sweep.mode=run")
+        sweep(first.cfg)  # the stage-1 points no other process holds; the rest are waited for below
     # once, from the data the points use (a sweep.base file's, if set): every point sees the same
     # splits; a second process on the same sweep waits for the first one's preparation
     with RunFolderLock(out / CLAIMS / "data").acquire(wait=True):
         data_dir = resolve_prepared(sweep_base(cfg), out / "data")
     prepared = [f"data.path={data_dir}", "data.source=prepared"]
-    outcome = run_sweep(cfg, run_point, is_done=point_finished, base_overrides=prepared)
+    if first is None:
+        outcome = run_sweep(cfg, run_point, is_done=point_finished, base_overrides=prepared)
+    else:
+
+        def after_stage_one(point: Config, point_dir: Path) -> None:
+            first.wait_for(point.train.seed, run_point, point_finished)
+            run_point(point, point_dir)
+
+        outcome = run_sweep(cfg, after_stage_one, point_finished, prepared, resolve=first.link)
+        if outcome.complete:
+            sweep(first.cfg)  # every stage-1 point is done: its aggregate and report
     if outcome.complete:  # run mode, every point done (by this process or others): the report
         report(out)
     return out

@@ -34,6 +34,7 @@ METHOD_KEYS: tuple[str, ...] = (
 )
 POINT_CONFIGS = "point_configs"
 CLAIMS = ".claims"  # CLAIMS/NAME/.lock: the process running point NAME
+STAGE1_DIR = "stage1"  # a two-stage sweep's stage-1 sweep folder, inside its own (bear_ds/two_stage.py)
 # subfolders of a run that never hold evaluate/analyze outputs
 _NOT_OUTPUT_DIRS = {"checkpoints", "model", "data", "tokenizer", "plots"}
 

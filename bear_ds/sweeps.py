@@ -18,6 +18,9 @@ Sweep folder (`output_dir`):
     results.csv               one row per point; results_by_config.csv: mean/std/n over seeds
     results.md                the same as Markdown tables (rewritten with plots by `report`)
 
+A two-stage sweep (`sweep.stage1`: each point starts from its own seed's stage-1 model) is
+bear_ds/two_stage.py's; it runs its stage-1 sweep in output_dir/stage1 first.
+
 A point is done when its summary.json exists; rerunning the sweep skips it. Every point runs with
 train.resume=auto, so a point that crashed continues from its newest checkpoint.
 
@@ -112,6 +115,8 @@ def expand_grid(sweep_cfg: SweepConfig, base: Config | None = None) -> list[tupl
         for i, value in enumerate(values):
             if value in values[:i]:
                 problems.append(f"sweep.grid.{key}: duplicate value {value!r}")
+        if key in sweep_cfg.only_when:
+            continue  # valid only beside its conditions' values (train.self_play): checked on its points below
         try:
             with_overrides(base, [f"{key}={override_value(values[0])}"])
         except ConfigError as err:
@@ -306,6 +311,7 @@ def run_sweep(
     run_point: Callable[[Config, Path], None],
     is_done: Callable[[Path], bool] = has_summary,
     base_overrides: Sequence[str] = (),
+    resolve: Callable[[Config], Config] | None = None,
 ) -> SweepOutcome:
     """Run every point not done yet (`run_point(point_cfg, point_dir)` must leave point_dir done:
     by default, with a summary.json; `is_done` can ask for more, e.g. an analysis too), or in
@@ -313,12 +319,15 @@ def run_sweep(
 
     Stops at the first failing point (the failure is re-raised; rerunning resumes from there).
     In run mode the results are aggregated at the end (results.csv, results.md).
-    `base_overrides` apply to the base of every point (see `sweep_base`).
+    `base_overrides` apply to the base of every point (see `sweep_base`); `resolve` turns each
+    point's config into the one it runs with (a two-stage sweep's `{stage1}` paths: bear_ds.two_stage).
     """
     sweep_dir = Path(cfg.output_dir)
     base = sweep_base(cfg, base_overrides)
     points = expand_grid(cfg.sweep, base)
     point_cfgs = {name: point_config(base, sweep_dir, name, overrides) for name, overrides in points}
+    if resolve is not None:
+        point_cfgs = {name: resolve(pcfg) for name, pcfg in point_cfgs.items()}
     _check_same_base(sweep_dir, base)
 
     sweep_dir.mkdir(parents=True, exist_ok=True)

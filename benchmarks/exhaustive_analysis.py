@@ -1,7 +1,9 @@
 """Pruning-analysis benchmark: seconds per user of the exhaustive ranking, side by side on the same
 users: the full trie walk; the bounded walk (subtrees below min(target's total, B-th best) skipped,
 every record identical); and the bounded walk with the rank cap `bear-ds analyze` uses (ranks exact
-below B only: subtrees below the B-th best skipped whatever the target's total).
+below B only: subtrees below the B-th best skipped whatever the target's total); and that capped
+walk again with one user per walk (`--per-user`: the walk before it batched the users of a batch
+into the same forwards; same records required).
 
 For each dataset: the paper's files prepared by bear_ds.data, a BPE trained on its titles and
 prompts, a tiny Llama trained for a few LML steps (as benchmarks/beam_search.py builds them), B = 10,
@@ -15,9 +17,11 @@ records too, except global ranks at or beyond the cap (lower bounds there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -37,6 +41,19 @@ def _same(full: dict, fast: dict) -> bool:
     return exact and close and abs(full.get("target_logp", 0.0) - fast.get("target_logp", 0.0)) < 1e-4
 
 
+def _one_user_per_walk():
+    """analyze_users' batched walk replaced by one walk per user (the same function, batches of one)."""
+    from bear_ds.evaluation import exhaustive
+
+    def per_user(model, prompts, targets, trie, *, bounds, **kwargs):
+        return [
+            exhaustive.exhaustive_scores_batch(model, [p], targets, trie, bounds=[b], **kwargs)[0]
+            for p, b in zip(prompts, bounds, strict=True)
+        ]
+
+    return mock.patch("bear_ds.evaluation.pruning.exhaustive_scores_batch", per_user)
+
+
 def bench(data: str, args: argparse.Namespace) -> dict:
     from bear_ds.evaluation.pruning import analyze_users
 
@@ -52,15 +69,18 @@ def bench(data: str, args: argparse.Namespace) -> dict:
         batch_users=args.batch_users,
     )
     modes = {"full": {"bounded": False}, "bounded": {"bounded": True}, "capped": {"rank_cap": args.num_beams}}
+    if args.per_user:
+        modes["capped_per_user"] = modes["capped"]
     clocks = {m: [0.0, 0.0] for m in modes}
     records: dict[str, list[dict]] = {m: [] for m in modes}
     for start in range(0, len(prompt_ids), args.batch_users):
         chunk = slice(start, start + args.batch_users)
         for mode, kwargs in modes.items():
             wall, cpu = time.perf_counter(), time.process_time()
-            records[mode] += analyze_users(
-                model, prompt_ids[chunk], targets[chunk], catalog.group_token_ids, catalog.trie, **kwargs, **common,
-            )  # fmt: skip
+            with _one_user_per_walk() if mode == "capped_per_user" else contextlib.nullcontext():
+                records[mode] += analyze_users(
+                    model, prompt_ids[chunk], targets[chunk], catalog.group_token_ids, catalog.trie, **kwargs, **common,
+                )  # fmt: skip
             clocks[mode][0] += time.perf_counter() - wall
             clocks[mode][1] += time.process_time() - cpu
         done = min(start + args.batch_users, len(prompt_ids))
@@ -75,7 +95,8 @@ def bench(data: str, args: argparse.Namespace) -> dict:
         **{m: [c / n for c in clocks[m]] for m in modes},
         **{
             f"{m}_identical": sum(_same(a, b) for a, b in zip(records["full"], records[m], strict=True))
-            for m in ("bounded", "capped")
+            for m in modes
+            if m != "full"
         },
     }
 
@@ -90,6 +111,7 @@ def main() -> None:
     p.add_argument("--batch-items", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=2000)
     p.add_argument("--train-steps", type=int, default=60, help="LML steps before the analysis (0: random model)")
+    p.add_argument("--per-user", action="store_true", help="also time the capped walk one user at a time")
     args = p.parse_args()
     rows = [bench(data, args) for data in args.data]
     print()
@@ -103,6 +125,13 @@ def main() -> None:
             + f"| {r['full'][1] / r['bounded'][1]:.1f}x, {r['full'][1] / r['capped'][1]:.1f}x "
             f"| {r['bounded_identical']}, {r['capped_identical']} of {r['users']} |"
         )
+    for r in rows:
+        if "capped_per_user" in r:
+            print(
+                f"{r['dataset']}: capped walk, batched / one user per walk: "
+                f"{r['capped_per_user'][1] / r['capped'][1]:.2f}x CPU, {r['capped_per_user'][0] / r['capped'][0]:.2f}x wall, "
+                f"same records {r['capped_per_user_identical']} of {r['users']}"
+            )
 
 
 if __name__ == "__main__":

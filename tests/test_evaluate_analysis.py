@@ -95,6 +95,15 @@ def test_analyze_end_to_end(tmp_path):
     assert saved["targets_not_in_catalog"] == 1  # user U3's target is not in the catalog
     assert all(len(r["exhaustive_top"]) == 3 for r in rows)
     assert saved["mask"] == "after"
+    # a pruned target's prefixes are kept as text: the target's own (a start of its quoted title)
+    # and the B-th live beam's that beat it, so the report decodes nothing
+    pruned = [r for r in rows if r["pruned"]]
+    assert pruned and saved["pruned"] == len(pruned)
+    for r in pruned:
+        assert r["target"].startswith(r["pruned_prefix"].lstrip('"').rstrip('"')) and r["pruned_prefix"]
+        if r["prune_reason"] == "pruned":
+            assert isinstance(r["beam_cutoff_prefix"], str) and r["beam_cutoff_prefix"] != r["pruned_prefix"]
+    assert all("pruned_prefix" not in r for r in rows if not r["pruned"])
 
 
 @torch.no_grad()
@@ -172,11 +181,12 @@ def test_bounded_walk_gives_the_same_records_as_the_full_walk():
         full = analyze_users(model, prompts, targets, titles, trie, bounded=False, **_analysis_options(mask))
         fast = analyze_users(model, prompts, targets, titles, trie, bounded=True, **_analysis_options(mask))
         for a, b in zip(full, fast, strict=True):
-            floats = ("exhaustive_logp", "target_logp")
+            floats = ("exhaustive_logp", "target_logp", "pruned_prefix_logp", "beam_cutoff_logp")
             assert {k: v for k, v in a.items() if k not in floats} == {k: v for k, v in b.items() if k not in floats}
             assert torch.allclose(torch.tensor(a["exhaustive_logp"]), torch.tensor(b["exhaustive_logp"]), atol=1e-5)
-            if "target_logp" in a:
-                assert abs(a["target_logp"] - b["target_logp"]) < 1e-5
+            for key in floats[1:]:
+                if a.get(key) is not None:
+                    assert abs(a[key] - b[key]) < 1e-5
         assert any(r["in_top_b"] for r in full) and any(r["global_rank"] and r["global_rank"] > 20 for r in full)
     # and it does skip: a head target leaves most groups unscored (-inf)
     bounded = exhaustive_scores(
@@ -188,6 +198,40 @@ def test_bounded_walk_gives_the_same_records_as_the_full_walk():
     kept = ~torch.isinf(bounded.total_logp)
     assert torch.allclose(bounded.total_logp[kept], first.total_logp[kept], atol=1e-5)
     assert set(torch.argsort(bounded.total_logp, descending=True)[:3].tolist()) == set(order[:3])
+
+
+@torch.no_grad()
+def test_batched_walk_gives_each_user_what_its_own_walk_gives():
+    # the users of a batch share the walk's forwards (rows padded per level, split over forwards by
+    # batch_items): every user's scores must be those of its walk alone, bounded or not
+    from bear_ds.evaluation.exhaustive import PruneBound, exhaustive_scores_batch
+
+    model, titles, trie, prompts = _bushy_setting(seed=7, users=6)
+    prompts[1] = prompts[1][:2]  # prompts of different lengths: the prefill pads them
+    targets = CatalogTargets.build(titles, trie)
+    alone = [exhaustive_scores(model, p, targets, trie, mask="before") for p in prompts]
+    order = [torch.argsort(s.total_logp, descending=True).tolist() for s in alone]
+    # head, middle and tail targets, one not in the catalog; one user unbounded
+    bounds = [PruneBound(order[u][(u * 17) % 80] if u != 4 else None, order[u][:3], 3) for u in range(6)]
+    bounds[2] = PruneBound(order[2][40], order[2][:3], 3, rank_cap=3)
+    bounds[5] = None
+    for mask in ("after", "before"):
+        own = [
+            exhaustive_scores(model, p, targets, trie, mask=mask, bound=b) for p, b in zip(prompts, bounds, strict=True)
+        ]
+        for batch_items in (1, 5, 256):
+            batch = exhaustive_scores_batch(
+                model, prompts, targets, trie, mask=mask, batch_items=batch_items, bounds=bounds
+            )
+            for a, b in zip(own, batch, strict=True):
+                assert torch.equal(torch.isinf(a.total_logp), torch.isinf(b.total_logp))  # same subtrees skipped
+                assert torch.equal(a.token_rank, b.token_rank)
+                kept = ~torch.isinf(a.token_logp)
+                assert torch.allclose(a.token_logp[kept], b.token_logp[kept], atol=1e-5)
+    # the bounds did skip, differently per user, and the unbounded user scored everything ("before")
+    skipped = [int(torch.isinf(s.total_logp).sum()) for s in own]
+    assert skipped[5] == 0 and len(set(skipped[:5])) > 1 and max(skipped) > 0
+    assert torch.allclose(own[5].total_logp, alone[5].total_logp, atol=1e-5)
 
 
 @torch.no_grad()
@@ -209,3 +253,67 @@ def test_rank_cap_keeps_every_record_below_the_cap():
         same = ("exhaustive_top", "beam_top", "beam_rank", "in_top_b", "pruned", "condition_holds")
         assert {k: a[k] for k in same} == {k: b[k] for k in same}
     assert any(not r["global_rank_exact"] for r in capped) and any(r["global_rank_exact"] for r in capped)
+
+
+def _plain_live_beams(model, prompt: list[int], trie, num_beams: int, mask: str, steps: int) -> list[list[tuple]]:
+    """The live beams after each step of a plain beam search, every prefix scored by its own full
+    forward: per step [(token ids, cumulative log p)] best first (2B best continuations, of which
+    the B best non-EOS stay live, as `constrained_beam_search` does)."""
+    from bear_ds.generation.beam import next_token_log_probs
+
+    live: list[tuple[list[int], float, int]] = [([], 0.0, 0)]  # ids, log p, trie state (0: root)
+    trace = []
+    for _ in range(steps):
+        candidates = []
+        for ids, score, state in live:
+            logits = model(input_ids=torch.tensor([prompt + ids])).logits[0, -1:]  # [1, V]
+            logp = next_token_log_probs(logits, torch.tensor([state]), trie, mask)[0]
+            for tok in trie.allowed_pairs(torch.tensor([state]))[1].tolist():
+                child = int(trie.advance(torch.tensor([state]), torch.tensor([tok]))[0])
+                candidates.append((ids + [tok], score + float(logp[tok]), child))
+        candidates.sort(key=lambda c: -c[1])
+        live = [c for c in candidates[: 2 * num_beams] if c[0][-1] != EOS][:num_beams]
+        trace.append([(ids, score) for ids, score, _ in live])
+    return trace
+
+
+@torch.no_grad()
+def test_pruned_records_hold_the_drop_step_prefix_and_the_beam_that_beat_it():
+    # the paper's Figure 1 facts of each pruned top-B target, against a plain beam search and
+    # teacher-forced log p: the step its prefix left the live beams, that prefix's log p, and the
+    # B-th live beam of that step (its ids and log p), which scored at least as high
+    from bear_ds.evaluation.pruning import analyze_users
+    from bear_ds.generation.beam import next_token_log_probs
+
+    model, titles, trie, prompts = _bushy_setting(seed=7, users=16)
+    targets_all = CatalogTargets.build(titles, trie)
+    num_beams, checked = 3, 0
+    for mask in ("after", "before"):
+        # each user's target: one of its exhaustive top-B (the ones beam search may prune)
+        targets = []
+        for u, prompt in enumerate(prompts):
+            scores = exhaustive_scores(model, prompt, targets_all, trie, mask=mask)
+            targets.append(int(torch.argsort(scores.total_logp, descending=True)[u % num_beams]))
+        records = analyze_users(model, prompts, targets, titles, trie, **_analysis_options(mask))
+        for u, rec in enumerate(records):
+            if not rec["pruned"]:
+                assert "pruned_prefix_logp" not in rec and "beam_cutoff_logp" not in rec
+                continue
+            title, step = titles[targets[u]], rec["pruned_step"]
+            logits = model(input_ids=torch.tensor([prompts[u] + title[:-1]])).logits[0, len(prompts[u]) - 1 :]
+            logp = next_token_log_probs(logits, targets_all.states[targets[u], : len(title)], trie, mask)
+            expected_prefix = float(logp.gather(1, torch.tensor(title)[:, None])[: step + 1].sum())
+            assert abs(rec["pruned_prefix_logp"] - expected_prefix) < 1e-4
+            if rec["prune_reason"] != "pruned":
+                assert rec["beam_cutoff_logp"] is None and rec["beam_cutoff_ids"] is None
+                continue
+            trace = _plain_live_beams(model, prompts[u], trie, num_beams, mask, step + 1)
+            survived = [[tuple(ids) for ids, _ in beams] for beams in trace]
+            assert all(tuple(title[: s + 1]) in survived[s] for s in range(step)), "dropped later than recorded"
+            assert tuple(title[: step + 1]) not in survived[step], "not dropped at the recorded step"
+            cutoff_ids, cutoff_logp = trace[step][-1]
+            assert rec["beam_cutoff_ids"] == cutoff_ids
+            assert abs(rec["beam_cutoff_logp"] - cutoff_logp) < 1e-4
+            assert rec["beam_cutoff_logp"] >= rec["pruned_prefix_logp"] - 1e-5
+            checked += 1
+    assert checked >= 2, "the setting should prune some top-B targets at a live step"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from eval_fixtures import write_model_folder, write_prepared
+from launching import launch_env
 
 from bear_ds.config import load_config
-from bear_ds.distributed import torchrun_command
+from bear_ds.distributed import free_port, torchrun_command
 from bear_ds.evaluation.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
@@ -31,10 +31,24 @@ def folders(tmp_path_factory):
 
 
 def _torchrun(root: Path, out: str, base: list[str], *extra: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = torchrun_command(2, "-m", "bear_ds.cli", "evaluate", f"output_dir={root}/{out}", *base, *extra)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=55)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# both ZeRO-3 gatherings in one launch (a launch is the costly part): two evaluations in one process.
+# The second joins its process group through a store of its own (a port the test chose): torch
+# resets its group counter when a group is destroyed, so a second group on torchrun's shared store
+# could read the first one's rendezvous keys (seen: a rank waiting for a peer that had moved on).
+BOTH_GATHERINGS = """
+import os, sys
+from bear_ds.config import load_config
+from bear_ds.evaluation.evaluate import evaluate
+root, second_port, base = sys.argv[1], sys.argv[2], sys.argv[3:]
+for gather in ("once", "per_step"):
+    evaluate(load_config(None, [f"output_dir={root}/zero3_{gather}", *base, "eval.weights=zero3", f"eval.gather={gather}"]))
+    os.environ.update(MASTER_PORT=second_port, TORCHELASTIC_USE_AGENT_STORE="False")
+"""
 
 
 def _read(root: Path, out: str):
@@ -61,15 +75,22 @@ def test_two_ranks_replicated_equal_one(folders):
     assert m2["decoding"]["world_size"] == 2 and m2["hr@5"] == m1["hr@5"] and m2["ndcg@5"] == m1["ndcg@5"]
 
 
-def test_two_ranks_zero3_equal_replicated(folders):
-    """Alone guards: decoding synced over weights partitioned across 2 ranks (every forward gathers
-    from both; the rank with fewer batches keeps stepping with the other) gives the same predictions."""
+def test_two_ranks_zero3_equal_replicated_gathered_once_or_per_step(folders):
+    """Alone guards: weights partitioned across 2 ranks, gathered once for the evaluation (each rank
+    then decodes on its own) or at every forward (from both ranks; the rank with fewer batches keeps
+    stepping with the other), give the predictions of one process with a full model."""
     root, base = folders
-    _torchrun(root, "zero3", base, "eval.weights=zero3")
+    (root / "both_gatherings.py").write_text(BOTH_GATHERINGS)
+    cmd = torchrun_command(2, str(root / "both_gatherings.py"), str(root), str(free_port()), *base)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     single, _ = _read(root, "single")
-    zero3, m3 = _read(root, "zero3")
-    assert m3["decoding"]["zero3_partitioned"] and m3["decoding"]["synced"] and m3["decoding"]["world_size"] == 2
-    _assert_same_predictions(single, zero3)
+    for gather, synced in (("once", False), ("per_step", True)):
+        zero3, m3 = _read(root, f"zero3_{gather}")
+        decoding = m3["decoding"]
+        assert decoding["zero3_partitioned"] and decoding["world_size"] == 2 and decoding["weights"] == "zero3"
+        assert (decoding["gather"], decoding["synced"]) == (gather, synced)
+        _assert_same_predictions(single, zero3)
 
 
 def test_two_ranks_analysis_equals_one(folders, tmp_path):
@@ -79,7 +100,7 @@ def test_two_ranks_analysis_equals_one(folders, tmp_path):
     root, base = folders
     common = [*base, "eval.mask=after", "analyze.batch_items=6"]
     analyze(load_config(None, [f"output_dir={tmp_path}/single", *common]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = launch_env()
     cmd = torchrun_command(2, "-m", "bear_ds.cli", "analyze", f"output_dir={tmp_path}/two", *common)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,7 +120,7 @@ def test_two_ranks_refuse_a_training_run_folder_together(folders):
     run = root / "a_training_run"
     run.mkdir()
     (run / "train_log.jsonl").write_text("")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = launch_env()
     cmd = torchrun_command(2, "-m", "bear_ds.cli", "evaluate", f"output_dir={run}", *base, "eval.timeout_s=600")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
     assert proc.returncode != 0

@@ -7,9 +7,10 @@ compares what the ranks wrote with a plain single-process computation on the sam
 - The loss head (BEAR), with a different number of response tokens per rank (step 1: 4 examples
   vs 1 short one; step 2: rank 1 has no response token at all).
 - beamsim: each rank runs, as the trainer does, the forward, the simulated beam search started
-  from that forward's KV cache (synced: the rank that stops decoding first runs dummy forwards) and
-  the loss on its own micro-batch; the reference encodes the prompts again. Step 1: rank 0 has
-  three long titles and rank 1 one short title that stops early; step 2 the other way round.
+  from that forward's KV cache and the loss on its own micro-batch, twice: with the weights gathered
+  at every forward (synced: the rank that stops decoding first runs dummy forwards) and gathered
+  once for the search (hooks off, unsynced); the reference encodes the prompts again. Step 1: rank 0
+  has three long titles and rank 1 one short title that stops early; step 2 the other way round.
 
 Per rank, the loss (and beamsim's theta and verdicts) must equal the reference, and the gathered
 gradient the mean over ranks. Alone guards, as no single process can: parameters partitioned
@@ -20,17 +21,18 @@ work (fewer tokens, none, an earlier stop), without a hang or a wrong gradient.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from launching import launch_env
 from tiny_models import tiny_llama_kwargs
 
 from bear_ds.config import LossConfig
 from bear_ds.distributed import torchrun_command
 from bear_ds.generation.survival import prompt_ends, prompt_state_of_forward, simulate_beam_search
+from bear_ds.generation.zero3_gather import decoding_weights
 from bear_ds.losses import (
     backbone_forward,
     backbone_hidden_states,
@@ -44,6 +46,7 @@ V, H, EOS = 40, 16, 2
 TITLES = [[3, 4, 5, 2], [3, 4, 6, 2], [3, 7, 2], [8, 9, 2], [8, 4, 5, 6, 11, 12, 2], [10, 2], [3, 4, 5, 6, 13, 2]]
 HEAD_LOSS = dict(name="bear", beam_width=2, lam=0.5, chunk_size=3)
 BEAMSIM_LOSS = dict(name="beamsim", beam_width=2, lam=0.5, xi=0.8, chunk_size=3)
+GATHERS = ("per_step", "once")  # eval.gather of the partitioned search, as the trainer's beamsim loss passes it
 
 WORKER = r"""
 import json, os, sys
@@ -53,7 +56,9 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
 sys.path.insert(0, os.environ["BEAR_TEST_DIR"])
-from test_losses_zero3 import TITLES, V, beamsim_batches, head_batches, run_beamsim, run_head, tiny_config  # noqa: E402
+from test_losses_zero3 import (  # noqa: E402
+    GATHERS, TITLES, V, beamsim_batches, head_batches, run_beamsim, run_head, tiny_config,
+)
 from zero3_worker import partitioned_engine  # noqa: E402
 
 from bear_ds.trie import TokenTrie
@@ -70,22 +75,24 @@ def gathered_grads():
     return {n: g.tolist() for n, g in grads.items()} if rank == 0 else {}
 
 
-result = {"partitioned": partitioned, "head": [], "beamsim": []}
+result = {"partitioned": partitioned, "head": [], **{gather: [] for gather in GATHERS}}
 for batches in head_batches():
     ids, mask, labels = (torch.tensor(x) for x in batches[rank])
     loss, tokens = run_head(engine, ids, mask, labels, trie, backward=engine.backward)
     result["head"].append({"loss": float(loss.detach()), "tokens": tokens, "grads": gathered_grads()})
-for batches in beamsim_batches():
-    ids, mask, labels = (torch.tensor(x) for x in batches[rank])
-    loss, search = run_beamsim(engine, engine.module, ids, mask, labels, trie, synced=True, backward=engine.backward,
-                               reuse=True)
-    result["beamsim"].append({
-        "loss": float(loss.detach()),
-        "theta": search.thresholds.tolist(),
-        "pruned": search.pruned.tolist(),
-        "search_steps": search.steps,
-        "grads": gathered_grads(),
-    })
+for gather in GATHERS:  # the same micro-batches with the weights gathered per step, then once per search
+    for batches in beamsim_batches():
+        ids, mask, labels = (torch.tensor(x) for x in batches[rank])
+        loss, search, gathered = run_beamsim(engine, engine.module, ids, mask, labels, trie, synced=True,
+                                             backward=engine.backward, reuse=True, gather=gather)
+        result[gather].append({
+            "loss": float(loss.detach()),
+            "theta": search.thresholds.tolist(),
+            "pruned": search.pruned.tolist(),
+            "search_steps": search.steps,
+            "gathered": gathered,
+            "grads": gathered_grads(),
+        })
 with open(os.path.join(work, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 dist.barrier()
@@ -129,9 +136,11 @@ def run_head(model, ids, mask, labels, trie, *, backward) -> tuple[torch.Tensor,
     return out.loss, int(y.numel())
 
 
-def run_beamsim(model, net, ids, mask, labels, trie, *, synced: bool, backward, reuse: bool):
+def run_beamsim(model, net, ids, mask, labels, trie, *, synced: bool, backward, reuse: bool, gather: str = "per_step"):
     """A beamsim micro-batch: forward, search (no gradient), chunked loss, backward. reuse=True: the
-    trainer's way, the search starts from the forward's KV cache; False: it encodes the prompts."""
+    trainer's way, the search starts from the forward's KV cache; False: it encodes the prompts.
+    gather="once": a partitioned model's weights gathered for the search, unsynced (the trainer's way).
+    Returns (loss, search, the gathering that ran: None for a full model)."""
     cfg = LossConfig(**BEAMSIM_LOSS)
     if reuse:
         out = backbone_forward(model, ids, mask, prompt_ends(mask, labels))
@@ -139,13 +148,15 @@ def run_beamsim(model, net, ids, mask, labels, trie, *, synced: bool, backward, 
         assert state is not None
     else:
         hidden, state = backbone_hidden_states(model, ids, mask), None
-    search = simulate_beam_search(net, ids, mask, labels, trie, beam_width=cfg.beam_width, eos_token_id=EOS,
-                                  mask="before", tau=cfg.tau, synced=synced, prompt_state=state)  # fmt: skip
+    with decoding_weights(model, gather, ids.device) as gathered:
+        search = simulate_beam_search(net, ids, mask, labels, trie, beam_width=cfg.beam_width, eos_token_id=EOS,
+                                      mask="before", tau=cfg.tau, synced=synced and gathered != "once",
+                                      prompt_state=state)  # fmt: skip
     h, y, s = select_response(hidden, labels, trie)
     with lm_head_context(model) as head:
         out = response_loss(h, head, y, s, trie, cfg, search=search)
         backward(out.loss)
-    return out.loss, search
+    return out.loss, search, gathered
 
 
 def _reference(weights: dict) -> tuple:
@@ -171,7 +182,7 @@ def two_ranks(tmp_path_factory) -> tuple[dict, list[dict]]:
     weights = model.state_dict()
     torch.save(weights, work / "weights.pt")
     (work / "worker.py").write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", BEAR_TEST_DIR=str(Path(__file__).parent))
+    env = dict(launch_env(), BEAR_TEST_DIR=str(Path(__file__).parent))  # this checkout's bear_ds
     cmd = torchrun_command(2, str(work / "worker.py"), str(work))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
@@ -211,17 +222,21 @@ def test_zero3_two_ranks_with_uneven_searches_match_one_process(two_ranks):
     weights, ranks = two_ranks
     model, trie = _reference(weights)
     for step, batches in enumerate(beamsim_batches()):
-        steps = [ranks[r]["beamsim"][step]["search_steps"] for r in range(2)]
+        steps = [ranks[r]["per_step"][step]["search_steps"] for r in range(2)]
         assert steps[0] != steps[1], f"step {step}: both ranks decoded {steps} steps; the case is not uneven"
         model.zero_grad()
         for r in range(2):
             ids, mask, labels = (torch.tensor(x) for x in batches[r])
-            loss, search = run_beamsim(model, model, ids, mask, labels, trie, synced=False,
-                                       backward=lambda loss: (loss / 2).backward(), reuse=False)  # fmt: skip
-            got = ranks[r]["beamsim"][step]
-            torch.testing.assert_close(torch.tensor(got["theta"]), search.thresholds, rtol=0, atol=1e-6)
-            assert got["pruned"] == search.pruned.tolist()
-            assert abs(got["loss"] - loss.item()) < 1e-6, (step, r, got["loss"], loss.item())
-        _assert_gradients(ranks[0]["beamsim"][step]["grads"], model)
-    verdicts = [v for r in range(2) for step in ranks[r]["beamsim"] for v in step["pruned"]]
+            loss, search, gathered = run_beamsim(model, model, ids, mask, labels, trie, synced=False,
+                                                 backward=lambda loss: (loss / 2).backward(), reuse=False)  # fmt: skip
+            assert gathered is None  # a full model: nothing to gather
+            for gather in GATHERS:  # weights gathered per step and once per search: the same results
+                got = ranks[r][gather][step]
+                assert got["gathered"] == gather
+                torch.testing.assert_close(torch.tensor(got["theta"]), search.thresholds, rtol=0, atol=1e-6)
+                assert got["pruned"] == search.pruned.tolist()
+                assert abs(got["loss"] - loss.item()) < 1e-6, (gather, step, r, got["loss"], loss.item())
+        for gather in GATHERS:
+            _assert_gradients(ranks[0][gather][step]["grads"], model)
+    verdicts = [v for r in range(2) for step in ranks[r]["per_step"] for v in step["pruned"]]
     assert any(verdicts) and not all(verdicts), verdicts  # both a pruned and a returned gold

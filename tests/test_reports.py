@@ -195,7 +195,7 @@ def test_report_sweep_has_most_popular_row_and_paired_comparisons(tmp_path: Path
     # the reference row: every test target is one of the four items the training targets are
     assert re.search(r"\| most-popular \(16 users\) \| [0-9.]+ \| 1\.0000 \| [0-9.]+ \| [0-9.]+ \|", text), text
     pairs = re.findall(
-        r"\*\*(loss.name=\w+|most-popular) vs (loss.name=\w+)\*\*: pooled, over 2 seed\(s\) \(32 user pairs\): "
+        r"\*\*(loss.name=\w+|most-popular) vs (loss.name=\w+)\*\*: pooled, over 2 seed\(s\) \(16 users\): "
         r"NDCG@10 difference ([+-][0-9.]+) \(95% interval \[([+-][0-9.]+), ([+-][0-9.]+)\], p = ([0-9.e-]+)\)",
         text,
     )
@@ -209,8 +209,10 @@ def test_report_sweep_has_most_popular_row_and_paired_comparisons(tmp_path: Path
     diff, low, high, p = found[("loss.name=bear", "loss.name=lml")]
     assert diff == pytest.approx(0.75, abs=1e-4) and 0 < low < diff < high <= 1 and p < 0.001
     assert "distinguishable from noise: loss.name=msl vs loss.name=lml" in text
-    assert text.count("  - seed ") == 2 * 4  # each pair per seed too
-    assert "| 32/40 / 32/40 | 64/80 = 80.0% [70.0%, 87.3%] |" in text  # two seeds pooled, Wilson interval
+    assert text.count("  - seed 1,") == text.count("  - seed 2,") == 4  # each pair per seed too
+    assert text.count("  - seed level (each seed's mean difference): NDCG@10 ") == 4  # and the seeds' spread
+    # two seeds pooled, Wilson interval; the positives and the beam HR@10 beside the share
+    assert re.search(r"\| 32/40 / 32/40 \| 80 \| [0-9.]+ \| 64/80 = 80.0% \[70.0%, 87.3%\] \|", text), text
 
 
 def test_report_statistics_are_at_the_k_the_runs_evaluated(tmp_path: Path) -> None:
@@ -253,7 +255,7 @@ def test_report_statistics_are_at_the_k_the_runs_evaluated(tmp_path: Path) -> No
     # bear hits users 0-11 at rank i % 5, lml users 0-3: the mean NDCG@5 difference over 16 users
     ndcg5 = sum(1 / math.log2(i % 5 + 2) for i in range(4, 12)) / 16
     assert (
-        f"**loss.name=bear vs loss.name=lml**: pooled, over 2 seed(s) (32 user pairs): NDCG@5 difference +{ndcg5:.4f}"
+        f"**loss.name=bear vs loss.name=lml**: pooled, over 2 seed(s) (16 users): NDCG@5 difference +{ndcg5:.4f}"
         in statistics
     )
     assert "In plain words (pooled over seeds, NDCG@5)" in statistics
@@ -306,6 +308,54 @@ def test_report_of_a_one_method_ablation_compares_each_configuration_with_the_fi
         ("most-popular", "loss.name=bear, loss.lam=0.1"),
     ], compared
     assert re.search(
-        r"lam=0.5 vs loss.name=bear, loss.lam=0.1\*\*: pooled, over 1 seed\(s\) \(16 user pairs\): NDCG@10 difference \+0\.7500",
+        r"lam=0.5 vs loss.name=bear, loss.lam=0.1\*\*: pooled, over 1 seed\(s\) \(16 users\): NDCG@10 difference \+0\.7500",
         text,
     )
+
+
+def _analysis_row(user: str, rank: int, pruned: bool, **extra) -> dict:
+    row = {"user_id": user, "target": f"Title {user}", "global_rank": rank, "in_top_b": rank < 10}
+    row.update(pruned=pruned, target_logp=-3.0 - rank)
+    if pruned:
+        row.update(
+            prune_reason="pruned", pruned_step=1, pruned_prefix=f"Tit{user}", pruned_prefix_logp=-2.5 - rank,
+            beam_cutoff_prefix="Other", beam_cutoff_logp=-1.25,
+        )  # fmt: skip
+    row.update(extra)
+    return row
+
+
+def test_report_shows_pruned_positives_like_figure_1_from_analysis_jsonl(tmp_path: Path) -> None:
+    # per method, its two best-ranked targets pruned at a live step, with the drop step, the
+    # prefix's log p and the B-th surviving prefix; a malformed row is reported with its line
+    cfg = Config.model_validate(
+        {"output_dir": str(tmp_path / "sweep"), "sweep": {"grid": {"loss.name": ["lml", "bear"], "train.seed": [1]}}}
+    )
+
+    def fake_point(point_cfg: Config, out: Path) -> None:
+        write_run(out, [f"loss.name={point_cfg.loss.name}", "train.seed=1"])
+        if point_cfg.loss.name == "lml":
+            rows = [
+                _analysis_row("u1", 4, True),
+                _analysis_row("u2", 0, False),
+                _analysis_row("u3", 2, True),
+                _analysis_row("u4", 0, True, prune_reason="search_stopped", beam_cutoff_logp=None),
+                _analysis_row("u5", 1, True, beam_cutoff_logp=None),  # malformed: a live-step prune needs it
+                _analysis_row("u6", 7, True),
+            ]
+        else:
+            rows = [_analysis_row("u1", 0, False)]
+        write_jsonl(out / "analysis" / "analysis.jsonl", rows)
+
+    run_sweep(cfg, fake_point)
+    text = report(tmp_path / "sweep").read_text()
+    section = text[text.index("### Pruned top-B positives, as in the paper's Figure 1") :]
+    lml = section[section.index("**loss.name=lml**") : section.index("**loss.name=bear**")]
+    examples = re.findall(r"user (u\d): target \"Title u\d\", rank (\d+) of the catalog", lml)
+    assert examples == [("u3", "3"), ("u1", "5")]  # best-ranked first, 1-based ranks; u4 stopped, u5 malformed
+    assert (
+        'dropped its prefix "Titu3" at decoding step 2 (log p -4.50), beaten by the lowest of the 10 surviving '
+        'prefixes "Other" (log p -1.25)'
+    ) in lml
+    assert "**loss.name=bear**: none to show (no top-B positive was pruned at a live step)" in section
+    assert re.search(r"analysis\.jsonl line 5: beam_cutoff_logp null is not a finite number", text)

@@ -246,6 +246,9 @@ def test_per_epoch_evaluation_selects_and_exports_the_best_epoch(prepared, tmp_p
     epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in epochs] == [(0, 8), (1, 16)]
     assert all(r["valid"]["users"] == 8 and r["test"]["users"] == 16 for r in epochs)
+    # the partitioned weights were gathered once per evaluation (a tiny model fits), not at every forward
+    assert all(r[s]["decoding"]["gather"] == "once" and r[s]["decoding"]["zero3_partitioned"]
+               for r in epochs for s in ("valid", "test")), epochs  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     best = max(epochs, key=lambda r: r["valid"]["ndcg@5"])  # first best on ties, as the trainer
     assert summary["selected_epoch"] == best["epoch"] and summary["test"] == best["test"]

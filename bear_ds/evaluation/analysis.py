@@ -1,6 +1,7 @@
 """`bear-ds analyze`: the pruning analysis (`bear_ds.evaluation.pruning`) of a model's beam search
 against the exhaustive ranking of the whole catalog (`bear_ds.evaluation.exhaustive`), users sharded
-across ranks; writes analysis.jsonl (one record per user) and analysis.json (aggregates).
+across ranks; writes analysis.jsonl (one record per user, with the prefixes of a pruned target and
+of the beam that beat it as text) and analysis.json (aggregates).
 """
 
 from __future__ import annotations
@@ -90,9 +91,23 @@ def analyze(cfg) -> dict[str, Any]:
                 row = {"user_id": inputs.user_ids[i], "target": inputs.target_titles[i], **rec}
                 row["exhaustive_top"] = [catalog.group_titles[g] for g in rec["exhaustive_top"]]
                 row["beam_top"] = [catalog.group_titles[g] for g in rec["beam_top"]]
+                row.update(_pruned_prefix_texts(rec, catalog.group_token_ids, inputs.tokenizer))
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         save_config(cfg, out)
         write_json_atomic(out / "analysis.json", summary)
         logger.info("analysis written to %s", out / "analysis.json")
     end_distributed(accelerator)
     return summary
+
+
+def _pruned_prefix_texts(record: dict[str, Any], group_token_ids: Any, tokenizer: Any) -> dict[str, str | None]:
+    """A pruned record's two prefixes as text (what the report shows, so nothing is re-decoded):
+    the target's first pruned_step + 1 tokens, and the B-th live beam that beat it."""
+    if not record.get("pruned"):
+        return {}
+    target_ids = list(group_token_ids[record["target_group"]])[: record["pruned_step"] + 1]
+    cutoff_ids = record.get("beam_cutoff_ids")
+    return {
+        "pruned_prefix": tokenizer.decode(target_ids, skip_special_tokens=True),
+        "beam_cutoff_prefix": None if cutoff_ids is None else tokenizer.decode(cutoff_ids, skip_special_tokens=True),
+    }

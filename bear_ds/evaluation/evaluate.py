@@ -6,9 +6,10 @@ similar prompt length; results are gathered and put back in the original order, 
 and 2 give identical predictions. Two weight modes:
 
 - replicated: every rank holds the full model and decodes independently (synced=False);
-- zero3: the model stays partitioned by DeepSpeed ZeRO-3; every forward gathers the weights from
-  all ranks, so ranks run the same number of forwards (synced=True, dummy batches where a rank
-  has fewer users).
+- zero3: the model is loaded partitioned by DeepSpeed ZeRO-3 (in the precision it was saved in);
+  its weights are gathered once for the whole evaluation when they fit in memory (eval.gather,
+  `bear_ds.generation.zero3_gather`), else every forward gathers them from all ranks, so ranks run
+  the same number of forwards (synced=True, dummy batches where a rank has fewer users).
 
 Processes are Accelerate's, as in training (`bear_ds.distributed.make_accelerator`): works under
 plain python, torchrun, accelerate launch and the deepspeed launcher; results are gathered with
@@ -42,6 +43,7 @@ from bear_ds.errors import ConfigError, DataError, MissingPathError, ModelInputE
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.folders import check_output_folder_together, holds_output_lock
 from bear_ds.generation.beam import constrained_beam_search, left_pad
+from bear_ds.generation.zero3_gather import decoding_weights
 from bear_ds.masking import resolve_mask
 from bear_ds.models import is_zero3_partitioned, unwrap_model
 from bear_ds.outputs import open_atomic, write_json_atomic
@@ -199,9 +201,11 @@ def run_beam_evaluation(
     prompts: the prompt strings (or their token ids) of ALL users, the same list on every rank;
     targets_groups: each user's target group (None when the target is not in the catalog: a miss).
     Each rank decodes its shard; results are gathered on every rank in the original order.
-    `synced` is forced on when the model is ZeRO-3 partitioned. The model's train/eval mode is
-    restored on return. eval.mask="auto" follows `loss_name` (after for lml, before otherwise). Returns (predictions, metrics): predictions[i] = {"groups", "predictions"
-    (titles), "scores", "target_rank"}; metrics = {"hr@K", "ndcg@K", "users",
+    A ZeRO-3 partitioned `model` (its DeepSpeed engine) has its weights gathered once for the whole
+    evaluation (ranks decode on their own), or at every forward with `synced` forced on, as
+    eval.gather decides (`decoding_weights`). The model's train/eval mode is restored on return. eval.mask="auto"
+    follows `loss_name` (after for lml, before otherwise). Returns (predictions, metrics):
+    predictions[i] = {"groups", "predictions" (titles), "scores", "target_rank"}; metrics = {"hr@K", "ndcg@K", "users",
     "targets_not_in_catalog", "decoding", "decode_s", "users_per_second"}.
     """
     if len(prompts) != len(targets_groups):
@@ -213,7 +217,7 @@ def run_beam_evaluation(
     ks, skipped = metric_ks(eval_cfg.top_k, eval_cfg.num_beams)
     mask = resolve_mask(eval_cfg.mask, loss_name)
     net = unwrap_model(model)
-    synced = synced or is_zero3_partitioned(net)
+    partitioned = is_zero3_partitioned(net)
     device = accelerator.device if accelerator is not None else next(net.parameters()).device
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     if isinstance(prompts[0], str):
@@ -228,8 +232,6 @@ def run_beam_evaluation(
     mine.sort(key=lambda i: (-len(prompt_ids[i]), i))  # similar lengths together: little padding
     bs = eval_cfg.batch_users
     batches = [mine[s : s + bs] for s in range(0, len(mine), bs)]
-    # ZeRO-3: every rank runs as many beam searches as the busiest one (empty ones are dummies)
-    n_calls = int(all_max(len(batches))) if synced and world > 1 else len(batches)
 
     was_training = net.training
     net.eval()
@@ -237,12 +239,17 @@ def run_beam_evaluation(
     bar = tqdm(total=len(mine), desc="beam search", unit="user", disable=not (progress and rank == 0))
     started = time.perf_counter()
     try:
-        for call in range(n_calls):
-            batch = batches[call] if call < len(batches) else []
-            local += _decode_batch(
-                net, [prompt_ids[i] for i in batch], batch, catalog, eval_cfg, trie, pad, mask, synced
-            )
-            bar.update(len(batch))
+        with decoding_weights(model, getattr(eval_cfg, "gather", "auto"), device) as gather:
+            # weights gathered once: every rank holds the full model and decodes on its own
+            synced = (synced or partitioned) and gather != "once"
+            # per-step gathering: every rank runs as many beam searches as the busiest one (dummies)
+            n_calls = int(all_max(len(batches))) if synced and world > 1 else len(batches)
+            for call in range(n_calls):
+                batch = batches[call] if call < len(batches) else []
+                local += _decode_batch(
+                    net, [prompt_ids[i] for i in batch], batch, catalog, eval_cfg, trie, pad, mask, synced
+                )
+                bar.update(len(batch))
     finally:
         bar.close()
         net.train(was_training)
@@ -263,7 +270,9 @@ def run_beam_evaluation(
             "length_penalty": eval_cfg.length_penalty,
             "batch_users": eval_cfg.batch_users,
             "synced": synced,
-            "zero3_partitioned": is_zero3_partitioned(net),
+            "zero3_partitioned": partitioned,
+            "gather": gather,
+            "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),  # the precision decoded in
             "world_size": world,
             "top_k_skipped": skipped,
         },
@@ -289,13 +298,19 @@ class EvalInputs:
     ks: list[int]
 
 
-def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
-    """Tokenizer, catalog and the users of eval.split (first eval.max_users) with their prompts."""
+def eval_model_dir(cfg: Any) -> Path:
+    """model.path, checked to be a Hugging Face model folder."""
     if not cfg.model.path:
         raise ConfigError("model.path is not set: evaluate needs a local model folder (the trainer's OUT/model)")
     model_dir = Path(cfg.model.path)
     if not (model_dir / "config.json").is_file():
         raise MissingPathError(f"model.path {model_dir} has no config.json (expected a Hugging Face model folder)")
+    return model_dir
+
+
+def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
+    """Tokenizer, catalog and the users of eval.split (first eval.max_users) with their prompts."""
+    model_dir = eval_model_dir(cfg)
     ks, _ = metric_ks(cfg.eval.top_k, cfg.eval.num_beams, warn=False)  # fail before loading anything
     tokenizer = load_tokenizer(cfg.tokenizer.path or model_dir)
 
@@ -355,16 +370,32 @@ def load_eval_inputs(cfg: Any, accelerator: Any) -> EvalInputs:
     )
 
 
-def eval_accelerator(eval_cfg: Any) -> Any:
+def saved_dtype(model_dir: Path) -> torch.dtype | None:
+    """The dtype `model_dir`'s config.json records for its weights (None: not recorded)."""
+    saved = getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "dtype", None)
+    return getattr(torch, saved, None) if isinstance(saved, str) else saved
+
+
+def zero3_eval_config(dtype: torch.dtype | None) -> dict[str, Any]:
+    """The DeepSpeed ZeRO-3 config of eval.weights=zero3 for weights saved in `dtype`: partitions
+    kept in that precision (a bf16 training exports bf16; without a bf16 block DeepSpeed would
+    partition and gather it as fp32, twice the bytes), every parameter partitioned."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+
+
+def eval_accelerator(eval_cfg: Any, model_dir: Path) -> Any:
     """The evaluation's Accelerator: plain processes (eval.weights=replicated), or a DeepSpeed ZeRO-3
-    plugin (zero3) under which `load_eval_model` loads the model partitioned."""
+    plugin (zero3, in the precision `model_dir` was saved in) under which `load_eval_model` loads the model
+    partitioned."""
     ds_config = None
     if eval_cfg.weights == "zero3":
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        }
+        ds_config = zero3_eval_config(saved_dtype(model_dir))
     return make_accelerator(ds_config, zero3_init=ds_config is not None, timeout_s=eval_cfg.timeout_s)
 
 
@@ -387,19 +418,19 @@ def zero3_init_disabled() -> Iterator[None]:
 
 def load_eval_model(model_dir: Path, accelerator: Any) -> torch.nn.Module:
     """The model of `model_dir` (local files only) in eval mode: on this rank's device, never
-    partitioned, or, under a ZeRO-3 accelerator, partitioned as it is loaded and wrapped in a
-    DeepSpeed engine (kept alive by the accelerator); returned unwrapped, ready for
-    `constrained_beam_search`."""
+    partitioned, ready for `constrained_beam_search`; or, under a ZeRO-3 accelerator, partitioned as
+    it is loaded (in its saved dtype) and returned as its DeepSpeed engine, whose hooks a decoding
+    that gathers the weights once takes off (`run_beam_evaluation` unwraps it)."""
     if accelerator.state.deepspeed_plugin is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype="auto")
+        engine = accelerator.prepare(model)
+        engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+        return engine
+    with zero3_init_disabled():
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-        model = accelerator.prepare(model)
-    else:
-        with zero3_init_disabled():
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-        if is_zero3_partitioned(model):
-            raise RuntimeError(f"{model_dir} was loaded ZeRO-3 partitioned where a full copy was asked for")
-        model = model.to(accelerator.device)
-    return unwrap_model(model).eval()
+    if is_zero3_partitioned(model):
+        raise RuntimeError(f"{model_dir} was loaded ZeRO-3 partitioned where a full copy was asked for")
+    return unwrap_model(model.to(accelerator.device)).eval()
 
 
 # ---------------------------------------------------------------------- the command
@@ -412,7 +443,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     """
     started = time.perf_counter()
     out = Path(cfg.output_dir)
-    accelerator = eval_accelerator(cfg.eval)
+    accelerator = eval_accelerator(cfg.eval, eval_model_dir(cfg))
     check_output_folder_together(accelerator, out, "evaluate")  # before loading and decoding, not after
     inputs = load_eval_inputs(cfg, accelerator)
     model = load_eval_model(Path(cfg.model.path), accelerator)

@@ -20,16 +20,18 @@ from dataclasses import dataclass
 import torch
 
 from bear_ds.catalog import IGNORE_INDEX
-from bear_ds.generation.beam import last_logits_only, next_token_log_probs
+from bear_ds.generation.beam import _left_pad_positions, _prefill, last_logits_only, left_pad, next_token_log_probs
 from bear_ds.generation.shared_prefix import (
     GeneratedPart,
     generated_part,
-    join_generated,
     restore_generated,
     shared_prefix_cache,
     shared_prefix_forward,
 )
-from bear_ds.masking import check_mask_mode, trie_log_softmax
+from bear_ds.losses.head import LMHead
+from bear_ds.losses.model import lm_head_context
+from bear_ds.masking import check_mask_mode, pair_log_softmax, trie_log_softmax
+from bear_ds.models import is_zero3_partitioned
 from bear_ds.trie import TokenTrie
 
 
@@ -88,20 +90,37 @@ class PruneBound:
     rank_cap: int | None = None
 
 
+TOTALS_BATCH = 64  # sequences per forward when teacher-forcing the bound's first totals
+
+
+def _bound_groups(bound: PruneBound) -> list[int]:
+    """The groups whose totals start a bounded walk: the candidates, then the target (no repeats)."""
+    target = bound.target_group
+    return list(dict.fromkeys([*bound.candidates, *([target] if target is not None else [])]))
+
+
 def _teacher_forced_totals(
-    model: torch.nn.Module, prompt_ids: Sequence[int], groups: Sequence[int], targets: CatalogTargets,
-    trie: TokenTrie, mask: str,
-) -> list[float]:  # fmt: skip
-    """Total log p of `groups` by one plain forward over prompt + title each (the bound's estimate)."""
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], groups: Sequence[Sequence[int]],
+    targets: CatalogTargets, trie: TokenTrie, mask: str,
+) -> list[list[float]]:  # fmt: skip
+    """Total log p of `groups[u]` given `prompts[u]` (the bound's first estimates): prompt + title
+    teacher-forced, every (user, group) pair of the batch left-padded into a few forwards, the
+    output layer applied to the title positions only."""
     device = targets.tokens.device
-    totals = []
-    for g in groups:
-        length = int(targets.lengths[g])
-        title = targets.tokens[g, :length]
-        ids = torch.cat([torch.tensor(list(prompt_ids), dtype=torch.int64, device=device), title[:-1]])[None]
-        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 :]  # [T, V]
-        logp = next_token_log_probs(logits, targets.states[g, :length], trie, mask)
-        totals.append(float(logp.gather(1, title[:, None]).sum()))
+    pairs = [(u, g) for u, gs in enumerate(groups) for g in gs]
+    totals: list[list[float]] = [[] for _ in prompts]
+    for start in range(0, len(pairs), TOTALS_BATCH):
+        chunk = pairs[start : start + TOTALS_BATCH]
+        lengths = [int(targets.lengths[g]) for _, g in chunk]
+        seqs = [[*prompts[u], *targets.tokens[g, : n - 1].tolist()] for (u, g), n in zip(chunk, lengths, strict=True)]
+        ids, attn = left_pad(seqs, 0, device)
+        width = max(lengths)  # the last `width` positions predict every title's tokens
+        keep = {"logits_to_keep": width} if last_logits_only(model) else {}
+        out = model(input_ids=ids, attention_mask=attn, position_ids=_left_pad_positions(attn), **keep)
+        logits = out.logits[:, -width:]  # [N, width, V]
+        for i, ((u, g), n) in enumerate(zip(chunk, lengths, strict=True)):
+            logp = next_token_log_probs(logits[i, width - n :], targets.states[g, :n], trie, mask)  # [n, V]
+            totals[u].append(float(logp.gather(1, targets.tokens[g, :n, None]).sum()))
     return totals
 
 
@@ -135,67 +154,174 @@ def exhaustive_scores(
     batch_items: int = 256,
     bound: PruneBound | None = None,
 ) -> ExhaustiveScores:
-    """Exact log p of every group's response given one prompt.
+    """Exact log p of every group's response given one prompt (`exhaustive_scores_batch` of one)."""
+    return exhaustive_scores_batch(
+        model, [prompt_ids], targets, trie, mask=mask, batch_items=batch_items, bounds=[bound]
+    )[0]
 
-    The prompt is encoded once; then each trie node with children is one forward row (at most
-    `batch_items` rows per forward), level by level, attending to the shared prompt cache and to its
-    ancestors' keys; the per-edge log p and sibling rank are read from its logits.
-    With `bound`, subtrees that cannot hold the target's better nor a top-B group are skipped: the
-    groups in them get total_logp -inf (and token_logp -inf, token_rank -1 on unscored tokens);
-    the target's rank and the top-B (with their scores) are those of the full walk.
+
+@torch.no_grad()
+def exhaustive_scores_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    targets: CatalogTargets,
+    trie: TokenTrie,
+    *,
+    mask: str = "after",
+    batch_items: int = 256,
+    bounds: Sequence[PruneBound | None] | None = None,
+) -> list[ExhaustiveScores]:
+    """Exact log p of every group's response given each of `prompts`, one `ExhaustiveScores` each.
+
+    The prompts are encoded together once; then the trie is walked level by level: each user's
+    nodes with children at that depth are one forward row each, attending to that user's prompt
+    (stored once) and to the node's ancestors' keys, and the rows of every user of the batch go
+    through the same forwards (at most `batch_items` rows each). The walk's cost is its rows (a
+    bounded walk of the demo's model keeps a few hundred nodes per user and level); sharing
+    forwards lets `batch_items` be large (2048 in the demo) and the larger matrix products are
+    cheaper per row. The per-edge log p and sibling rank are read from each row's logits.
+    With `bounds[u]`, subtrees that cannot hold user u's target's better nor a top-B group are
+    skipped for that user: the groups in them get total_logp -inf (and token_logp -inf, token_rank
+    -1 on unscored tokens); the target's rank and the top-B (with their scores) are those of the
+    full walk. Each user's result is the one it gets alone (within float tolerance).
     """
-    if len(prompt_ids) == 0:
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
     check_mask_mode(mask)
+    bounds = list(bounds) if bounds is not None else [None] * len(prompts)
+    if len(bounds) != len(prompts):
+        raise ValueError(f"{len(bounds)} bounds for {len(prompts)} prompts")
     device = next(model.parameters()).device
     targets = targets.to(device)
     trie = trie.to(device) if trie.device != device else trie
-    prompt = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device)  # [1, Lp]
-    out = model(input_ids=prompt, use_cache=True, **last_logits_only(model))
-    prompt_cache = out.past_key_values
-    first_logits = out.logits[:, -1, :]  # [1, V] predicts the first response token
-    del out
-    plen = prompt.shape[1]
-    cache = shared_prefix_cache(prompt_cache, torch.ones_like(prompt), model)
+    input_ids, attention_mask = left_pad(prompts, 0, device)
+    first_logits, prompt_cache, cache_mask = _prefill(model, input_ids, attention_mask, share_prefix=True)
+    cache = shared_prefix_cache(prompt_cache, cache_mask, model)
     if cache is None:
-        return _teacher_forced_scores(
-            model, prompt_cache, first_logits, plen, targets, trie, mask=mask, batch_items=batch_items
-        )
-    num_edges = trie.edge_key.numel()
-    edge_logp = torch.zeros(num_edges, device=device)
-    edge_rank = torch.zeros(num_edges, dtype=torch.int64, device=device)
-    _edge_stats(first_logits, torch.zeros(1, dtype=torch.int64, device=device), trie, mask, edge_logp, edge_rank)
-    keep = _SubtreeFilter.start(model, prompt_ids, targets, trie, mask, bound) if bound is not None else None
-    # one level: the nodes with children at depth d ([n]), their parents' rows and generated keys
-    level_nodes = torch.zeros(1, dtype=torch.int64, device=device)
-    level_keys = generated_part(cache)  # per layer [n, Hkv, d, D]
+        return [_teacher_forced_scores(model, p, targets, trie, mask=mask, batch_items=batch_items) for p in prompts]
+    num_users, num_edges = len(prompts), trie.edge_key.numel()
+    edge_logp = torch.zeros(num_users, num_edges, device=device)
+    edge_rank = torch.zeros(num_users, num_edges, dtype=torch.int64, device=device)
+    user_offset = torch.arange(num_users, device=device) * num_edges  # row u writes edge e at u * E + e
+    root = torch.zeros(num_users, dtype=torch.int64, device=device)
+    _edge_stats(first_logits, root, trie, mask, edge_logp.view(-1), edge_rank.view(-1), user_offset)
+    keeps = _start_filters(model, prompts, targets, trie, mask, bounds)
+    walk = _BatchWalk(model, cache, trie, mask, batch_items, attention_mask.sum(-1))
+    level_nodes = [root[:1] for _ in prompts]  # per user: its nodes with children at this depth
     for depth in range(trie.max_depth - 1):
-        edges = _edges_of(level_nodes, trie)  # [E_d] the edges leaving this level, parents in order
-        parent_row = torch.repeat_interleave(
-            torch.arange(level_nodes.numel(), device=device), trie.num_children(level_nodes)
-        )
-        child = trie.edge_child[edges]
-        has_children = trie.num_children(child) > 0
-        if keep is not None:
-            has_children &= keep.update(level_nodes, parent_row, edges, child, has_children, edge_logp)
-        edges, parent_row, child = edges[has_children], parent_row[has_children], child[has_children]
-        if child.numel() == 0:
+        level = [_level_children(level_nodes[u], trie, keeps[u], edge_logp[u]) for u in range(num_users)]
+        if all(child.numel() == 0 for _, _, child in level):
             break
-        next_keys: list[GeneratedPart] = []
-        for start in range(0, child.numel(), batch_items):
-            rows = slice(start, start + batch_items)
-            restore_generated(cache, level_keys, parent_row[rows])
-            n = parent_row[rows].numel()
-            logits = shared_prefix_forward(
-                model,
-                cache,
-                trie.edge_token[edges[rows]][:, None],  # [n, 1]
-                torch.full((n, 1), plen + depth, dtype=torch.int64, device=device),
-            ).logits[:, -1, :]  # [n, V]
-            next_keys.append(generated_part(cache))
-            _edge_stats(logits, child[rows], trie, mask, edge_logp, edge_rank)
-        level_keys = join_generated(next_keys)
-        level_nodes = child
+        walk.score_level(level, depth, edge_logp, edge_rank)
+        level_nodes = [child for _, _, child in level]
+    return [_scores_of(edge_logp[u], edge_rank[u], targets, trie, keeps[u]) for u in range(num_users)]
+
+
+def _start_filters(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], targets: CatalogTargets, trie: TokenTrie, mask: str,
+    bounds: Sequence[PruneBound | None],
+) -> list[_SubtreeFilter | None]:  # fmt: skip
+    """Each bounded user's walk state, its first totals teacher-forced for the whole batch at once."""
+    groups = [_bound_groups(b) if b is not None else [] for b in bounds]
+    totals = _teacher_forced_totals(model, prompts, groups, targets, trie, mask) if any(groups) else [[]] * len(groups)
+    return [
+        _SubtreeFilter.start(targets, trie, b, g, t) if b is not None else None
+        for b, g, t in zip(bounds, groups, totals, strict=True)
+    ]
+
+
+def _level_children(
+    level_nodes: torch.Tensor, trie: TokenTrie, keep: _SubtreeFilter | None, edge_logp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One user's next rows: (edges [n] into its children with children that the bound keeps, their
+    parents' indices [n] in `level_nodes`, the children [n])."""
+    edges = _edges_of(level_nodes, trie)  # [E_d] the edges leaving this level, parents in order
+    parent_row = torch.repeat_interleave(
+        torch.arange(level_nodes.numel(), device=level_nodes.device), trie.num_children(level_nodes)
+    )
+    child = trie.edge_child[edges]
+    has_children = trie.num_children(child) > 0
+    if keep is not None:
+        has_children &= keep.update(level_nodes, parent_row, edges, child, has_children, edge_logp)
+    return edges[has_children], parent_row[has_children], child[has_children]
+
+
+class _BatchWalk:
+    """The forwards of a batched trie walk. The rows of a level are laid out user-major, each user
+    padded to the level's widest user (`SharedPrefixLayer` pairs P prompts with P equal blocks of
+    rows); padding rows repeat a real row of their user and their logits are not read."""
+
+    def __init__(
+        self, model: torch.nn.Module, cache, trie: TokenTrie, mask: str, batch_items: int, prompt_lengths: torch.Tensor
+    ) -> None:  # fmt: skip
+        self.model, self.cache, self.trie, self.mask = model, cache, trie, mask
+        self.num_users = prompt_lengths.numel()
+        self.slots_per_forward = max(1, batch_items // self.num_users)
+        self.prompt_lengths = prompt_lengths  # [P] a user's first response position
+        self.keys = generated_part(cache)  # per layer [P * width, Hkv, d, D]
+        self.width = 1  # rows per user in `keys`
+        # mask "before" reads the children's logits only: the forward stops at the last hidden
+        # states (no [rows, V] projection, the largest matrix product of a small model's row)
+        self.head: LMHead | None = None
+        self.forward_kwargs: dict = {}
+        if mask == "before" and last_logits_only(model) and not is_zero3_partitioned(model):
+            with lm_head_context(model) as head:  # a no-op without ZeRO-3: the tensors stay valid after it
+                self.head = head
+            self.forward_kwargs = {"output_hidden_states": True, "logits_to_keep": torch.zeros(0, dtype=torch.int64)}
+
+    def score_level(
+        self,
+        level: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        depth: int,
+        edge_logp: torch.Tensor,
+        edge_rank: torch.Tensor,
+    ) -> None:
+        """Forward every user's rows of one level (`_level_children` per user); fill the stats of
+        the edges leaving them into `edge_logp` / `edge_rank` [P, E]; keep their keys for the next."""
+        device, users = self.prompt_lengths.device, self.num_users
+        width = max(child.numel() for _, _, child in level)
+        token = torch.zeros(users, width, dtype=torch.int64, device=device)
+        parent = torch.zeros(users, width, dtype=torch.int64, device=device)
+        node = torch.zeros(users, width, dtype=torch.int64, device=device)
+        real = torch.zeros(users, width, dtype=torch.bool, device=device)
+        for u, (edges, parent_row, child) in enumerate(level):
+            n = child.numel()
+            parent[u] = u * self.width  # padding: the user's first row of the level before
+            token[u, :n], parent[u, :n] = self.trie.edge_token[edges], u * self.width + parent_row
+            node[u, :n], real[u, :n] = child, True
+        position = (self.prompt_lengths + depth)[:, None]  # [P, 1]
+        num_edges = edge_logp.shape[1]
+        offset = (torch.arange(users, device=device) * num_edges)[:, None].expand(users, width)
+        parts: list[GeneratedPart] = []
+        for start in range(0, width, self.slots_per_forward):
+            cols = slice(start, start + self.slots_per_forward)
+            restore_generated(self.cache, self.keys, parent[:, cols].reshape(-1))
+            step = token[:, cols].shape[1]
+            out = shared_prefix_forward(
+                self.model, self.cache, token[:, cols].reshape(-1, 1), position.expand(users, step).reshape(-1, 1),
+                **self.forward_kwargs,
+            )  # fmt: skip
+            logits = out.logits[:, -1, :] if self.head is None else out.hidden_states[-1][:, -1, :]  # [P*step, V|H]
+            parts.append([(k.view(users, step, *k.shape[1:]), v.view(users, step, *v.shape[1:]))
+                          for k, v in generated_part(self.cache)])  # fmt: skip
+            rows = real[:, cols].reshape(-1)
+            _edge_stats(
+                logits[rows], node[:, cols].reshape(-1)[rows], self.trie, self.mask,
+                edge_logp.view(-1), edge_rank.view(-1), offset[:, cols].reshape(-1)[rows], self.head,
+            )  # fmt: skip
+        self.keys = [
+            (torch.cat([p[i][0] for p in parts], 1).flatten(0, 1), torch.cat([p[i][1] for p in parts], 1).flatten(0, 1))
+            for i in range(len(parts[0]))
+        ]  # fmt: skip
+        self.width = width
+
+
+def _scores_of(
+    edge_logp: torch.Tensor, edge_rank: torch.Tensor, targets: CatalogTargets, trie: TokenTrie,
+    keep: _SubtreeFilter | None,
+) -> ExhaustiveScores:  # fmt: skip
+    """One user's per-token and total scores from its edge stats [E]."""
+    num_edges = edge_logp.numel()
     valid = targets.tokens != IGNORE_INDEX  # [G, T]
     key = targets.states.clamp(min=0) * trie.vocab_size + targets.tokens.clamp(min=0)
     edge = torch.searchsorted(trie.edge_key, key).clamp(max=num_edges - 1)  # [G, T] the edge of each token
@@ -229,12 +355,11 @@ class _SubtreeFilter:
 
     @classmethod
     def start(
-        cls, model, prompt_ids: Sequence[int], targets: CatalogTargets, trie: TokenTrie, mask: str, bound: PruneBound
+        cls, targets: CatalogTargets, trie: TokenTrie, bound: PruneBound, groups: list[int], totals: list[float]
     ) -> _SubtreeFilter:
+        """`groups` (`_bound_groups(bound)`) with their teacher-forced `totals`."""
         device = targets.tokens.device
         target = bound.target_group
-        groups = list(dict.fromkeys([*bound.candidates, *([target] if target is not None else [])]))
-        totals = _teacher_forced_totals(model, prompt_ids, groups, targets, trie, mask) if groups else []
         on_path = torch.zeros(trie.num_nodes, dtype=torch.bool, device=device)
         target_total = float("-inf")
         if target is not None:
@@ -301,15 +426,26 @@ def _edge_stats(
     mask: str,
     edge_logp: torch.Tensor,
     edge_rank: torch.Tensor,
+    edge_offset: torch.Tensor | None = None,
+    head: LMHead | None = None,
 ) -> None:
     """Fill `edge_logp` / `edge_rank` [E] for the edges leaving `nodes` [n], given their logits [n, V]:
-    log p of the edge token (per mask mode) and its rank among the node's children (strictly greater)."""
-    logits = logits.float()
+    log p of the edge token (per mask mode) and its rank among the node's children (strictly greater).
+    `edge_offset` [n]: row i writes edge e at edge_offset[i] + e (several users' stats in one array).
+    `head` (mask "before" only): `logits` are the rows' last hidden states [n, H] and only the
+    children's logits are projected (the rest of the vocabulary does not enter a "before" softmax)."""
     counts = trie.num_children(nodes)
     row = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)  # [P]
     edges = _edges_of(nodes, trie)  # [P]
-    vals = logits[row, trie.edge_token[edges]]  # [P]
-    edge_logp[edges] = trie_log_softmax(logits, mask, pairs=(row, trie.edge_token[edges]))
+    tokens = trie.edge_token[edges]  # [P]
+    slots = edges if edge_offset is None else edges + edge_offset[row]  # [P] where each edge's stats go
+    if head is None:
+        logits = logits.float()
+        vals = logits[row, tokens]  # [P]
+        edge_logp[slots] = trie_log_softmax(logits, mask, pairs=(row, tokens))
+    else:
+        vals = _pair_logits(logits, head, row, tokens)
+        edge_logp[slots] = pair_log_softmax(vals, row, nodes.numel())
     # rank: sort each node's children by value (descending); a child's rank is where its run of
     # equal values starts, relative to the node's first position
     order = torch.argsort(vals, descending=True, stable=True)
@@ -320,15 +456,26 @@ def _edge_stats(
     new_run[1:] = (sorted_vals[1:] != sorted_vals[:-1]) | (sorted_row[1:] != sorted_row[:-1])
     run_start = torch.cummax(torch.where(new_run, pos, torch.zeros_like(pos)), 0).values
     node_start = torch.cumsum(counts, 0) - counts
-    edge_rank[edges[order]] = run_start - node_start[sorted_row]
+    edge_rank[slots[order]] = run_start - node_start[sorted_row]
+
+
+def _pair_logits(hidden: torch.Tensor, head: LMHead, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """float32 logits [P] of (row, token) pairs from last hidden states [n, H]: the output layer
+    for those tokens only, rounded to the hidden dtype as the full projection's logits are."""
+    z = (hidden[rows].float() * head.weight[tokens].float()).sum(-1)  # [P]
+    if head.bias is not None:
+        z = z + head.bias[tokens].float()
+    if head.scale != 1.0:
+        z = z * head.scale
+    if head.softcap is not None:
+        z = torch.tanh(z / head.softcap) * head.softcap
+    return z.to(hidden.dtype).float()
 
 
 @torch.no_grad()
 def _teacher_forced_scores(
     model: torch.nn.Module,
-    prompt_cache,
-    first_logits: torch.Tensor,
-    plen: int,
+    prompt_ids: Sequence[int],
     targets: CatalogTargets,
     trie: TokenTrie,
     *,
@@ -337,7 +484,11 @@ def _teacher_forced_scores(
 ) -> ExhaustiveScores:
     """`exhaustive_scores` for models without the shared-prefix cache: every title teacher-forced
     on a copy of the prompt cache, `batch_items` titles per forward."""
-    device = first_logits.device
+    device = targets.tokens.device
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device)  # [1, Lp]
+    out = model(input_ids=prompt, use_cache=True, **last_logits_only(model))
+    prompt_cache, first_logits, plen = out.past_key_values, out.logits[:, -1, :], prompt.shape[1]  # [1, V]
+    del out
     num_groups, width = targets.tokens.shape
     token_logp = torch.zeros(num_groups, width, device=device)
     token_rank = torch.full((num_groups, width), -1, dtype=torch.int64, device=device)

@@ -4,19 +4,21 @@
 - the target's global rank (by total log-probability, ties counted in the target's favour);
 - whether beam search returns it;
 - for targets in the global top-B that beam search misses, the decoding step at which the target's
-  prefix left the live beams, and whether the per-token condition (the gold token ranks within
-  the top-B trie-valid next tokens given the gold prefix, the relaxed condition BEAR trains for)
-  fails at or before that step.
+  prefix left the live beams, that prefix's log p and the B-th live beam that beat it (the paper's
+  Figure 1), and whether the per-token condition (the gold token ranks within the top-B trie-valid
+  next tokens given the gold prefix, the relaxed condition BEAR trains for) fails at or before that
+  step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from bear_ds.evaluation.exhaustive import CatalogTargets, ExhaustiveScores, PruneBound, exhaustive_scores
+from bear_ds.evaluation.exhaustive import CatalogTargets, ExhaustiveScores, PruneBound, exhaustive_scores_batch
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.generation.beam import BeamResult, constrained_beam_search, left_pad
 from bear_ds.trie import TokenTrie
@@ -83,8 +85,34 @@ def user_pruning_record(
             pruned_step=pruned_step,
             prune_reason=reason,
             violated_at_or_before=any(fails[: pruned_step + 1]),
+            pruned_prefix_logp=float(scores.token_logp[target_group, : pruned_step + 1].sum()),
+            **_beam_cutoff(beam, user, pruned_step if reason == "pruned" else None, trie),
         )
     return rec
+
+
+def _beam_cutoff(beam: BeamResult, user: int, step: int | None, trie: TokenTrie) -> dict[str, Any]:
+    """The B-th (lowest kept) live beam at `step`, the prefix that beat the dropped target's: its
+    cumulative log p (no length penalty) and token ids; None when no live beam was cut at that step
+    (the search had stopped, or the target finished but was not returned)."""
+    none = {"beam_cutoff_logp": None, "beam_cutoff_ids": None}
+    if step is None or beam.live_states is None or beam.live_thresholds is None:
+        return none
+    live = [s for s in beam.live_states[step][user].tolist() if s >= 0]  # best first
+    threshold = float(beam.live_thresholds[user, step])
+    if not live or not math.isfinite(threshold):
+        return none
+    return {"beam_cutoff_logp": threshold, "beam_cutoff_ids": _prefix_ids(live[-1], trie)}
+
+
+def _prefix_ids(state: int, trie: TokenTrie) -> list[int]:
+    """Token ids from the root to trie node `state`, walking up its parent edges."""
+    ids: list[int] = []
+    while state != 0:  # node 0 is the root
+        edge = int((trie.edge_child == state).nonzero()[0, 0])
+        ids.append(int(trie.edge_token[edge]))
+        state = int(trie.edge_key[edge]) // trie.vocab_size
+    return ids[::-1]
 
 
 def aggregate_pruning(records: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str, Any]:
@@ -137,6 +165,8 @@ def analyze_users(
 
     bounded: skip trie subtrees that cannot change a record (`PruneBound`, with beam search's groups
     as the first top-B estimate); False walks the whole trie. Both give the same records.
+    batch_users: users per beam search and per exhaustive walk (`exhaustive_scores_batch`: their
+    trie nodes share forwards of at most `batch_items` rows).
     rank_cap (bounded only): global ranks are exact below it; a record at or beyond it has
     `global_rank_exact: false` and a global_rank that is a lower bound (>= rank_cap)."""
     if rank_cap is not None and (not bounded or rank_cap < num_beams):
@@ -158,22 +188,25 @@ def analyze_users(
             mask=mask,
             length_penalty=length_penalty,
             return_trace=True,
+            return_thresholds=True,  # the B-th live beam's log p at each step: what beat a dropped target
         )
         beam = BeamResult(
-            beam.groups.cpu(), beam.scores.cpu(), beam.steps.cpu(), [s.cpu() for s in beam.live_states or []]
+            beam.groups.cpu(),
+            beam.scores.cpu(),
+            beam.steps.cpu(),
+            [s.cpu() for s in beam.live_states or []],
+            live_thresholds=beam.live_thresholds.cpu() if beam.live_thresholds is not None else None,
         )
-        for j, ids in enumerate(chunk):
-            bound = (
-                PruneBound(
-                    target_groups[start + j],
-                    [g for g in beam.groups[j].tolist() if g >= 0],
-                    num_beams,
-                    rank_cap=rank_cap,
-                )  # fmt: skip
-                if bounded
-                else None
-            )
-            scores = exhaustive_scores(model, ids, targets, trie_dev, mask=mask, batch_items=batch_items, bound=bound)
+        bounds = [
+            PruneBound(target_groups[start + j], [g for g in beam.groups[j].tolist() if g >= 0], num_beams, rank_cap=rank_cap)
+            if bounded
+            else None
+            for j in range(len(chunk))
+        ]  # fmt: skip
+        batch_scores = exhaustive_scores_batch(
+            model, chunk, targets, trie_dev, mask=mask, batch_items=batch_items, bounds=bounds
+        )
+        for j, scores in enumerate(batch_scores):
             record = user_pruning_record(target_groups[start + j], scores, beam, j, group_token_ids, trie, num_beams)
             if rank_cap is not None and record["global_rank"] is not None:
                 record["global_rank_exact"] = record["global_rank"] < rank_cap

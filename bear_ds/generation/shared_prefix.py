@@ -179,16 +179,6 @@ def generated_part(cache: DynamicCache) -> GeneratedPart:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def join_generated(parts: list[GeneratedPart]) -> GeneratedPart:
-    """Parts saved from consecutive batches of rows, as one part holding all their rows in order."""
-    if len(parts) == 1:
-        return parts[0]
-    return [
-        (torch.cat([part[i][0] for part in parts]), torch.cat([part[i][1] for part in parts]))
-        for i in range(len(parts[0]))
-    ]
-
-
 def restore_generated(cache: DynamicCache, part: GeneratedPart, rows: torch.Tensor) -> None:
     """Continue from a saved `generated_part`: row r of the next forward's cache = its row rows[r]."""
     for layer, (keys, values) in zip(cache.layers, part, strict=True):
@@ -197,10 +187,11 @@ def restore_generated(cache: DynamicCache, part: GeneratedPart, rows: torch.Tens
 
 
 def shared_prefix_forward(
-    model: torch.nn.Module, cache: DynamicCache, input_ids: torch.Tensor, position_ids: torch.Tensor
+    model: torch.nn.Module, cache: DynamicCache, input_ids: torch.Tensor, position_ids: torch.Tensor, **model_kwargs
 ):
     """One decoding forward of every row ([R, 1] tokens at their positions) over `cache`; returns
-    the model's output. Raises if the model bypassed the shared-prefix attention in some layer."""
+    the model's output (`model_kwargs`: more forward arguments, e.g. output_hidden_states). Raises
+    if the model bypassed the shared-prefix attention in some layer."""
     with decoding_with_shared_prefix(model):
         out = model(
             input_ids=input_ids,
@@ -208,6 +199,7 @@ def shared_prefix_forward(
             past_key_values=cache,
             shared_prefix_cache=cache,
             use_cache=True,
+            **model_kwargs,
         )
     check_shared_prefix_used(cache, model)
     return out

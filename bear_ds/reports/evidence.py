@@ -19,16 +19,18 @@ import numpy as np
 from bear_ds.data import load_split
 from bear_ds.evaluation.metrics import rank_metrics
 from bear_ds.evaluation.popularity import most_popular_ranks, popularity_order
+from bear_ds.reports.pruned_examples import pruned_examples_section
 from bear_ds.reports.stats import (
     PairedDifference,
     is_rank,
     paired_difference,
     per_user_metrics,
     seed_summary,
+    user_level_difference,
     wilson_interval,
     window_mean_over_seeds,
 )
-from bear_ds.reports.tables import format_number, markdown_table
+from bear_ds.reports.tables import format_number, is_finite_number, markdown_table
 from bear_ds.runs import RunData, find_output, read_jsonl
 
 DEFAULT_K = 10  # K of the statistics when no run says which K it evaluated
@@ -203,14 +205,23 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
-def _comparison_pairs(methods: list[MethodRuns]) -> list[tuple[str, str]]:
+def _comparison_pairs(
+    methods: list[MethodRuns], control: str | None = None, stage1: str | None = None
+) -> list[tuple[str, str]]:
     """(a, b) labels: every other method against each LML configuration, and BEAR against MSL; in a
     folder with neither (an ablation of one method, e.g. BEAR over lam), every configuration and
-    most-popular against the first configuration."""
+    most-popular against the first configuration. A two-stage sweep: every method against the
+    `control` (continue-LML) and against `stage1`, and BEAR against MSL."""
     by_loss: dict[str | None, list[str]] = {}
     for m in methods:
-        by_loss.setdefault(m.loss_name, []).append(m.label)
+        if m.label != stage1:
+            by_loss.setdefault(m.loss_name, []).append(m.label)
     pairs = []
+    if control is not None:
+        pairs += [(m.label, control) for m in methods if m.label not in (control, stage1)]
+        pairs += [(MOST_POPULAR, control)]
+        pairs += [(m.label, stage1) for m in methods if stage1 is not None and m.label != stage1]
+        by_loss.pop("lml", None)
     for ref in by_loss.get("lml", []):
         pairs += [(m.label, ref) for m in methods if m.label != ref and m.loss_name != "lml"]
         pairs += [(MOST_POPULAR, ref)]
@@ -220,6 +231,19 @@ def _comparison_pairs(methods: list[MethodRuns]) -> list[tuple[str, str]]:
         first = methods[0].label
         pairs = [(m.label, first) for m in methods[1:]] + [(MOST_POPULAR, first)]
     return pairs
+
+
+def _seed_level(pooled: dict[str, list[tuple[list[str], np.ndarray]]], k: int) -> str:
+    """The seed-level view: each seed's mean difference and their spread (mean ± std, t interval)."""
+    parts = []
+    for m in _metrics(k):
+        means = [float(diffs.mean()) for _, diffs in pooled[m]]
+        s = seed_summary(means)
+        spread = (
+            "" if math.isnan(s.std) else f"; mean {s.mean:+.4f} ± {s.std:.4f} [t interval {s.low:+.4f}, {s.high:+.4f}]"
+        )
+        parts.append(f"{m.upper()} {' / '.join(f'{v:+.4f}' for v in means)}{spread}")
+    return "  - seed level (each seed's mean difference): " + "; ".join(parts)
 
 
 def _verdict(d: PairedDifference) -> str:
@@ -232,16 +256,17 @@ def _verdict(d: PairedDifference) -> str:
 def _describe(label: str, d: dict[str, PairedDifference], pooled_over: str, k: int) -> str:
     ndcg, hr = (d[m] for m in _metrics(k))
     return (
-        f"{label}, {pooled_over} ({ndcg.n:,} user pairs): NDCG@{k} difference {_fmt_diff(ndcg)}; "
+        f"{label}, {pooled_over} ({ndcg.n:,} users): NDCG@{k} difference {_fmt_diff(ndcg)}; "
         f"HR@{k} difference {_fmt_diff(hr)}. NDCG@{k}: {_verdict(ndcg)}; HR@{k}: {_verdict(hr)}"
     )
 
 
 def evidence_sections(
-    runs: dict[str, RunData], groups: dict[str, list[str]], *, statistics: bool = True
+    runs: dict[str, RunData], groups: dict[str, list[str]], *, statistics: bool = True, stage1: str | None = None
 ) -> tuple[list[str], dict[str, Any]]:
     """(Markdown lines, the most-popular metrics) for results.md; the metrics hold only "why" when
-    the most-popular list could not be scored. statistics=False: the most-popular metrics only."""
+    the most-popular list could not be scored. statistics=False: the most-popular metrics only.
+    `stage1`: the label of a two-stage sweep's stage-1 group (its other LML group is the control)."""
     methods = method_groups(runs, groups)
     k, why_k = statistics_k(list(runs.values()))
     notes: list[str] = [why_k] if why_k else []
@@ -278,8 +303,9 @@ def evidence_sections(
 
     lines = ["## Statistics", ""]
     lines += _seed_table(methods, popular_metrics, notes, k)
-    lines += _paired_section(methods, ranks, notes, k)
-    lines += _pruning_section(methods, notes)
+    lines += _paired_section(methods, ranks, notes, k, stage1)
+    lines += _pruning_section(methods, notes, k)
+    lines += pruned_examples_section(methods, notes)
     lines += _gold_share_section(methods)
     if notes:
         lines += ["Notes:", "", *(f"- {n}" for n in notes), ""]
@@ -327,20 +353,70 @@ def _seed_table(methods: list[MethodRuns], popular: dict[str, Any], notes: list[
     ]
 
 
+def _valid_mean(m: MethodRuns, k: int) -> float:
+    """Mean valid NDCG@k over a configuration's seeds (-inf when no run has it)."""
+    values = [((r.summary or {}).get("valid") or {}).get(f"ndcg@{k}") for r in m.runs.values()]
+    finite = [float(v) for v in values if is_finite_number(v)]
+    return float(np.mean(finite)) if finite else -math.inf
+
+
+def choose_on_valid(methods: list[MethodRuns], key: str, k: int) -> tuple[list[MethodRuns], list[str]]:
+    """(the configurations kept, one line per choice): among configurations whose labels differ only
+    in `key=...` (e.g. train.lr), the one with the highest mean valid NDCG@k over seeds."""
+    families: dict[str, list[MethodRuns]] = {}
+    for m in methods:
+        family = ", ".join(part for part in m.label.split(", ") if not part.startswith(f"{key}="))
+        families.setdefault(family, []).append(m)
+    kept: set[int] = set()
+    lines = []
+    for family, members in families.items():
+        chosen = max(members, key=lambda m: _valid_mean(m, k))
+        kept.add(id(chosen))
+        if len(members) > 1:
+            tried = "; ".join(f"{_value_in_label(m.label, key)}: {_valid_mean(m, k):.4f}" for m in members)
+            lines.append(f"- {family}: {_value_in_label(chosen.label, key)} (valid NDCG@{k} {tried})")
+    return [m for m in methods if id(m) in kept], lines
+
+
+def _value_in_label(label: str, key: str) -> str:
+    return next((part for part in label.split(", ") if part.startswith(f"{key}=")), f"{key} unset")
+
+
+TUNED_ON_VALID = "train.lr"  # a two-stage sweep's stage-2 learning rate, chosen per configuration
+
+
 def _paired_section(
-    methods: list[MethodRuns], ranks: dict[str, dict[Any, UserRanks]], notes: list[str], k: int
+    methods: list[MethodRuns],
+    ranks: dict[str, dict[Any, UserRanks]],
+    notes: list[str],
+    k: int,
+    stage1: str | None = None,
 ) -> list[str]:
     lines = [
         "### Paired comparisons (per-user differences on the same test users)",
         "",
         f"Each line: mean per-user difference (first minus second) of NDCG@{k} and HR@{k}, a paired bootstrap "
         "95% interval and a paired permutation test's two-sided p-value (scipy.stats.bootstrap, "
-        "permutation_test); per seed, and pooled over seeds (user-seed pairs). A difference is called "
+        "permutation_test); per seed, and pooled over seeds by user: each user's difference averaged over "
+        "the seeds, then users resampled (the same users under several seeds are not independent "
+        "samples), with each seed's mean difference and their spread below. A difference is called "
         "distinguishable from noise when its interval excludes 0 and p < 0.05; with several comparisons, "
         "about one in twenty null differences passes that bar by chance.",
         "",
     ]
-    pairs = _comparison_pairs(methods)
+    if stage1 is not None:  # a two-stage sweep: each configuration at its learning rate chosen on valid
+        methods, choices = choose_on_valid(methods, TUNED_ON_VALID, k)
+        control = next((m.label for m in methods if m.loss_name == "lml" and m.label != stage1), None)
+        lines += [
+            f"Two-stage sweep: every method against the control {control or '(no continue-LML run)'} and against "
+            f"{stage1}, each configuration at its {TUNED_ON_VALID} with the highest mean valid NDCG@{k} over seeds:",
+            "",
+            *(choices or [f"- no configuration was run at several values of {TUNED_ON_VALID}"]),
+            "",
+        ]
+        pairs = _comparison_pairs(methods, control, stage1)
+    else:
+        pairs = _comparison_pairs(methods)
     if not pairs:
         return [*lines, "No pair to compare (needs two configurations).", ""]
     compared = 0
@@ -353,7 +429,7 @@ def _paired_section(
             notes.append(f"{a} vs {b}: no seed with per-user test ranks for both")
             continue
         per_seed: list[str] = []
-        pooled: dict[str, list[np.ndarray]] = {m: [] for m in _metrics(k)}
+        pooled: dict[str, list[tuple[list[str], np.ndarray]]] = {m: [] for m in _metrics(k)}
         for s in seeds:
             ua, ub = ra[s], rb[s]
             if ua.user_ids != ub.user_ids:
@@ -363,16 +439,13 @@ def _paired_section(
             diffs = {m: paired_difference(xa[m], xb[m], seed=int(s) if isinstance(s, int) else 0) for m in _metrics(k)}
             per_seed.append("  - " + _describe(f"seed {s}", diffs, "one seed", k))
             for m in _metrics(k):
-                pooled[m].append(xa[m] - xb[m])
+                pooled[m].append((ua.user_ids, xa[m] - xb[m]))
         if not per_seed:
             continue
         compared += 1
-        d = {
-            m: paired_difference(np.concatenate(pooled[m]), np.zeros(sum(len(x) for x in pooled[m])))
-            for m in _metrics(k)
-        }
+        d = {m: user_level_difference(pooled[m]) for m in _metrics(k)}
         lines.append(f"- **{a} vs {b}**: " + _describe("pooled", d, f"over {len(per_seed)} seed(s)", k))
-        lines += per_seed
+        lines += [*per_seed, _seed_level(pooled, k)]
         ndcg = d[_metrics(k)[0]]
         (clear if ndcg.distinguishable else unclear).append(f"{a} vs {b} ({ndcg.mean_diff:+.4f})")
     if not compared:
@@ -400,7 +473,7 @@ def _counts(analysis: dict[str, Any]) -> tuple[int, int, int] | None:
     return (positives, pruned, violating) if violating <= pruned <= positives else None
 
 
-def _pruning_section(methods: list[MethodRuns], notes: list[str]) -> list[str]:
+def _pruning_section(methods: list[MethodRuns], notes: list[str], k: int) -> list[str]:
     rows = []
     for m in methods:
         counted = []
@@ -414,8 +487,11 @@ def _pruning_section(methods: list[MethodRuns], notes: list[str]) -> list[str]:
                 )
             else:
                 counted.append((run, c))
+        hits = [((r.summary or {}).get("test") or {}).get(f"hr@{k}") for r in m.runs.values()]
+        hits = [float(h) for h in hits if is_finite_number(h)]
+        beam_hr = format_number(float(np.mean(hits))) if hits else "–"
         if not counted:
-            rows.append([m.label, "0", "no analysis with counts", "–", "n = 0", "n = 0"])
+            rows.append([m.label, "0", "no analysis with counts", "–", "0", beam_hr, "n = 0", "n = 0"])
             continue
         users = sum(int(r.analysis.get("users") or 0) for r, _ in counted)
         share = wilson_interval(sum(c[1] for _, c in counted), sum(c[0] for _, c in counted))
@@ -426,13 +502,18 @@ def _pruning_section(methods: list[MethodRuns], notes: list[str]) -> list[str]:
                 str(len(counted)),
                 f"{users:,}",
                 " / ".join(f"{c[1]}/{c[0]}" for _, c in counted),
+                str(sum(c[0] for _, c in counted)),
+                beam_hr,
                 _share_text(share),
                 _share_text(violating),
             ]
         )
     if not rows:
         return []
-    headers = ["method", "runs", "users analysed", "pruned / top-B positives per run"]
+    # the positives and beam HR beside the share: a share can fall because the exhaustive top-B
+    # changes (fewer positives), not only because beam search keeps more of them
+    headers = ["method", "runs", "users analysed", "pruned / top-B positives per run", "top-B positives"]
+    headers += [f"test HR@{k} (beam), mean over runs"]
     headers += ["pruned share, pooled [Wilson 95%]", "per-token condition violated (of pruned) [Wilson 95%]"]
     return ["### Pruning analysis with counts (analysis.json)", "", markdown_table(headers, rows), ""]
 
@@ -474,4 +555,4 @@ def _gold_share_section(methods: list[MethodRuns]) -> list[str]:
     ]
 
 
-__all__ = ["MOST_POPULAR", "evidence_sections", "most_popular_ranks_for", "test_ranks"]
+__all__ = ["MOST_POPULAR", "choose_on_valid", "evidence_sections", "most_popular_ranks_for", "test_ranks"]

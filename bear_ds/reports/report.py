@@ -18,7 +18,7 @@ from bear_ds.reports.evidence import MOST_POPULAR, evidence_sections
 from bear_ds.reports.plots import PlotOutcome, plot_epoch_metric, plot_metric_vs_param, plot_pruning, plot_step_metric
 from bear_ds.reports.sweep_results import aggregate_markdown, collect_points, group_keys_of, group_over_seeds
 from bear_ds.reports.tables import format_number, format_param, is_finite_number, markdown_table
-from bear_ds.runs import RunData, discover_runs, load_run
+from bear_ds.runs import SEED_KEY, STAGE1_DIR, RunData, discover_runs, is_sweep_dir, load_run
 
 PLOTS_DIR = "plots"
 TABLE_METRICS: tuple[str, ...] = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
@@ -169,6 +169,26 @@ def _groups(runs: dict[str, RunData], points: pd.DataFrame | None, group_keys: l
     return groups
 
 
+CONTROL = "continue-LML: "  # a two-stage sweep's LML configurations: the control every method is compared with
+
+
+def _with_stage_one(
+    stage1_dir: Path, runs: dict[str, RunData], groups: dict[str, list[str]]
+) -> tuple[dict[str, RunData], dict[str, list[str]], str]:
+    """A two-stage sweep's runs and groups with its finished stage-1 points of the same seeds added
+    (named `stage1/POINT`, one group), its LML groups labelled as the control; and the stage-1 label."""
+    groups = {(CONTROL + label if label.startswith("loss.name=lml") else label): n for label, n in groups.items()}
+    seeds = {run.config_value(SEED_KEY) for run in runs.values()}
+    points, _, _ = collect_points(stage1_dir)
+    done = points.loc[points["status"] == "done", "point"]
+    loaded = {f"{STAGE1_DIR}/{name}": load_run(f"{STAGE1_DIR}/{name}", stage1_dir / name) for name in done}
+    stage1_runs = {name: run for name, run in loaded.items() if run.config_value(SEED_KEY) in seeds}
+    label = f"stage 1 ({len(stage1_runs)} run(s) in {STAGE1_DIR}/)"
+    if stage1_runs:
+        groups[label] = list(stage1_runs)
+    return {**runs, **stage1_runs}, groups, label
+
+
 def report(run_or_sweep_dir: str | Path) -> Path:
     """Write results.md and plots/*.png into `run_or_sweep_dir`; returns the results.md path."""
     root = Path(run_or_sweep_dir)
@@ -194,7 +214,10 @@ def report(run_or_sweep_dir: str | Path) -> Path:
         runs = {name: run for name, run in runs.items() if name in done}
 
     groups = _groups(runs, points, group_keys or [])
-    statistics, popular = evidence_sections(runs, groups) if runs else ([], {})
+    stage1 = None
+    if kind == "sweep" and is_sweep_dir(root / STAGE1_DIR):  # a two-stage sweep: its stage 1 compared too
+        runs, groups, stage1 = _with_stage_one(root / STAGE1_DIR, runs, groups)
+    statistics, popular = evidence_sections(runs, groups, stage1=stage1) if runs else ([], {})
     lines += [
         "## Results (test at the selected epoch)",
         "",

@@ -5,6 +5,8 @@
 - `paired_difference`: mean per-user difference of two methods on the same users, a paired
   bootstrap 95% interval (BCa, percentile when BCa is degenerate) and a paired permutation test
   (random sign flips of each user's difference; exact for small n);
+- `user_level_difference`: the same pooled over seeds by user (each user's difference averaged over
+  the seeds), so n is the number of users, not of user-seed pairs;
 - `wilson_interval`: a share k/n with its Wilson 95% interval (binomtest(...).proportion_ci);
 - `window_mean_over_seeds`: a per-step series (e.g. the share of gold tokens outside the top-B)
   averaged over a window of steps per seed, then mean and std over seeds.
@@ -124,6 +126,35 @@ def paired_difference(
     return PairedDifference(int(d.size), mean, float(ci.low), float(ci.high), float(min(1.0, test.pvalue)))
 
 
+def user_mean_differences(per_seed: Sequence[tuple[Sequence[str], Sequence[float]]]) -> tuple[list[str], np.ndarray]:
+    """(user ids, each user's difference averaged over the seeds that hold the user), from one
+    (user ids, per-user differences) pair per seed; users in order of first appearance."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for users, diffs in per_seed:
+        values = np.asarray(diffs, dtype=float)
+        if len(users) != values.size:
+            raise ValueError(f"{len(users)} user ids for {values.size} differences")
+        if len(set(users)) != len(users):
+            raise ValueError("a user id repeats within one seed")
+        for user, value in zip(users, values.tolist(), strict=True):
+            sums[user] = sums.get(user, 0.0) + value
+            counts[user] = counts.get(user, 0) + 1
+    ids = list(sums)
+    return ids, np.array([sums[u] / counts[u] for u in ids])
+
+
+def user_level_difference(
+    per_seed: Sequence[tuple[Sequence[str], Sequence[float]]], *, n_resamples: int = 9999, seed: int = 0
+) -> PairedDifference:
+    """Per-user paired differences of several seeds pooled by USER, not by user-seed pair: the same
+    users under several seeds are not independent samples (a user whose outcome repeats across seeds
+    would count once per seed and narrow the interval). Each user's difference is averaged over the
+    seeds, then the users are resampled (bootstrap interval, sign-flip permutation test); n = users."""
+    _, means = user_mean_differences(per_seed)
+    return paired_difference(means, np.zeros_like(means), n_resamples=n_resamples, seed=seed)
+
+
 @dataclass(frozen=True)
 class Share:
     k: int
@@ -166,6 +197,8 @@ __all__ = [
     "paired_difference",
     "per_user_metrics",
     "seed_summary",
+    "user_level_difference",
+    "user_mean_differences",
     "wilson_interval",
     "window_mean_over_seeds",
 ]

@@ -19,6 +19,7 @@ from bear_ds.runs import (
     METHOD_KEYS,
     POINT_CONFIGS,
     SEED_KEY,
+    STAGE1_DIR,
     SWEEP_MANIFEST,
     flatten,
     read_config_yaml,
@@ -98,7 +99,8 @@ def collect_points(sweep_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]
                     "not a finite number, left out of the mean and std over seeds"
                 )
         rows.append(row)
-    known = set(names) | {POINT_CONFIGS, CLAIMS, "data", "jobs", "plots"}  # data: the points' prepared splits
+    # data: the points' prepared splits; stage1: a two-stage sweep's stage-1 sweep
+    known = set(names) | {POINT_CONFIGS, CLAIMS, STAGE1_DIR, "data", "jobs", "plots"}
     for sub in sorted(sweep_dir.iterdir()):
         if sub.is_dir() and sub.name not in known:
             notes.append(f"folder {sub} is not a point of this sweep's grid; ignored")

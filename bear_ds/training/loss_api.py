@@ -90,6 +90,9 @@ class LossContext:
     loss_state: Any = None  # what the loss's `setup` returned
     train_rows: Any = None  # the train split (`history`, `target` item ids), row i = example i
     accelerator: Any = None  # the run's Accelerator (rank, device, gathers; the evaluator's beam search)
+    # beamsim's search under ZeRO-3: eval.gather as decided at the first micro-batch ("once" or
+    # "per_step"), kept for the run (deciding auto is a collective and a host sync)
+    search_gather: str | None = None
 
 
 @dataclass
