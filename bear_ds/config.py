@@ -149,7 +149,12 @@ class ModelConfig(_Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto: flash_attention_2 when flash-attn is installed and on GPU, else sdpa"
     )
-    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory)")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto",
+        description="recompute activations in the backward (less memory, about a third more compute); auto: on "
+        "when the memory estimate (bear_ds/memory.py) says the activations would not fit the GPU, off otherwise "
+        "and on a CPU",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     reference_path: str | None = Field(
         None,
@@ -223,6 +228,12 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     resume: Literal["none", "auto"] = Field("none", description="auto: continue from the newest complete checkpoint")
     log_every: int = Field(1, ge=1, description="write train_log.jsonl every N optimiser steps")
+    peak_flops: float | None = Field(
+        None,
+        gt=0.0,
+        description="peak FLOP/s of one device, for the `mfu` of train_log.jsonl; unset: the dense bf16 peak of "
+        "a known GPU in a bf16 run (bear_ds/training/mfu.py), else no MFU (null)",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="non-finite loss: stop naming the batch, or skip it (counted)"
     )

@@ -15,6 +15,7 @@ every later load, on every rank, is a plain `from_pretrained` of that folder.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -199,15 +200,41 @@ def build_model(
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if model_cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    checkpointing = model_cfg.gradient_checkpointing is True  # "auto" is decided by the trainer (bear_ds/memory.py)
+    if checkpointing:
+        enable_activation_checkpointing(model)
     if model_cfg.lora.enabled:
-        model = apply_lora(model, model_cfg.lora, gradient_checkpointing=model_cfg.gradient_checkpointing)
+        model = apply_lora(model, model_cfg.lora, gradient_checkpointing=checkpointing)
     return model
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each decoder layer's activations in the backward (non-reentrant), on a plain or a
+    peft model; frozen input embeddings (LoRA) are made to give the checkpointed layers inputs
+    that require grad."""
+    hf = unwrap_model(model)
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.config.use_cache = False
+    if not hf.get_input_embeddings().weight.requires_grad:
+        hf.enable_input_require_grads()
+
+
+def model_hidden_size(model_cfg: ModelConfig) -> int | None:
+    """The model's hidden size before it is built (ZeRO's bucket sizes): tiny from the config, hf from
+    the folder's config.json; None for a GGUF model (known only once converted)."""
+    if model_cfg.name == "tiny":
+        return model_cfg.hidden_size
+    if model_cfg.name != "hf" or not model_cfg.path:
+        return None
+    try:
+        config = json.loads((Path(model_cfg.path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # pretrained_folder names the problem when the model is loaded
+    hidden = config.get("hidden_size", config.get("text_config", {}).get("hidden_size"))
+    return hidden if isinstance(hidden, int) else None
 
 
 def peft_lora_config(lora_cfg: LoraConfig):

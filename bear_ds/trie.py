@@ -138,26 +138,30 @@ class TokenTrie:
         n = self.child_start[safe + 1] - self.child_start[safe]
         return torch.where(states >= 0, n, torch.zeros_like(n))
 
-    def allowed_pairs(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def allowed_pairs(self, states: torch.Tensor, pairs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Allowed next tokens as index lists: (row, token) with row indexing the flat `states`.
 
-        Rows are in order and tokens sorted within a row. INVALID states allow nothing.
+        Rows are in order and tokens sorted within a row. INVALID states allow nothing. `pairs`: the
+        number of pairs when the caller knows it (the sum of `num_children`); without it the host
+        reads it from the device (a wait on a GPU).
         """
         flat = states.reshape(-1)
         counts = self.num_children(flat)  # (S,)
-        rows = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), counts)
+        rows = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), counts, output_size=pairs)
         # position of each edge inside its row: global index minus the row's first output index
         first_out = torch.cumsum(counts, 0) - counts
         within = torch.arange(rows.numel(), device=flat.device) - first_out[rows]
         edges = self.child_start[flat.clamp(min=0)][rows] + within
         return rows, self.edge_token[edges]
 
-    def allowed_mask(self, states: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
-        """Boolean mask of allowed next tokens, shape states.shape + (vocab_size,)."""
+    def allowed_mask(
+        self, states: torch.Tensor, vocab_size: int | None = None, pairs: int | None = None
+    ) -> torch.Tensor:
+        """Boolean mask of allowed next tokens, shape states.shape + (vocab_size,) (`pairs`: `allowed_pairs`)."""
         v = self.vocab_size if vocab_size is None else vocab_size
         if v < self.vocab_size:
             raise ValueError(f"mask width {v} is smaller than the trie vocabulary {self.vocab_size}")
-        rows, tokens = self.allowed_pairs(states)
+        rows, tokens = self.allowed_pairs(states, pairs)
         mask = torch.zeros(states.numel(), v, dtype=torch.bool, device=states.device)
         mask[rows, tokens] = True
         return mask.reshape(*states.shape, v)

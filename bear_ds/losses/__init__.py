@@ -15,7 +15,7 @@ from bear_ds.losses.functional import (
     position_terms,
     zero_through,
 )
-from bear_ds.losses.head import LMHead, LossOutput, response_loss, select_response
+from bear_ds.losses.head import LMHead, LossOutput, ResponsePositions, response_loss, select_response
 from bear_ds.losses.model import (
     BackboneOutput,
     backbone_forward,
@@ -60,6 +60,7 @@ __all__ = [
     "position_terms",
     "preference_loss",
     "prefix_log_probs",
+    "ResponsePositions",
     "response_loss",
     "response_rows",
     "sdpo_loss",

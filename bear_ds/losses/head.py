@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -83,14 +84,18 @@ def _chunk_sums(
     loss_cfg: LossConfig,
     scale: float,
     softcap: float | None,
+    pairs: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """One chunk's `LossSums` fields, then log p[y] [C] (checkpoint needs tensors in, tensors out)."""
+    """One chunk's `LossSums` fields, then log p[y] [C] (checkpoint needs tensors in, tensors out).
+
+    `pairs`: the number of (position, valid token) pairs of the chunk when the host knows it, so the
+    mask is built without reading the device."""
     head = LMHead(weight, bias, scale, softcap)
     logits = head.logits(hidden)  # [C, V]
     vocab = logits.shape[-1]
     use_mask = loss_cfg.name == "msl" or (loss_cfg.name in ("bear", "beamsim") and loss_cfg.masked)
     # [C, V] bool, built on the device; LML uses it only for the pruning-risk diagnostic
-    valid = trie.allowed_mask(states, vocab) if use_mask or loss_cfg.name == "lml" else None
+    valid = trie.allowed_mask(states, vocab, pairs=pairs) if use_mask or loss_cfg.name == "lml" else None
     sums, log_p_gold = loss_sums(
         logits,
         targets,
@@ -107,8 +112,14 @@ def _chunk_sums(
 
 
 def _check_response(
-    hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, states: torch.Tensor, trie: TokenTrie
+    hidden: torch.Tensor,
+    head: LMHead,
+    targets: torch.Tensor,
+    states: torch.Tensor,
+    trie: TokenTrie,
+    values: bool = True,
 ) -> None:
+    """Shapes always; the values (reads of the device) only when `values`."""
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H] (response positions only), got shape {tuple(hidden.shape)}")
     n, h = hidden.shape
@@ -119,6 +130,8 @@ def _check_response(
         raise ValueError(f"targets and states must be [N]={n}, got {tuple(targets.shape)} and {tuple(states.shape)}")
     if trie.vocab_size > vocab:
         raise ValueError(f"the trie's vocabulary ({trie.vocab_size}) is larger than the lm_head's ({vocab})")
+    if not values:
+        return
     bad = (targets < 0) | (targets >= vocab)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -146,6 +159,7 @@ def response_loss(
     trie: TokenTrie,
     loss_cfg: LossConfig,
     search: SimulatedSearch | None = None,
+    children: np.ndarray | None = None,
 ) -> LossOutput:
     """The configured loss of one micro-batch from the hidden states of its response positions.
 
@@ -156,11 +170,15 @@ def response_loss(
     beamsim needs `search` (`bear_ds.generation.survival.simulate_beam_search` on the same
     micro-batch): its survival terms are formed from the chunks' log p[y] (`bear_ds.losses.beamsim`).
 
+    children [N] (host): the number of trie children of each state, known when the states were
+    computed from the encoded examples (`ResponsePositions`); given, the masks are built without
+    reading the device and the targets and states are taken as checked (they were, when walked).
+
     With N == 0 the loss is 0 * (sum of hidden and head parameters): it still reaches every
     parameter, so gradient synchronisation (DDP, ZeRO) sees the same parameters on every rank.
     """
     head = _as_lm_head(lm_head)
-    _check_response(hidden, head, targets, states, trie)
+    _check_response(hidden, head, targets, states, trie, values=children is None)
     trie = trie if trie.device == hidden.device else trie.to(hidden.device)
     if (loss_cfg.name == "beamsim") != (search is not None):
         raise ValueError(f"loss.name={loss_cfg.name}: `search` must be given exactly for the beamsim loss")
@@ -182,6 +200,7 @@ def response_loss(
             loss_cfg,
             head.scale,
             head.softcap,
+            None if children is None else int(children[start:end].sum()),
             use_reentrant=False,
         )
         totals = totals + LossSums(*parts[:-1])
@@ -193,18 +212,50 @@ def response_loss(
     return LossOutput(loss=loss, sums=totals, loss_cfg=loss_cfg)
 
 
+@dataclass
+class ResponsePositions:
+    """A micro-batch's response positions, computed on the host from its encoded examples (whose trie
+    states were walked once, at encoding): `select_response` then reads nothing from the device."""
+
+    index: torch.Tensor  # [N] row * L + (j - 1) for each response label j: its hidden state in [B * L, H]
+    targets: torch.Tensor  # [N] the response tokens
+    states: torch.Tensor  # [N] the trie state before each
+    children: np.ndarray  # [N] on the host: the number of trie children of each state (`response_loss`)
+
+    def pin_memory(self) -> ResponsePositions:
+        """The host tensors in page-locked memory (copied to a GPU without waiting)."""
+        return ResponsePositions(self.index.pin_memory(), self.targets.pin_memory(), self.states.pin_memory(),
+                                 self.children)  # fmt: skip
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> ResponsePositions:
+        move = {"device": device, "non_blocking": non_blocking}
+        return ResponsePositions(self.index.to(**move), self.targets.to(**move), self.states.to(**move), self.children)
+
+
 def select_response(
-    hidden: torch.Tensor, labels: torch.Tensor, trie: TokenTrie, ignore_index: int = IGNORE_INDEX
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    trie: TokenTrie,
+    ignore_index: int = IGNORE_INDEX,
+    positions: ResponsePositions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states, targets and trie states of the response positions of a batch.
 
     hidden [B, L, H] (last hidden states), labels [B, L] (`ignore_index` on prompt and padding,
     the response ids, contiguous, on the response; `bear_ds.catalog.encode_example`). Position
     j - 1 predicts label j. Returns hidden [N, H], targets [N], states [N] in row-major order.
+    With `positions` (computed on the host) nothing is read from the device; without, the mask of
+    the labels and the trie walk over the targets wait for it.
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(
             f"hidden must be [B, L, H] and labels [B, L], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+        )
+    if positions is not None:
+        return (
+            hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions.index),
+            positions.targets,
+            positions.states,
         )
     shifted = labels[:, 1:]  # [B, L-1]: label predicted at each position
     keep = shifted != ignore_index  # [B, L-1]

@@ -6,7 +6,7 @@ Three ways in, one result:
 - `deepspeed ...` / `torchrun ...` / plain `python -m bear_ds.train`: bear_ds/ds_configs/zero{train.zero_stage}.json
   (or train.ds_config); train.zero_stage=0 means no DeepSpeed (plain DDP or one process).
 In both cases the JSON's "auto" values are filled here from the `train` section (micro batch,
-accumulation, clipping, bf16), because we feed batches ourselves and Accelerate could only infer
+accumulation, clipping, bf16) and ZeRO's bucket sizes from the model's hidden size, because we feed batches ourselves and Accelerate could only infer
 them from a prepared DataLoader.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 from bear_ds.config import TrainConfig
 from bear_ds.distributed import make_accelerator
 from bear_ds.errors import ConfigError, MissingPathError
+from bear_ds.memory import zero_bucket_sizes
 from bear_ds.runtime import launcher_world_size
 
 # package data, so an installed wheel finds them too (the checkout's ds_configs/ links to this folder)
@@ -69,8 +70,11 @@ def _fill_auto(node: dict[str, Any], values: dict[str, Any], path: str = "") -> 
             node[key] = values[dotted]
 
 
-def deepspeed_config(path: str | Path, train_cfg: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
-    """The DeepSpeed JSON at `path` with its "auto" values filled from the `train` section."""
+def deepspeed_config(
+    path: str | Path, train_cfg: TrainConfig, plan: BatchPlan, hidden_size: int | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed JSON at `path` with its "auto" values filled from the `train` section, and
+    ZeRO's bucket sizes from the model's hidden size (`bear_ds.memory.zero_bucket_sizes`)."""
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"DeepSpeed config {path} does not exist (train.ds_config or the accelerate yaml)")
@@ -93,6 +97,7 @@ def deepspeed_config(path: str | Path, train_cfg: TrainConfig, plan: BatchPlan) 
             "bf16.enabled": train_cfg.precision == "bf16",
             "fp16.enabled": False,
             "zero_optimization.stage": train_cfg.zero_stage,
+            **{f"zero_optimization.{k}": v for k, v in zero_bucket_sizes(hidden_size).items()},
         },
     )
     for key, want in (
@@ -125,16 +130,17 @@ def resolve_ds_config_path(train_cfg: TrainConfig) -> Path | None:
     return DS_CONFIG_DIR / f"zero{train_cfg.zero_stage}.json"
 
 
-def build_accelerator(train_cfg: TrainConfig, project_dir: str | Path | None = None):
+def build_accelerator(train_cfg: TrainConfig, project_dir: str | Path | None = None, hidden_size: int | None = None):
     """The training Accelerator (DeepSpeed plugin when a ZeRO stage applies), its batch plan and ZeRO stage.
 
-    Must run before the model is built so that ZeRO-3 partitions the model on creation.
+    Must run before the model is built so that ZeRO-3 partitions the model on creation; hence the
+    model's hidden size (ZeRO's bucket sizes) is passed in, read from the model config.
     """
     plan = batch_plan(train_cfg, launcher_world_size())
     ds_path = resolve_ds_config_path(train_cfg)
     config, zero_stage, zero3_init = None, 0, False
     if ds_path is not None:
-        config = deepspeed_config(ds_path, train_cfg, plan)
+        config = deepspeed_config(ds_path, train_cfg, plan, hidden_size)
         zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
         zero3_init = zero_stage == 3
         if launched_with_accelerate_deepspeed():

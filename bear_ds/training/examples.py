@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from bear_ds.catalog import Catalog, encode_example, fit_prompts
+from bear_ds.catalog import IGNORE_INDEX, Catalog, encode_example, fit_prompts
 from bear_ds.errors import DataError, ModelInputError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,29 @@ class EncodedExamples:
     lengths: np.ndarray  # int64 [N], tokens per example
     truncated_examples: int  # examples that lost history items
     truncated_items: int  # history items dropped in total
+    # per example: the trie state before each response token, and that state's number of children;
+    # a target's states depend only on its title, so they are walked once per title, here
+    response_states: list[np.ndarray]
+    response_children: list[np.ndarray]
+
+
+def response_trie_states(catalog: Catalog, groups: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{group: (trie state before each of its response tokens, that state's number of children)},
+    walked once for all the distinct groups together on the host (`TokenTrie.states_along`)."""
+    distinct = sorted(set(groups))
+    if not distinct:
+        return {}
+    responses = [catalog.group_token_ids[g] for g in distinct]
+    packed = torch.full((len(distinct), max(map(len, responses))), IGNORE_INDEX, dtype=torch.int64)
+    for row, response in enumerate(responses):
+        packed[row, : len(response)] = torch.tensor(response)
+    trie = catalog.trie.to("cpu")
+    states = trie.states_along(packed)  # [G, T], INVALID on the padding
+    children = trie.num_children(states)
+    return {
+        g: (states[row, : len(r)].numpy().copy(), children[row, : len(r)].numpy().copy())
+        for row, (g, r) in enumerate(zip(distinct, responses, strict=True))
+    }
 
 
 def encode_training_examples(
@@ -76,6 +100,7 @@ def encode_training_examples(
             raise DataError(f"{split_name} row {row}: target item {target!r} is not in the catalog")
         target_groups.append(group)
         responses.append(catalog.group_token_ids[group])
+    walked = response_trie_states(catalog, target_groups)
     history_titles = []
     for row, history in enumerate(histories):
         missing = [i for i in history if i not in titles]
@@ -109,4 +134,8 @@ def encode_training_examples(
             truncated_items,
         )
     lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
-    return EncodedExamples(input_ids, labels, lengths, truncated_examples, truncated_items)
+    return EncodedExamples(
+        input_ids, labels, lengths, truncated_examples, truncated_items,
+        response_states=[walked[g][0] for g in target_groups],
+        response_children=[walked[g][1] for g in target_groups],
+    )  # fmt: skip

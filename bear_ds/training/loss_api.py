@@ -45,7 +45,7 @@ from bear_ds.losses import LMHead, zero_through
 if TYPE_CHECKING:
     from bear_ds.catalog import Catalog
     from bear_ds.config import Config
-    from bear_ds.losses import LossSums
+    from bear_ds.losses import LossSums, ResponsePositions
     from bear_ds.training.examples import EncodedExamples
     from bear_ds.trie import TokenTrie
 
@@ -59,6 +59,13 @@ class MicroBatch:
     labels: torch.Tensor  # [B, L], IGNORE_INDEX on prompt and padding
     indices: np.ndarray  # [B] example indices into `LossContext.examples`
     where: str  # "step S (epoch E, ...), accumulation round R, examples [...] on rank K"
+    # the response positions, tokens and trie states, computed on the host (`select_response(...,
+    # positions=batch.response)` then waits for nothing); None: found on the device from `labels`
+    response: ResponsePositions | None = None
+
+    def response_children(self) -> np.ndarray | None:
+        """`response_loss(..., children=)`: the trie children of each response state, when known."""
+        return None if self.response is None else self.response.children
 
     def prompt_ids(self) -> list[list[int]]:
         """The prompt token ids of each example (without the response), for losses that decode."""

@@ -44,9 +44,9 @@ def beamsim_micro_batch_loss(model: Any, batch: MicroBatch, ctx: LossContext) ->
         )  # fmt: skip
     hidden = out.hidden  # [B, L, H]
     del out  # the forward's KV cache is no longer needed
-    h, y, s = select_response(hidden, labels, ctx.trie)  # [N, H], [N], [N]
+    h, y, s = select_response(hidden, labels, ctx.trie, positions=batch.response)  # [N, H], [N], [N]
     with lm_head_context(model) as head:
-        result = response_loss(h, head, y, s, ctx.trie, cfg, search=search)
+        result = response_loss(h, head, y, s, ctx.trie, cfg, search=search, children=batch.response_children())
         pruned = search.pruned.float().sum()
         yield MicroBatchLoss(
             loss=result.loss,

@@ -17,9 +17,9 @@ def token_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> Iterator[Micr
     Hidden state i predicts token i + 1; only response positions are projected to the vocabulary.
     """
     hidden = backbone_hidden_states(model, batch.input_ids, batch.attention_mask)  # [B, L, H]
-    h, y, s = select_response(hidden, batch.labels, ctx.trie)  # [N, H], [N], [N]
+    h, y, s = select_response(hidden, batch.labels, ctx.trie, positions=batch.response)  # [N, H], [N], [N]
     with lm_head_context(model) as head:
-        result = response_loss(h, head, y, s, ctx.trie, ctx.cfg.loss)
+        result = response_loss(h, head, y, s, ctx.trie, ctx.cfg.loss, children=batch.response_children())
         yield MicroBatchLoss(
             loss=result.loss,
             sums=result.sums,

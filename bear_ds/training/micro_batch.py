@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bear_ds.config import Config
-from bear_ds.losses import LossSums, metrics_from_sums
+from bear_ds.losses import LossSums, ResponsePositions, metrics_from_sums
 from bear_ds.training.batching import collate
 from bear_ds.training.examples import EncodedExamples
 from bear_ds.training.loss_api import LossContext, MicroBatch, MicroBatchLoss
@@ -24,8 +24,41 @@ from bear_ds.training.loss_table import loss_spec
 def load_micro_batch(
     examples: EncodedExamples, indices: np.ndarray, pad_token_id: int, device: torch.device, where: str
 ) -> MicroBatch:
-    tensors = {k: v.to(device) for k, v in collate(examples.input_ids, examples.labels, indices, pad_token_id).items()}
-    return MicroBatch(**tensors, indices=indices, where=where)
+    """The micro-batch's tensors on `device`, with its response positions (`response_positions`).
+
+    On a GPU the host tensors are pinned and copied without waiting (a blocking copy waits for
+    the device's queue to drain)."""
+    tensors = collate(examples.input_ids, examples.labels, indices, pad_token_id)
+    response = response_positions(examples, indices, width=tensors["input_ids"].shape[1])
+    non_blocking = device.type == "cuda"
+    if non_blocking:
+        tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        response = response.pin_memory()
+    tensors = {k: v.to(device, non_blocking=non_blocking) for k, v in tensors.items()}
+    return MicroBatch(**tensors, indices=indices, where=where, response=response.to(device, non_blocking))
+
+
+def response_positions(examples: EncodedExamples, indices: np.ndarray, width: int) -> ResponsePositions:
+    """Where the response tokens of the micro-batch `indices` (right-padded to `width`) are, their
+    tokens and trie states, from the encoded examples alone (nothing on a device is read).
+
+    An example's response is its last labels (`encode_example`); label j is predicted at j - 1."""
+    index, targets, states, children = [], [], [], []
+    for row, i in enumerate(int(i) for i in indices):
+        length, response = len(examples.input_ids[i]), len(examples.response_states[i])
+        start = length - response  # first response label
+        if start < 1:
+            raise ValueError(f"training example {i} has no prompt token before its response")
+        index.append(row * width + np.arange(start - 1, length - 1))
+        targets.append(examples.labels[i][start:])
+        states.append(examples.response_states[i])
+        children.append(examples.response_children[i])
+    return ResponsePositions(
+        index=torch.from_numpy(np.concatenate(index).astype(np.int64)),
+        targets=torch.tensor([t for row in targets for t in row], dtype=torch.int64),
+        states=torch.from_numpy(np.concatenate(states).astype(np.int64)),
+        children=np.concatenate(children),
+    )
 
 
 def micro_batch_loss(model: Any, batch: MicroBatch, ctx: LossContext) -> contextlib.AbstractContextManager:
@@ -80,4 +113,4 @@ class StepTotals:
         return means
 
 
-__all__ = ["StepTotals", "load_micro_batch", "micro_batch_loss"]
+__all__ = ["StepTotals", "load_micro_batch", "micro_batch_loss", "response_positions"]

@@ -48,7 +48,14 @@ from bear_ds.distributed import end_distributed
 from bear_ds.errors import BearDsError
 from bear_ds.folders import check_output_dir
 from bear_ds.locks import RunFolderBusyError, RunFolderLock
-from bear_ds.models import build_model, is_zero3_partitioned, pretrained_folder
+from bear_ds.memory import TrainingShape, checkpointing_needed
+from bear_ds.models import (
+    build_model,
+    enable_activation_checkpointing,
+    is_zero3_partitioned,
+    model_hidden_size,
+    pretrained_folder,
+)
 from bear_ds.outputs import write_json_atomic
 from bear_ds.runtime import launcher_rank, launcher_world_size
 from bear_ds.training.accelerator import build_accelerator
@@ -64,8 +71,10 @@ from bear_ds.training.epochs import (
 )
 from bear_ds.training.examples import EncodedExamples, encode_training_examples
 from bear_ds.training.export import export_model
+from bear_ds.training.host_syncs import count_host_syncs, not_counted
 from bear_ds.training.loss_api import LossContext, MicroBatch
 from bear_ds.training.loss_table import loss_spec
+from bear_ds.training.mfu import FlopModel, mean_mfu, mfu, peak_flops
 from bear_ds.training.micro_batch import StepTotals, load_micro_batch, micro_batch_loss
 from bear_ds.training.run_folder import (
     SUMMARY_FILE,
@@ -172,7 +181,9 @@ class Trainer:
                         self.out, SUMMARY_FILE, self.finished["steps"])  # fmt: skip
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        self.accelerator, self.plan, self.zero_stage = build_accelerator(self.cfg.train, self.out)
+        self.accelerator, self.plan, self.zero_stage = build_accelerator(
+            self.cfg.train, self.out, hidden_size=model_hidden_size(self.cfg.model)
+        )
         self.main = self.accelerator.is_main_process
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
@@ -246,6 +257,7 @@ class Trainer:
             # S-DPO puts every title after a prompt (its negatives): room for the longest, as evaluation
             response_room=data.catalog.trie.max_depth if cfg.loss.name == "sdpo" else None,
         )  # fmt: skip
+        self.gradient_checkpointing = self._activation_checkpointing(model)
         self.steps_per_epoch = len(data.examples.lengths) // self.plan.global_batch
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -255,12 +267,41 @@ class Trainer:
         optimizer = _optimizer(cfg, model)
         scheduler = _schedule(cfg.train.schedule, optimizer, cfg.train.warmup_steps, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.flop_model = FlopModel.of(self.model)
+        self.peak_flops = peak_flops(self.device, cfg.train.precision, cfg.train.peak_flops)
         self.loss_ctx = LossContext(
             cfg, data.catalog.trie.to(self.device), data.catalog, data.tokenizer, data.examples,
             zero3=is_zero3_partitioned(self.model), train_rows=self.rows, accelerator=self.accelerator,
         )  # fmt: skip
         if self.loss.setup is not None:
             self.loss_ctx.loss_state = self.loss.setup(self.model, self.loss_ctx)
+
+    def _activation_checkpointing(self, model) -> bool:
+        """model.gradient_checkpointing, with auto decided from the memory estimate (bear_ds/memory.py)
+        for the longest training example; enables it on `model` when auto says on."""
+        setting = self.cfg.model.gradient_checkpointing
+        if setting != "auto":
+            return bool(setting)
+        sizes = [int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()]  # ZeRO-3: full sizes
+        trainable = sum(n for n, p in zip(sizes, model.parameters(), strict=True) if p.requires_grad)
+        config = model.config
+        shape = TrainingShape(
+            params=sum(sizes), trainable=trainable, largest_layer=max(sizes), hidden=int(config.hidden_size),
+            layers=int(config.num_hidden_layers), vocab=int(config.vocab_size), micro_batch=self.plan.micro_batch,
+            seq_len=int(self.data.examples.lengths.max()), zero_stage=self.zero_stage, world_size=self.world,
+            chunk_size=self.cfg.loss.chunk_size,
+        )  # fmt: skip
+        device_bytes = (
+            torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        )
+        needed = checkpointing_needed(shape, device_bytes)
+        if needed:
+            enable_activation_checkpointing(model)
+        if self.main:
+            logger.info(
+                "model.gradient_checkpointing=auto: %s (memory estimate, bear_ds/memory.py)", "on" if needed else "off"
+            )
+        return needed
 
     def _restore_or_start(self) -> None:
         """train.resume=auto continues from the newest complete checkpoint; a fresh run starts fresh logs."""
@@ -342,21 +383,13 @@ class Trainer:
         self.step_timings: dict[str, float] = {}  # the losses' named phases, summed over this rank's micro-batches
         unchecked: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # on_nonfinite=stop: checked after the step
         grad_norm = None
-        for round_index, indices in enumerate(rank_micro_batches(step_micro_batches, self.rank, self.world)):
-            where = (
-                f"step {state.step + 1} (epoch {state.epoch}, step {state.step_in_epoch} of the epoch), "
-                f"accumulation round {round_index}, examples {[int(i) for i in indices[:8]]} on rank {self.rank}"
-            )
-            batch = load_micro_batch(self.data.examples, indices, self.data.tokenizer.pad_token_id, self.device, where)
-            with accelerator.accumulate(self.model):
-                self._forward_backward(batch, totals, unchecked)
-                if not self.use_deepspeed:  # Accelerate steps only on the accumulation's last round
-                    if accelerator.sync_gradients and self.cfg.train.grad_clip > 0:
-                        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
-        if unchecked:
-            _stop_on_nonfinite(accelerator, unchecked, state.step)
+        micro_batches = rank_micro_batches(step_micro_batches, self.rank, self.world)
+        with count_host_syncs() as syncs:  # logging (the reads below) excluded
+            for round_index, indices in enumerate(micro_batches):
+                norm = self._micro_step(round_index, indices, totals, unchecked)
+                grad_norm = norm if norm is not None else grad_norm  # `or` would read the tensor
+            if unchecked:
+                _stop_on_nonfinite(accelerator, unchecked, state.step)
         if not accelerator.sync_gradients:
             raise RuntimeError(
                 f"step {state.step + 1}: accumulation out of sync ({self.plan.accumulation} rounds expected per step)"
@@ -371,8 +404,10 @@ class Trainer:
         step_time = time.time() - t_step
         # optimisation time alone (no evaluation, checkpoint or export): what BEAR/MSL cost ratios use
         state.counters["optim_time_s"] = state.counters.get("optim_time_s", 0.0) + step_time
-        lengths = self.data.examples.lengths
-        real_tokens = int(sum(int(lengths[m].sum()) for m in step_micro_batches))
+        examples = self.data.examples
+        lengths = examples.lengths[np.concatenate(step_micro_batches)]  # every rank's examples of the step
+        responses = sum(len(examples.response_states[i]) for m in step_micro_batches for i in m)
+        flops = self.flop_model.step_flops(lengths, responses)
         return {
             "step": state.step,
             "epoch": state.epoch + state.step_in_epoch / self.steps_per_epoch,
@@ -381,13 +416,37 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "step_time_s": step_time,
             **{f"{name}_time_frac": seconds / max(step_time, 1e-9) for name, seconds in self.step_timings.items()},
-            "tokens_per_s": real_tokens / max(step_time, 1e-9),
-            "padded_frac": padded_fraction(lengths, step_micro_batches),
+            "tokens_per_s": int(lengths.sum()) / max(step_time, 1e-9),
+            "padded_frac": padded_fraction(examples.lengths, step_micro_batches),
+            "mfu": mfu(flops, step_time, self.world, self.peak_flops),  # null where the peak is unknown (mfu.py)
+            "host_syncs": syncs.total,  # device-to-host synchronisations of this rank's step (host_syncs.py)
             "world_size": self.world,
             "zero_stage": self.zero_stage,
             "skipped_micro_batches": state.counters["skipped_micro_batches"],
             "elapsed_s": self.elapsed(),
         }
+
+    def _micro_step(
+        self, round_index: int, indices: np.ndarray, totals: StepTotals,
+        unchecked: list[tuple[torch.Tensor, torch.Tensor, str]],
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Load one micro-batch, its forward and backward; without DeepSpeed the optimiser step after
+        the accumulation's last round (returns the gradient norm when it clipped)."""
+        state, accelerator, grad_norm = self.state, self.accelerator, None
+        where = (
+            f"step {state.step + 1} (epoch {state.epoch}, step {state.step_in_epoch} of the epoch), "
+            f"accumulation round {round_index}, examples {[int(i) for i in indices[:8]]} on rank {self.rank}"
+        )
+        batch = load_micro_batch(self.data.examples, indices, self.data.tokenizer.pad_token_id, self.device, where)
+        with accelerator.accumulate(self.model):
+            self._forward_backward(batch, totals, unchecked)
+            if not self.use_deepspeed:  # Accelerate steps only on the accumulation's last round
+                if accelerator.sync_gradients and self.cfg.train.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+                with not_counted():  # torch's AdamW reads its step counts with .item(): host memory, no wait
+                    self.optimizer.step()
+                self.optimizer.zero_grad()
+        return grad_norm
 
     def _forward_backward(
         self, batch: MicroBatch, totals: StepTotals, unchecked: list[tuple[torch.Tensor, torch.Tensor, str]]
@@ -468,7 +527,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
         """Final export and OUT/summary.json (OUT/model is the selected epoch when epochs were evaluated)."""
-        summary: dict[str, Any] = {"steps": self.state.step, "world_size": self.world, "zero_stage": self.zero_stage}
+        summary: dict[str, Any] = {"steps": self.state.step, "world_size": self.world, "zero_stage": self.zero_stage,
+                                   "gradient_checkpointing": self.gradient_checkpointing}  # fmt: skip
         summary["model"] = self._export_final()
         summary["data"] = self.train_data
         records = self.epochs_log.read() if self.main else []
@@ -476,6 +536,7 @@ class Trainer:
             summary.update(selected_epoch_summary(records, self.cfg, self.out / "model", summary["model"]))
         logs = self.train_log.read()
         summary["loss"] = logs[-1]["loss"] if logs else None
+        summary["mfu_mean"] = mean_mfu(logs)  # over the logged steps; null where the peak is unknown
         summary["prompts_truncated"] = self.data.examples.truncated_examples  # examples that lost history items
         summary["train_time_s"] = self.elapsed()  # including per-epoch evaluation
         summary["optim_time_s"] = self.state.counters.get("optim_time_s", 0.0)  # optimiser steps only
