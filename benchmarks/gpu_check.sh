@@ -41,14 +41,7 @@ OUT=${OUT:-/tmp/gpu_check}
 WORK=${WORK:-/tmp/gpu_check_work}
 DEV=${DEV:-cuda}
 mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
-if [ -d "$CARRY/wheels" ] && [ "$DEV" = cuda ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$CARRY"/wheels/*.whl || exit 1
-  export PYTHONPATH="$PWD:/tmp/site"
-fi
-DATA=$CARRY/Office
-[ -d "$DATA" ] || DATA=../shared/data/Office
+source "$(dirname "$0")/carried_wheels.sh"  # PYTHONPATH (+ carried wheels on a GPU), DATA
 if [ "$DEV" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
   STEP_ARGS="--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192 --tie --vocab 128256

@@ -38,14 +38,7 @@ STEPS=${STEPS:-10}
 MATRIX=${MATRIX:-default}
 mkdir -p "$OUT" "$WORK"
 : >"$OUT/results.jsonl"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
-if [ -d "$CARRY/wheels" ] && [ "$DEV" = cuda ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$CARRY"/wheels/*.whl || exit 1
-  export PYTHONPATH="$PWD:/tmp/site"
-fi
-DATA=$CARRY/Office
-[ -d "$DATA" ] || DATA=../shared/data/Office
+source "$(dirname "$0")/carried_wheels.sh"  # PYTHONPATH (+ carried wheels on a GPU), DATA
 T0=$SECONDS
 
 if [ "$DEV" = cuda ]; then
