@@ -54,8 +54,9 @@ def test_user_level_pooling_is_wider_than_pair_level_when_outcomes_repeat_across
 def test_user_mean_differences_average_each_user_over_the_seeds_that_hold_it() -> None:
     ids, means = user_mean_differences([(["a", "b"], [1.0, 0.0]), (["b", "c"], [1.0, -1.0]), (["a"], [0.0])])
     assert ids == ["a", "b", "c"] and means.tolist() == [0.5, 0.5, -1.0]
-    with pytest.raises(ValueError, match="repeats"):
-        user_mean_differences([(["a", "a"], [1.0, 0.0])])
+    # a user's several test windows in one seed are averaged first, then the seeds
+    ids, means = user_mean_differences([(["a", "a", "b"], [1.0, 0.0, 2.0]), (["a"], [1.0])])
+    assert ids == ["a", "b"] and means.tolist() == [0.75, 2.0]
 
 
 def test_choose_on_valid_keeps_each_configurations_best_learning_rate() -> None:

@@ -398,7 +398,7 @@ def _paired_section(
         f"Each line: mean per-user difference (first minus second) of NDCG@{k} and HR@{k}, a paired bootstrap "
         "95% interval and a paired permutation test's two-sided p-value (scipy.stats.bootstrap, "
         "permutation_test); per seed, and pooled over seeds by user: each user's difference averaged over "
-        "the seeds, then users resampled (the same users under several seeds are not independent "
+        "its test windows and the seeds, then users resampled (the same users under several seeds are not independent "
         "samples), with each seed's mean difference and their spread below. A difference is called "
         "distinguishable from noise when its interval excludes 0 and p < 0.05; with several comparisons, "
         "about one in twenty null differences passes that bar by chance.",
