@@ -196,6 +196,90 @@ def _agreement(ours, ref):
     return same, same_set, overlap, max(diffs, default=0.0)
 
 
+# the search's phases, labelled for the profiler by wrapping them here (the library is not changed)
+PHASES = {
+    "prefill": ("_encode_prompts", "function"),
+    "candidates: log-softmax over the trie, top-2B, trie advance": ("_Candidates.best", "classmethod"),
+    "finished items (merge, top-B)": ("_Outcome.finish", "method"),
+    "live beams (top-B)": ("_LiveBeams.of", "classmethod"),
+    "stopping rule": ("_still_searching", "function"),
+    "cache rows reordered": ("reorder_rows", "function"),
+    "model forward (one token per beam)": ("shared_prefix_forward", "function"),
+}
+
+
+def _labelled(label, fn):
+    def wrapper(*a, **k):
+        with torch.profiler.record_function(label):
+            return fn(*a, **k)
+
+    return wrapper
+
+
+def _wrap_phases():
+    """Put a profiler label around each phase of `constrained_beam_search`; returns the undo."""
+    import bear_ds.generation.beam as beam
+
+    undo = []
+    for label, (path, kind) in PHASES.items():
+        owner_name, _, attr = path.rpartition(".")
+        owner = getattr(beam, owner_name) if owner_name else beam
+        original = owner.__dict__[attr]
+        fn = original.__func__ if kind == "classmethod" else original
+        wrapped = _labelled(label, fn)
+        setattr(owner, attr, classmethod(wrapped) if kind == "classmethod" else wrapped)
+        undo.append((owner, attr, original))
+    return lambda: [setattr(o, a, v) for o, a, v in undo]
+
+
+def _profile(model, catalog, batches, args) -> None:
+    """Where a decoding step's time goes: CPU time per phase of our search (torch.profiler labels),
+    per decoding step, and the operators that take most of the model forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    undo = _wrap_phases()
+    try:
+        args.decode_steps = 0
+        wall = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for ids, attn in batches:
+                with torch.profiler.record_function("search"):
+                    _ours(model, catalog, ids, attn, args)
+        wall = time.perf_counter() - wall
+    finally:
+        undo()
+    events = {e.key: e for e in prof.key_averages()}
+    steps = max(args.decode_steps, 1)
+    total_ms = events["search"].cpu_time_total / 1000
+    print()
+    print(f"profile of ours ({len(batches)} batches, {steps} decoding steps; profiler on: {wall:.2f} s wall):")
+    print("| phase | CPU ms | ms per decoding step | share of the search |")
+    print("|---|---|---|---|")
+    labelled = 0.0
+    for label in PHASES:
+        ms = events[label].cpu_time_total / 1000 if label in events else 0.0
+        labelled += ms
+        per_step = "-" if label == "prefill" else f"{ms / steps:.2f}"
+        print(f"| {label} | {ms:.1f} | {per_step} | {100 * ms / total_ms:.0f}% |")
+    rest = total_ms - labelled
+    print(
+        f"| the rest (Python between phases, outcome bookkeeping) | {rest:.1f} | {rest / steps:.2f} | {100 * rest / total_ms:.0f}% |"
+    )
+    print()
+    print("operators by self CPU time over the whole search (top 12):")
+    print("| operator | calls | self CPU ms | share of the search |")
+    print("|---|---|---|---|")
+    ops = sorted((e for e in events.values() if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
+    for e in ops[:12]:
+        ms = e.self_cpu_time_total / 1000
+        print(f"| {e.key} | {e.count} | {ms:.1f} | {100 * ms / total_ms:.0f}% |")
+    op_ms = sum(e.self_cpu_time_total for e in ops) / 1000
+    print(
+        f"all aten operators together: {op_ms:.1f} ms self CPU, {100 * op_ms / total_ms:.0f}% of the search; "
+        "the remainder is Python (module calls, the cache classes, our glue)"
+    )
+
+
 def _evaluate_cli(args, folder, nproc):
     out = Path(args.out) / f"eval_ws{nproc}"
     cmd = torchrun_command(
@@ -226,6 +310,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=60, help="LML steps before decoding (0: random model)")
     p.add_argument("--world-size", type=int, default=1, help="2: also compare `bear-ds evaluate` on 1 vs 2 processes")
     p.add_argument("--device", default="cpu", help="cuda: decode on the GPU; the speed-up is then on wall time")
+    p.add_argument("--profile", action="store_true", help="also profile ours: CPU time per phase of a decoding step")
     args = p.parse_args()
     device = torch.device(args.device)
 
@@ -283,6 +368,8 @@ def main() -> None:
             for ids, attn in _batches(prompt_ids, pad, size, device):
                 _timed(lambda ids=ids, attn=attn: _ours(model, catalog, ids, attn, args), clock)
             print(f"| {size} | {n / clock[basis]:.2f} |")
+    if args.profile:
+        _profile(model, catalog, batches, args)
     if args.world_size > 1:
         m1, p1 = _evaluate_cli(args, folder, 1)
         m2, p2 = _evaluate_cli(args, folder, args.world_size)
