@@ -317,6 +317,21 @@ class AnalyzeConfig(_Section):
     max_users: int = Field(300, ge=1, description="pipeline/demo: test users given the exhaustive pruning analysis")
 
 
+class DemoConfig(_Section):
+    workers: Literal["auto"] | int = Field(
+        "auto",
+        description="processes sharing the demo's three trainings and three analyses, each with "
+        "(cores / workers) torch threads; auto: 2 on a CPU-only machine with at least 2 cores, else 1",
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _at_least_one(cls, value: Literal["auto"] | int) -> Literal["auto"] | int:
+        if value != "auto" and value < 1:
+            raise ValueError(f"must be 'auto' or >= 1, got {value}")
+        return value
+
+
 class SweepConfig(_Section):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> list of values")
     base: str | None = Field(None, description="config file each point starts from")
@@ -355,6 +370,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

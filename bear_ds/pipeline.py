@@ -3,10 +3,14 @@
 A run point = train (with per-epoch validation and test, epoch selected on valid) -> pruning
 analysis of the exported model on the test split -> summary. Points whose `summary.json` and
 `analysis/analysis.json` exist are skipped, so a crashed demo or sweep restarts where it stopped.
+The demo's six tasks (three trainings, then their analyses) are shared by `demo.workers` processes
+through claims, as a sweep's points are.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,9 +19,10 @@ import yaml
 
 from bear_ds.config import Config, ConfigError, with_overrides
 from bear_ds.data import resolve_prepared
+from bear_ds.errors import BearDsError, report_user_error
 from bear_ds.evaluation.analysis import analyze
 from bear_ds.folders import check_output_dir
-from bear_ds.locks import RunFolderLock
+from bear_ds.locks import RunFolderBusyError, RunFolderLock
 from bear_ds.outputs import check_writable_folder, write_json_atomic, write_text_atomic
 from bear_ds.reports import report
 from bear_ds.sweeps import CLAIMS, run_sweep, sweep_base
@@ -32,22 +37,113 @@ def point_finished(out_dir: Path) -> bool:
     return (out_dir / "summary.json").is_file() and (out_dir / "analysis" / "analysis.json").is_file()
 
 
+def trained(out_dir: Path) -> bool:
+    return (out_dir / "summary.json").is_file()
+
+
+def train_point(cfg: Config, out_dir: Path) -> None:
+    """Train one configuration into `out_dir` (resume=auto: a crashed training continues from its
+    last checkpoint)."""
+    train(with_overrides(cfg, [f"output_dir={out_dir}", "train.resume=auto"]))
+
+
+def analyze_point(cfg: Config, out_dir: Path) -> None:
+    """The pruning analysis of the model trained into `out_dir`, on its test users."""
+    analyze(
+        with_overrides(
+            cfg,
+            [
+                f"model.path={out_dir / 'model'}",
+                f"output_dir={out_dir / 'analysis'}",
+                "eval.split=test",  # analyze.max_users caps the (costly) exhaustive ranking
+            ],
+        )
+    )
+
+
 def run_point(cfg: Config, out_dir: Path) -> None:
     """Train one configuration into `out_dir`, then run the pruning analysis on its test users."""
     out_dir = Path(out_dir)
-    point = with_overrides(cfg, [f"output_dir={out_dir}"])
-    if not (out_dir / "summary.json").is_file():
-        # resume=auto: a point that crashed mid-training continues from its last checkpoint
-        train(with_overrides(point, ["train.resume=auto"]))
-    analysis_cfg = with_overrides(
-        point,
-        [
-            f"model.path={out_dir / 'model'}",
-            f"output_dir={out_dir / 'analysis'}",
-            "eval.split=test",  # analyze.max_users caps the (costly) exhaustive ranking
-        ],
-    )
-    analyze(analysis_cfg)
+    if not trained(out_dir):
+        train_point(cfg, out_dir)
+    analyze_point(cfg, out_dir)
+
+
+def demo_workers(cfg: Config) -> int:
+    """`demo.workers`, with auto resolved: two one-thread processes use two CPU cores 1.1-1.3x better
+    than one two-thread process for the demo's tiny model (docs/results.md); a GPU is one device."""
+    if cfg.demo.workers != "auto":
+        return cfg.demo.workers
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
+
+
+# The demo's tasks in the order a free worker takes them: the trainings first, so that the analyses
+# (each after its own training) fill the time the last training leaves the other worker.
+DEMO_TASKS = [("train", m) for m in METHODS] + [("analyze", m) for m in METHODS]
+
+
+def _task_done(out: Path, kind: str, method: str) -> bool:
+    return trained(out / method) if kind == "train" else point_finished(out / method)
+
+
+def _run_task(cfg: Config, out: Path, data_dir: Path, kind: str, method: str) -> None:
+    point = with_overrides(cfg, [f"loss.name={method}", f"data.path={data_dir}", "data.source=prepared"])
+    print(f"[demo] {method}: {'training into' if kind == 'train' else 'analysing'} {out / method}", flush=True)
+    (train_point if kind == "train" else analyze_point)(point, out / method)
+
+
+def work_on_demo(cfg: Config, out: Path, data_dir: Path) -> None:
+    """Run demo tasks until none is left: each one claimed (out/.claims/<task>) so that no two workers
+    run it, an analysis only once its training is done. A task whose worker died is released with it
+    (flock) and taken over, resuming from the training's last checkpoint."""
+    while True:
+        left = [(kind, m) for kind, m in DEMO_TASKS if not _task_done(out, kind, m)]
+        if not left:
+            return
+        for kind, method in left:
+            if kind == "analyze" and not trained(out / method):
+                continue
+            claim = RunFolderLock(out / CLAIMS / f"{kind}-{method}")
+            try:
+                claim.acquire()
+            except RunFolderBusyError:
+                continue
+            with claim:
+                if not _task_done(out, kind, method):
+                    _run_task(cfg, out, data_dir, kind, method)
+            break
+        else:  # no task this worker can start now
+            if all(_claimed(out, kind, m) or (kind == "analyze" and _claimed(out, "train", m)) for kind, m in left):
+                return  # the other workers hold all that is left (the worker of a training then analyses it)
+            time.sleep(1.0)
+
+
+def _claimed(out: Path, kind: str, method: str) -> bool:
+    """Whether another process holds the claim of this task now."""
+    claim = RunFolderLock(out / CLAIMS / f"{kind}-{method}")
+    try:
+        claim.acquire()
+    except RunFolderBusyError:
+        return True
+    claim.release()
+    return False
+
+
+def _demo_worker(cfg: Config, out: Path, data_dir: Path, threads: int) -> None:
+    """One demo worker process (spawned): its torch threads, logging, then `work_on_demo`."""
+    import torch
+
+    from bear_ds.runtime import configure_logging, run_scope
+
+    torch.set_num_threads(threads)
+    configure_logging()
+    try:
+        with run_scope():
+            work_on_demo(cfg, out, data_dir)
+    except BearDsError as err:
+        raise SystemExit(report_user_error("bear-ds demo", err)) from None
 
 
 def demo(cfg: Config) -> Path:
@@ -58,15 +154,30 @@ def demo(cfg: Config) -> Path:
     write_text_atomic(check_writable_folder(out) / DEMO_CONFIG, yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     data_dir = resolve_prepared(cfg, out / "data")  # once: every method sees the same splits
     for method in METHODS:
-        point_dir = out / method
-        if point_finished(point_dir):
-            print(f"[demo] {method}: already finished in {point_dir}, skipped")
-            continue
-        print(f"[demo] {method}: training into {point_dir}")
-        point = with_overrides(cfg, [f"loss.name={method}", f"data.path={data_dir}", "data.source=prepared"])
-        run_point(point, point_dir)
+        if point_finished(out / method):
+            print(f"[demo] {method}: already finished in {out / method}, skipped")
+    workers = demo_workers(cfg)
+    if workers == 1:
+        work_on_demo(cfg, out, data_dir)
+    else:
+        import torch
+
+        threads = max(1, torch.get_num_threads() // workers)
+        print(f"[demo] {workers} worker processes, {threads} torch thread(s) each", flush=True)
+        spawn = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
+        procs = [spawn.Process(target=_demo_worker, args=(cfg, out, data_dir, threads)) for _ in range(workers)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        failed = [proc.exitcode for proc in procs if proc.exitcode != 0]
+        if failed:
+            raise BearDsError(
+                f"a demo worker stopped with exit status {failed[0]} (its message is above); run the same "
+                f"command again to resume from {out}"
+            )
     print(report(out).read_text())
-    write_json_atomic(out / "demo_time.json", {"wall_s": round(time.perf_counter() - started, 1)})
+    write_json_atomic(out / "demo_time.json", {"wall_s": round(time.perf_counter() - started, 1), "workers": workers})
     return out
 
 
