@@ -145,6 +145,8 @@ def test_each_sweep_config_runs_as_documented(
     out = tmp_path / path.stem
     _run_sweep(path, [f"output_dir={out}", *TINY, *_two_points(cfg), *extra], cwd=REPO, monkeypatch=monkeypatch)
     _check_points(out, len(expand_grid(load_config(path, _two_points(cfg)).sweep, sweep_base(cfg))))
+    if cfg.sweep.stage1 is not None:  # most-popular from stage 1's training windows, not stage 2's sample
+        assert "most-popular (3 users, stage 1's training windows)" in (out / "results.md").read_text()
 
 
 def _run_sweep(path: Path, overrides: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:

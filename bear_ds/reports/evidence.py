@@ -278,9 +278,13 @@ def evidence_sections(
                 notes.append(f"{run.name}: no per-user test ranks ({why})")
             else:
                 ranks.setdefault(m.label, {})[seed] = got
-    # the most-popular list, on the test users of each LML run (all runs share the data in a sweep)
+    # the most-popular list, on the test users of each LML run (all runs share the data in a sweep);
+    # in a two-stage sweep from stage 1's training windows (stage 2 may train on a sample of them)
     popular: dict[Any, UserRanks] = {}
-    reference = next((m for m in methods if m.loss_name == "lml"), methods[0] if methods else None)
+    reference = next(
+        (m for m in methods if (m.label == stage1 if stage1 is not None else m.loss_name == "lml")),
+        methods[0] if methods else None,
+    )
     if reference is not None:
         for seed, run in reference.runs.items():
             got, why = most_popular_ranks_for(run, ranks.get(reference.label, {}).get(seed), k)
@@ -296,6 +300,7 @@ def evidence_sections(
         popular_metrics = {
             **rank_metrics(first.ranks, sorted({x for x in (5, k) if x <= k})),
             "users": len(first.ranks),
+            "from": "stage 1's training windows" if stage1 is not None and reference.label == stage1 else None,
         }
         ranks[MOST_POPULAR] = popular
     if not statistics:
@@ -339,7 +344,8 @@ def _seed_table(methods: list[MethodRuns], popular: dict[str, Any], notes: list[
         rows.append(cells)
     rows.append(
         [
-            f"{MOST_POPULAR} (top-{k} by training frequency)",
+            f"{MOST_POPULAR} (top-{k} by training frequency"
+            + (f" in {popular['from']})" if popular.get("from") else ")"),
             "–",
             *(format_number(popular.get(m)) for m in _metrics(k)),
             "–",
