@@ -205,6 +205,12 @@ def test_a_two_stage_report_compares_each_method_at_its_chosen_rate_with_continu
         ("loss.name=msl, train.lr=0.001", stage1),
     ], compared
     assert "| stage1/train.seed=1 |" in text  # stage 1's runs in the results table too
+    # every user's outcome repeats across the two seeds: pooling user-seed pairs counts each user
+    # twice, so its interval is about sqrt(2) narrower than the by-user one the report uses
+    row = next(line for line in text.splitlines() if line.startswith(f"| loss.name=msl, train.lr=0.001 vs {control} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1].endswith("n = 16") and cells[2].endswith("n = 32"), cells
+    assert 1.3 < float(cells[3]) < 1.6, cells
     assert "stage1 is not a point" not in text
 
 

@@ -428,6 +428,7 @@ def _paired_section(
     compared = 0
     clear: list[str] = []
     unclear: list[str] = []
+    pooling_rows: list[list[str]] = []
     for a, b in pairs:
         ra, rb = ranks.get(a, {}), ranks.get(b, {})
         seeds = [s for s in rb if s in ra]
@@ -454,6 +455,8 @@ def _paired_section(
         lines += [*per_seed, _seed_level(pooled, k)]
         ndcg = d[_metrics(k)[0]]
         (clear if ndcg.distinguishable else unclear).append(f"{a} vs {b} ({ndcg.mean_diff:+.4f})")
+        if len(per_seed) > 1:
+            pooling_rows.append(_pooling_row(f"{a} vs {b}", ndcg, pooled[_metrics(k)[0]]))
     if not compared:
         lines.append("No pair had per-user test ranks for both sides (see the notes).")
         return [*lines, ""]
@@ -467,7 +470,41 @@ def _paired_section(
         + (f"Not distinguishable from noise: {'; '.join(unclear)}." if unclear else ""),
         "",
     ]
-    return [*lines, "", *summary]
+    return [*lines, "", *summary, *_pooling_table(pooling_rows, k)]
+
+
+def _pooling_row(pair: str, by_user: PairedDifference, per_seed: list[tuple[list[str], np.ndarray]]) -> list[str]:
+    """One comparison pooled by user (as above) and as user-seed pairs taken for independent samples."""
+    diffs = np.concatenate([d for _, d in per_seed])
+    by_pair = paired_difference(diffs, np.zeros_like(diffs))
+    ratio = (by_user.high - by_user.low) / (by_pair.high - by_pair.low) if by_pair.high > by_pair.low else math.nan
+    changed = "yes" if by_user.distinguishable != by_pair.distinguishable else "no"
+    return [
+        pair,
+        f"{_fmt_diff(by_user)}, n = {by_user.n}",
+        f"{_fmt_diff(by_pair)}, n = {by_pair.n}",
+        f"{ratio:.2f}",
+        changed,
+    ]
+
+
+def _pooling_table(rows: list[list[str]], k: int) -> list[str]:
+    if not rows:
+        return []
+    headers = [
+        "pair",
+        f"NDCG@{k} by user (above)",
+        "user-seed pairs as independent samples",
+        "interval width, by user / by pair",
+        "distinguishable from noise changes",
+    ]
+    return [
+        "Pooling over seeds by user against pooling user-seed pairs (which counts a user whose outcome repeats "
+        "across seeds once per seed, so its intervals are too narrow and its p-values too small):",
+        "",
+        markdown_table(headers, rows),
+        "",
+    ]
 
 
 def _counts(analysis: dict[str, Any]) -> tuple[int, int, int] | None:
