@@ -84,8 +84,8 @@ def _results_table(runs: dict[str, RunData], popular: dict[str, Any] | None = No
         )
     if popular is not None:  # the reference every method has to beat: the same list for every test user
         cells = [format_number(popular[m]) if is_finite_number(popular.get(m)) else "–" for m in TABLE_METRICS]
-        users = f" ({popular['users']} users" if "users" in popular else ""
-        users += (f", {popular['from']})" if popular.get("from") else ")") if users else ""
+        source = f", {popular['from']}" if popular.get("from") else ""
+        users = f" ({popular['users']} users{source})" if "users" in popular else ""
         rows.append([f"{MOST_POPULAR}{users}", *cells, "–", "–", "–", "–"])
         if "users" not in popular:
             notes.append(f"{MOST_POPULAR}: not scored ({popular.get('why')})")
