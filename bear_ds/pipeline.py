@@ -70,8 +70,8 @@ def run_point(cfg: Config, out_dir: Path) -> None:
 
 
 def demo_workers(cfg: Config) -> int:
-    """`demo.workers`, with auto resolved: two one-thread processes use two CPU cores 1.1-1.3x better
-    than one two-thread process for the demo's tiny model (docs/results.md); a GPU is one device."""
+    """`demo.workers`, with auto resolved: two one-thread processes ran the demo 1.08x faster than one
+    two-thread process on 2 idle cores (docs/results.md section 1); a GPU is one device."""
     if cfg.demo.workers != "auto":
         return cfg.demo.workers
     import torch
