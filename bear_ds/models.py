@@ -59,6 +59,11 @@ def is_zero3_partitioned(model_or_params: torch.nn.Module | Iterable[torch.nn.Pa
     return any(hasattr(p, "ds_id") for p in params)
 
 
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of `param` in full: a ZeRO-3 partition counts as its whole tensor (`ds_numel`)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 def default_cache_dir() -> Path:
     """Where converted GGUF models are cached: $BEAR_DS_CACHE, else ~/.cache/bear_ds."""
     return Path(os.environ.get("BEAR_DS_CACHE", Path.home() / ".cache" / "bear_ds"))

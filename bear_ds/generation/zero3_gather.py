@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bear_ds.models import is_zero3_partitioned, unwrap_model
+from bear_ds.models import full_numel, is_zero3_partitioned, unwrap_model
 
 GATHER_MODES = ("auto", "once", "per_step")
 FREE_MEMORY_SHARE = 0.5  # of the free memory the gathered model may take (auto)
@@ -32,7 +32,7 @@ FREE_MEMORY_SHARE = 0.5  # of the free memory the gathered model may take (auto)
 
 def full_model_bytes(net: torch.nn.Module) -> int:
     """Bytes of every parameter in full (a ZeRO-3 partition counts as its whole tensor)."""
-    return sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in net.parameters())
+    return sum(full_numel(p) * p.element_size() for p in net.parameters())
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bear_ds.models import unwrap_model
+from bear_ds.models import full_numel, unwrap_model
 
 # dense bf16 tensor-core FLOP/s per device; the first name found in the device's name wins
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -54,10 +54,6 @@ def peak_flops(device: torch.device, precision: str, override: float | None = No
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
-def _numel(param: torch.Tensor) -> int:
-    return int(getattr(param, "ds_numel", param.numel()))  # a ZeRO-3 partition's full size
-
-
 @dataclass(frozen=True)
 class FlopModel:
     """What the FLOP count of a step needs to know about the model."""
@@ -79,8 +75,8 @@ class FlopModel:
         body = [p for p in hf.parameters() if id(p) not in skip]
         head = hf.get_output_embeddings()
         return cls(
-            body_params=sum(_numel(p) for p in body),
-            body_trainable=sum(_numel(p) for p in body if p.requires_grad),
+            body_params=sum(full_numel(p) for p in body),
+            body_trainable=sum(full_numel(p) for p in body if p.requires_grad),
             layers=int(config.num_hidden_layers),
             hidden=int(config.hidden_size),
             vocab=int(config.vocab_size),

@@ -52,6 +52,7 @@ from bear_ds.memory import TrainingShape, checkpointing_needed
 from bear_ds.models import (
     build_model,
     enable_activation_checkpointing,
+    full_numel,
     is_zero3_partitioned,
     model_hidden_size,
     pretrained_folder,
@@ -282,7 +283,7 @@ class Trainer:
         setting = self.cfg.model.gradient_checkpointing
         if setting != "auto":
             return bool(setting)
-        sizes = [int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()]  # ZeRO-3: full sizes
+        sizes = [full_numel(p) for p in model.parameters()]  # ZeRO-3: full sizes
         trainable = sum(n for n, p in zip(sizes, model.parameters(), strict=True) if p.requires_grad)
         config = model.config
         shape = TrainingShape(
