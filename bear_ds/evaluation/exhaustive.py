@@ -444,7 +444,7 @@ def _edge_stats(
         vals = logits[row, tokens]  # [P]
         edge_logp[slots] = trie_log_softmax(logits, mask, pairs=(row, tokens))
     else:
-        vals = _pair_logits(logits, head, row, tokens)
+        vals = head.pair_logits(logits, row, tokens)
         edge_logp[slots] = pair_log_softmax(vals, row, nodes.numel())
     # rank: sort each node's children by value (descending); a child's rank is where its run of
     # equal values starts, relative to the node's first position
@@ -457,19 +457,6 @@ def _edge_stats(
     run_start = torch.cummax(torch.where(new_run, pos, torch.zeros_like(pos)), 0).values
     node_start = torch.cumsum(counts, 0) - counts
     edge_rank[slots[order]] = run_start - node_start[sorted_row]
-
-
-def _pair_logits(hidden: torch.Tensor, head: LMHead, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """float32 logits [P] of (row, token) pairs from last hidden states [n, H]: the output layer
-    for those tokens only, rounded to the hidden dtype as the full projection's logits are."""
-    z = (hidden[rows].float() * head.weight[tokens].float()).sum(-1)  # [P]
-    if head.bias is not None:
-        z = z + head.bias[tokens].float()
-    if head.scale != 1.0:
-        z = z * head.scale
-    if head.softcap is not None:
-        z = torch.tanh(z / head.softcap) * head.softcap
-    return z.to(hidden.dtype).float()
 
 
 @torch.no_grad()

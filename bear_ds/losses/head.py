@@ -38,7 +38,17 @@ class LMHead(NamedTuple):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[C, H] -> [C, V] logits in the hidden dtype (the softmax upcasts to float32)."""
-        z = torch.nn.functional.linear(hidden, self.weight, self.bias)  # [C, V]
+        return self._scaled_and_capped(torch.nn.functional.linear(hidden, self.weight, self.bias))  # [C, V]
+
+    def pair_logits(self, hidden: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """float32 logits [P] of (row, token) pairs from hidden states [n, H]: the projection onto
+        those tokens only, computed in float32 and rounded to the hidden dtype as `logits` would be."""
+        z = (hidden[rows].float() * self.weight[tokens].float()).sum(-1)  # [P]
+        if self.bias is not None:
+            z = z + self.bias[tokens].float()
+        return self._scaled_and_capped(z).to(hidden.dtype).float()
+
+    def _scaled_and_capped(self, z: torch.Tensor) -> torch.Tensor:
         if self.scale != 1.0:
             z = z * self.scale
         if self.softcap is not None:
