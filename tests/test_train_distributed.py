@@ -218,6 +218,10 @@ with open(sys.argv[1] + f"/rank{accelerator.process_index}.json", "w") as f:
     json.dump(report, f)
 accelerator.wait_for_everyone()
 torch.distributed.destroy_process_group()  # a rank leaving while gloo still talks aborts the other
+# and leave as a bear-ds command does: the partitioned model outlives the group, and freeing it in
+# interpreter finalization aborted a rank once ("terminate called without an active exception")
+from bear_ds.runtime import exit_process
+exit_process(0)
 """
 
 
