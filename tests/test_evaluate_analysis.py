@@ -177,9 +177,9 @@ def test_bounded_walk_gives_the_same_records_as_the_full_walk():
     first = exhaustive_scores(model, prompts[0], CatalogTargets.build(titles, trie), trie, mask="before")
     order = torch.argsort(first.total_logp, descending=True).tolist()
     targets = [order[(u * 7) % 80] for u in range(11)] + [None]
-    for mask in ("after", "before"):
+    for mask, probe in (("after", True), ("before", True), ("after", False), ("before", False)):
         full = analyze_users(model, prompts, targets, titles, trie, bounded=False, **_analysis_options(mask))
-        fast = analyze_users(model, prompts, targets, titles, trie, bounded=True, **_analysis_options(mask))
+        fast = analyze_users(model, prompts, targets, titles, trie, probe=probe, **_analysis_options(mask))
         for a, b in zip(full, fast, strict=True):
             floats = ("exhaustive_logp", "target_logp", "pruned_prefix_logp", "beam_cutoff_logp")
             assert {k: v for k, v in a.items() if k not in floats} == {k: v for k, v in b.items() if k not in floats}
@@ -243,7 +243,11 @@ def test_rank_cap_keeps_every_record_below_the_cap():
     targets = [(u * 13) % 80 for u in range(10)]
     full = analyze_users(model, prompts, targets, titles, trie, bounded=False, **_analysis_options("after"))
     capped = analyze_users(model, prompts, targets, titles, trie, rank_cap=5, **_analysis_options("after"))
+    unprobed = analyze_users(
+        model, prompts, targets, titles, trie, rank_cap=5, probe=False, **_analysis_options("after")
+    )
     assert aggregate_pruning(full, [1, 3, 5]) == aggregate_pruning(capped, [1, 3, 5])
+    assert aggregate_pruning(full, [1, 3, 5]) == aggregate_pruning(unprobed, [1, 3, 5])
     for a, b in zip(full, capped, strict=True):
         assert b["global_rank_exact"] == (a["global_rank"] < 5)
         if b["global_rank_exact"]:
@@ -253,6 +257,41 @@ def test_rank_cap_keeps_every_record_below_the_cap():
         same = ("exhaustive_top", "beam_top", "beam_rank", "in_top_b", "pruned", "condition_holds")
         assert {k: a[k] for k in same} == {k: b[k] for k in same}
     assert any(not r["global_rank_exact"] for r in capped) and any(r["global_rank_exact"] for r in capped)
+
+
+@torch.no_grad()
+def test_probe_walk_is_narrow_and_starts_the_exact_walk_from_the_targets_total(monkeypatch):
+    # the probe keeps at most PROBE_WIDTH_PER_GROUP * B nodes per level besides the target's path,
+    # and hands the exact walk the target's walked total and every group it finished
+    import bear_ds.evaluation.exhaustive as exhaustive_module
+    from bear_ds.evaluation.exhaustive import PROBE_WIDTH_PER_GROUP, PruneBound
+
+    model, titles, trie, prompts = _bushy_setting(seed=8, users=1)
+    targets = CatalogTargets.build(titles, trie)
+    full = exhaustive_scores(model, prompts[0], targets, trie, mask="after")
+    order = torch.argsort(full.total_logp, descending=True).tolist()
+    rows_per_level: list[list[int]] = []  # per walk: the rows of each level
+    starts: list[dict[int, float]] = []  # the groups (and totals) each walk's filter starts from
+    score_level, start = exhaustive_module._BatchWalk.score_level, exhaustive_module._SubtreeFilter.start.__func__
+
+    def counting_score_level(self, level, depth, *args):
+        if depth == 0:
+            rows_per_level.append([])
+        rows_per_level[-1].append(sum(child.numel() for _, _, child in level))
+        return score_level(self, level, depth, *args)
+
+    def recording_start(cls, targets_, trie_, bound, known, width=None):
+        starts.append(dict(known))
+        return start(cls, targets_, trie_, bound, known, width)
+
+    monkeypatch.setattr(exhaustive_module._BatchWalk, "score_level", counting_score_level)
+    monkeypatch.setattr(exhaustive_module._SubtreeFilter, "start", classmethod(recording_start))
+    bounded = exhaustive_scores(model, prompts[0], targets, trie, mask="after", bound=PruneBound(order[50], (), 1))
+    probe_rows, exact_rows = rows_per_level
+    assert max(probe_rows) <= PROBE_WIDTH_PER_GROUP + 1 < max(exact_rows)
+    assert starts[0] == {} and abs(starts[1][order[50]] - float(full.total_logp[order[50]])) < 1e-5
+    assert len(starts[1]) > 1 and all(abs(t - float(full.total_logp[g])) < 1e-5 for g, t in starts[1].items())
+    assert int(torch.argmax(bounded.total_logp)) == order[0]  # the exact walk still finds the best group
 
 
 def _plain_live_beams(model, prompt: list[int], trie, num_beams: int, mask: str, steps: int) -> list[list[tuple]]:

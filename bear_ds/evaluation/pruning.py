@@ -160,11 +160,13 @@ def analyze_users(
     progress: Any = None,
     bounded: bool = True,
     rank_cap: int | None = None,
+    probe: bool = True,
 ) -> list[dict[str, Any]]:
     """Per-user pruning records (one process, full model) for the given prompts, in input order.
 
-    bounded: skip trie subtrees that cannot change a record (`PruneBound`, with beam search's groups
-    as the first top-B estimate); False walks the whole trie. Both give the same records.
+    bounded: skip trie subtrees that cannot change a record (`PruneBound`: a probe walk finds the
+    first top-B estimate; `probe=False`: beam search's B groups, teacher-forced, are that estimate);
+    False walks the whole trie. All give the same records.
     batch_users: users per beam search and per exhaustive walk (`exhaustive_scores_batch`: their
     trie nodes share forwards of at most `batch_items` rows).
     rank_cap (bounded only): global ranks are exact below it; a record at or beyond it has
@@ -197,14 +199,14 @@ def analyze_users(
             [s.cpu() for s in beam.live_states or []],
             live_thresholds=beam.live_thresholds.cpu() if beam.live_thresholds is not None else None,
         )
+        # the bounded walk's first top-B estimate: its probe's groups, or beam search's
+        candidates = [[] if probe else [g for g in beam.groups[j].tolist() if g >= 0] for j in range(len(chunk))]
         bounds = [
-            PruneBound(target_groups[start + j], [g for g in beam.groups[j].tolist() if g >= 0], num_beams, rank_cap=rank_cap)
-            if bounded
-            else None
+            PruneBound(target_groups[start + j], candidates[j], num_beams, rank_cap=rank_cap) if bounded else None
             for j in range(len(chunk))
-        ]  # fmt: skip
+        ]
         batch_scores = exhaustive_scores_batch(
-            model, chunk, targets, trie_dev, mask=mask, batch_items=batch_items, bounds=bounds
+            model, chunk, targets, trie_dev, mask=mask, batch_items=batch_items, bounds=bounds, probe=probe
         )
         for j, scores in enumerate(batch_scores):
             record = user_pruning_record(target_groups[start + j], scores, beam, j, group_token_ids, trie, num_beams)
