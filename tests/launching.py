@@ -21,10 +21,10 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def run_ok(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run_ok(cmd: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
     # the outer timeout only catches a hang: 85 s was too short for a 6-step ZeRO-3 launch on a
     # 2-core machine that ran two trainings and the demo beside the suite
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env={**launch_env(), **env}, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

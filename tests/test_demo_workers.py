@@ -24,7 +24,8 @@ TINY = [
 
 def _demo(out: Path, *extra: str) -> str:
     cmd = [sys.executable, "-m", "bear_ds.cli", "demo", f"output_dir={out}", *TINY, *extra]
-    return run_ok(cmd, timeout=600).stdout
+    # two threads to share: the worker left alone takes both when the other one has finished
+    return run_ok(cmd, timeout=600, OMP_NUM_THREADS="2").stdout
 
 
 def test_two_workers_run_each_task_once_and_report_every_method(tmp_path: Path) -> None:
@@ -32,6 +33,7 @@ def test_two_workers_run_each_task_once_and_report_every_method(tmp_path: Path) 
     out = tmp_path / "demo"
     stdout = _demo(out, "demo.workers=2")
     assert "[demo] 2 worker processes, 1 torch thread(s) each" in stdout
+    assert stdout.count("[demo] a worker finished: 1 other(s) now use 2 torch threads") == 1, stdout
     for method in METHODS:
         assert stdout.count(f"[demo] {method}: training into {out / method}") == 1, stdout
         assert stdout.count(f"[demo] {method}: analysing {out / method}") == 1, stdout
