@@ -403,9 +403,10 @@ def _paired_section(
         "",
         f"Each line: mean per-user difference (first minus second) of NDCG@{k} and HR@{k}, a paired bootstrap "
         "95% interval and a paired permutation test's two-sided p-value (scipy.stats.bootstrap, "
-        "permutation_test); per seed, and pooled over seeds by user: each user's difference averaged over "
-        "its test windows and the seeds, then users resampled (the same users under several seeds are not independent "
-        "samples), with each seed's mean difference and their spread below. A difference is called "
+        "permutation_test); pooled over seeds by user: each user's difference averaged over its test windows "
+        "and the seeds, then users resampled (the same users under several seeds are not independent samples), "
+        "with each seed's own comparison, its mean difference and their spread below (one seed of one test "
+        "window per user: the pooled line is that seed's comparison). A difference is called "
         "distinguishable from noise when its interval excludes 0 and p < 0.05; with several comparisons, "
         "about one in twenty null differences passes that bar by chance.",
         "",
@@ -443,19 +444,24 @@ def _paired_section(
                 notes.append(f"{a} vs {b}, seed {s}: the two runs were tested on different users; left out")
                 continue
             xa, xb = ua.per_user(k), ub.per_user(k)
-            diffs = {m: paired_difference(xa[m], xb[m], seed=int(s) if isinstance(s, int) else 0) for m in _metrics(k)}
-            per_seed.append("  - " + _describe(f"seed {s}", diffs, "one seed", k))
+            # one seed of one test window per user: the pooled line below is this seed's comparison
+            if len(seeds) > 1 or len(set(ua.user_ids)) < len(ua.user_ids):
+                seed = int(s) if isinstance(s, int) else 0
+                diffs = {m: paired_difference(xa[m], xb[m], seed=seed) for m in _metrics(k)}
+                per_seed.append("  - " + _describe(f"seed {s}", diffs, "one seed", k))
             for m in _metrics(k):
                 pooled[m].append((ua.user_ids, xa[m] - xb[m]))
-        if not per_seed:
+        if not pooled[_metrics(k)[0]]:
             continue
         compared += 1
         d = {m: user_level_difference(pooled[m]) for m in _metrics(k)}
-        lines.append(f"- **{a} vs {b}**: " + _describe("pooled", d, f"over {len(per_seed)} seed(s)", k))
-        lines += [*per_seed, _seed_level(pooled, k)]
+        seeds_used = len(pooled[_metrics(k)[0]])
+        lines.append(f"- **{a} vs {b}**: " + _describe("pooled", d, f"over {seeds_used} seed(s)", k))
+        if per_seed:
+            lines += [*per_seed, _seed_level(pooled, k)]
         ndcg = d[_metrics(k)[0]]
         (clear if ndcg.distinguishable else unclear).append(f"{a} vs {b} ({ndcg.mean_diff:+.4f})")
-        if len(per_seed) > 1:
+        if seeds_used > 1:
             pooling_rows.append(_pooling_row(f"{a} vs {b}", ndcg, pooled[_metrics(k)[0]]))
     if not compared:
         lines.append("No pair had per-user test ranks for both sides (see the notes).")
