@@ -8,11 +8,15 @@ the walk before it batched the users of a batch into the same forwards; same rec
 
 For each dataset: the paper's files prepared by bear_ds.data, a BPE trained on its titles and
 prompts, a tiny Llama trained for a few LML steps (as benchmarks/beam_search.py builds them), B = 10,
-mask after. Batches of users alternate between the two walks so that load from other processes hits
-all alike. Bounded records must equal the full walk's (every integer and flag, log p to 1e-4); capped
-records too, except global ranks at or beyond the cap (lower bounds there).
+mask after. Or, with `--run`, trained run folders (e.g. the demo's runs/demo/lml): their model,
+catalog and first test users, with the mask `bear-ds analyze` chooses for them. Batches of users
+alternate between the walks so that load from other processes hits all alike. Bounded records must
+equal the full walk's (every integer and flag, log p to 1e-4); capped records too, except global
+ranks at or beyond the cap (lower bounds there). Rows: trie-node rows forwarded per user (probe and
+exact walk together).
 
     python benchmarks/exhaustive_analysis.py --data ../shared/data/Office ../shared/data/Clothing --users 32
+    python benchmarks/exhaustive_analysis.py --run runs/demo/lml runs/demo/msl --users 96 --batch-users 16 --batch-items 2048
 """
 
 from __future__ import annotations
@@ -55,17 +59,54 @@ def _one_user_per_walk():
     return mock.patch("bear_ds.evaluation.pruning.exhaustive_scores_batch", per_user)
 
 
+def _trained_run(run: Path, args: argparse.Namespace):
+    """(model, catalog, prompt ids, target groups, pad id, mask) of a trained run folder's test users."""
+    from bear_ds.config import load_config
+    from bear_ds.distributed import make_accelerator
+    from bear_ds.evaluation.evaluate import choose_mask, load_eval_inputs, load_eval_model
+
+    cfg = load_config(
+        run / "config.yaml",
+        [f"model.path={run / 'model'}", f"output_dir={Path(args.out_root) / run.name}", "eval.split=test",
+         f"eval.max_users={args.users}"],
+    )  # fmt: skip
+    accelerator = make_accelerator(None, timeout_s=60)
+    inputs = load_eval_inputs(cfg, accelerator)
+    model = load_eval_model(run / "model", accelerator)
+    mask, _ = choose_mask(cfg.eval.mask, run / "model", cfg.loss.name)
+    return model, inputs.catalog, inputs.prompt_ids, inputs.target_groups, inputs.pad_token_id, mask
+
+
+@contextlib.contextmanager
+def _counting_rows(counter: list[int]):
+    """Adds every level's forwarded trie-node rows to counter[0]."""
+    from bear_ds.evaluation import exhaustive
+
+    score_level = exhaustive._BatchWalk.score_level
+
+    def counting(self, level, *args):
+        counter[0] += sum(child.numel() for _, _, child in level)
+        return score_level(self, level, *args)
+
+    with mock.patch.object(exhaustive._BatchWalk, "score_level", counting):
+        yield
+
+
 def bench(data: str, args: argparse.Namespace) -> dict:
     from bear_ds.evaluation.pruning import analyze_users
 
-    args.data, args.out = data, str(Path(args.out_root) / Path(data).name)
-    print(f"building {data} catalog, BPE and tiny Llama in {args.out} ...", flush=True)
-    model, tokenizer, catalog, prompt_ids, targets, _ = _build(args, torch.device("cpu"))
+    if args.run:
+        model, catalog, prompt_ids, targets, pad_id, mask = _trained_run(Path(data), args)
+    else:
+        args.data, args.out = data, str(Path(args.out_root) / Path(data).name)
+        print(f"building {data} catalog, BPE and tiny Llama in {args.out} ...", flush=True)
+        model, tokenizer, catalog, prompt_ids, targets, _ = _build(args, torch.device("cpu"))
+        pad_id, mask = tokenizer.pad_token_id, "after"
     common = dict(
         num_beams=args.num_beams,
         eos_token_id=catalog.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        mask="after",
+        pad_token_id=pad_id,
+        mask=mask,
         batch_items=args.batch_items,
         batch_users=args.batch_users,
     )
@@ -78,12 +119,16 @@ def bench(data: str, args: argparse.Namespace) -> dict:
     if args.per_user:
         modes["capped_per_user"] = modes["capped"]
     clocks = {m: [0.0, 0.0] for m in modes}
+    rows = {m: [0] for m in modes}
     records: dict[str, list[dict]] = {m: [] for m in modes}
     for start in range(0, len(prompt_ids), args.batch_users):
         chunk = slice(start, start + args.batch_users)
         for mode, kwargs in modes.items():
             wall, cpu = time.perf_counter(), time.process_time()
-            with _one_user_per_walk() if mode == "capped_per_user" else contextlib.nullcontext():
+            with (
+                _one_user_per_walk() if mode == "capped_per_user" else contextlib.nullcontext(),
+                _counting_rows(rows[mode]),
+            ):
                 records[mode] += analyze_users(
                     model, prompt_ids[chunk], targets[chunk], catalog.group_token_ids, catalog.trie, **kwargs, **common,
                 )  # fmt: skip
@@ -93,7 +138,8 @@ def bench(data: str, args: argparse.Namespace) -> dict:
         print(f"  {done} users: " + ", ".join(f"{m} {c[0]:.1f} s wall {c[1]:.1f} s CPU" for m, c in clocks.items()))
     n = len(prompt_ids)
     return {
-        "dataset": Path(data).name,
+        "dataset": Path(data).name if not args.run else f"{data} (mask {mask})",
+        "rows": {m: rows[m][0] / len(prompt_ids) for m in modes},
         "groups": catalog.num_groups,
         "trie_nodes": catalog.trie.num_nodes,
         "users": n,
@@ -110,6 +156,7 @@ def bench(data: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", default=["../shared/data/Office", "../shared/data/Clothing"])
+    p.add_argument("--run", nargs="+", help="trained run folders to analyse instead of --data's tiny models")
     p.add_argument("--out-root", default="runs/bench_exhaustive")
     p.add_argument("--users", type=int, default=32)
     p.add_argument("--num-beams", type=int, default=10)
@@ -119,7 +166,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=60, help="LML steps before the analysis (0: random model)")
     p.add_argument("--per-user", action="store_true", help="also time the capped walk one user at a time")
     args = p.parse_args()
-    rows = [bench(data, args) for data in args.data]
+    rows = [bench(data, args) for data in (args.run or args.data)]
     print()
     print("| dataset | groups | trie nodes | users | top-B targets | s/user (wall, CPU): full | bounded | capped "
           "| capped, no probe | CPU speed-up over full: bounded, capped, capped no probe | same records bounded, "
@@ -136,7 +183,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['dataset']}: capped walk, probe / no probe: {r['capped_unprobed'][1] / r['capped'][1]:.2f}x CPU, "
-            f"{r['capped_unprobed'][0] / r['capped'][0]:.2f}x wall"
+            f"{r['capped_unprobed'][0] / r['capped'][0]:.2f}x wall; rows per user: "
+            + ", ".join(f"{m} {n:,.0f}" for m, n in r["rows"].items())
         )
     for r in rows:
         if "capped_per_user" in r:

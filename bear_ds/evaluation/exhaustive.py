@@ -365,9 +365,9 @@ def _scores_of(
 
 
 # a probe walk keeps this many nodes per user and trie level (best prefix log p first) per group it
-# must find (num_beams, or rank_cap if larger): on the demo's models, 3 walked the fewest rows of
-# probe and exact walk together (for B = 10: 818 / 332 rows per user (LML / MSL) at 32 nodes, 1645
-# / 567 at 16, 703 / 431 at 64; 2518 / 755 without a probe)
+# must find (num_beams, or rank_cap if larger): on the demo's models, about 3 walked the fewest rows
+# of probe and exact walk together (B = 10, rows per user LML / MSL: 818 / 332 at 32 nodes, 1645 /
+# 567 at 16, 703 / 431 at 64; 2519 / 755 without a probe)
 PROBE_WIDTH_PER_GROUP = 3
 
 
@@ -380,7 +380,8 @@ class _SubtreeFilter:
     start the exact walk's threshold near the true B-th best. Beam search's B groups, the earlier
     start, are often far below it (a model whose beam search prunes most top-B groups), and the
     exact walk then keeps every node above a low threshold until the walk reaches the top groups'
-    depths: on the demo's models the probe cut the exact walk's rows 3-10x."""
+    depths: on the demo's models the probe cut the rows walked 2.3-3x, its own included
+    (`benchmarks/exhaustive_analysis.py --run`, docs/results.md section 7.6)."""
 
     node_logp: torch.Tensor  # float32 [num_nodes]
     edge_scored: torch.Tensor  # bool [E]
