@@ -22,8 +22,11 @@ Not counted: reads of tensors that live on the host on every device, which the c
 `.item()`; that reads host memory).
 
 Cost: the mode adds about 10 microseconds of host time per operator (measured on this project's 2-core AMD EPYC, family 26:
-9% of a tiny model's CPU training step, where operators are smallest); on a GPU that host time
-overlaps the kernels unless the step is bound by the host.
+9% of a tiny model's CPU training step, where operators are smallest; for the demo's model at one
+thread, 100 steps with the counter against a no-op stand-in, alternating: 0.279 / 0.227 and 0.255 /
+0.210 s per step, 18-23%; a lookup table for the operators' kinds gained nothing measurable, the
+mode's own dispatch is the cost); on a GPU that host time overlaps the kernels unless the step is
+bound by the host.
 """
 
 from __future__ import annotations
