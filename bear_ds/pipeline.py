@@ -135,10 +135,10 @@ def _claimed(out: Path, kind: str, method: str) -> bool:
     return False
 
 
-def _demo_worker(cfg: Config, out: Path, data_dir: Path, threads: int, share: Any, ready: Any, index: int) -> None:
-    """One demo worker process (spawned): its torch threads, logging, then `work_on_demo`.
+def _demo_worker(cfg: Config, out: Path, data_dir: Path, share: Any, ready: Any, index: int) -> None:
+    """One demo worker process (spawned): its torch threads (`share.value`), logging, then `work_on_demo`.
 
-    On SIGUSR1 it takes `share.value` threads: the parent raises them when another worker has
+    On SIGUSR1 it takes `share.value` threads again: the parent raises them when another worker has
     finished, so that the last training and analysis use the cores the others left (a one-thread
     training ran at 0.60 of a two-thread one here). The handler runs in this main thread, between
     two operations; the demo's metrics were the same to the last digit with 1 and 2 threads on the
@@ -147,7 +147,7 @@ def _demo_worker(cfg: Config, out: Path, data_dir: Path, threads: int, share: An
 
     from bear_ds.runtime import configure_logging, run_scope
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(share.value)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, lambda *_: torch.set_num_threads(share.value))
         ready[index] = 1  # before this, SIGUSR1 would end the process: the parent only signals ready workers
@@ -172,9 +172,7 @@ def _run_demo_workers(cfg: Config, out: Path, data_dir: Path, workers: int) -> N
     print(f"[demo] {workers} worker processes, {threads} torch thread(s) each", flush=True)
     spawn = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
     share, ready = spawn.Value("i", threads), spawn.Array("b", workers)
-    procs = [
-        spawn.Process(target=_demo_worker, args=(cfg, out, data_dir, threads, share, ready, i)) for i in range(workers)
-    ]
+    procs = [spawn.Process(target=_demo_worker, args=(cfg, out, data_dir, share, ready, i)) for i in range(workers)]
     for proc in procs:
         proc.start()
     running = list(procs)

@@ -451,11 +451,11 @@ def _paired_section(
                 per_seed.append("  - " + _describe(f"seed {s}", diffs, "one seed", k))
             for m in _metrics(k):
                 pooled[m].append((ua.user_ids, xa[m] - xb[m]))
-        if not pooled[_metrics(k)[0]]:
+        seeds_used = len(pooled[_metrics(k)[0]])  # the seeds tested on the same users on both sides
+        if not seeds_used:
             continue
         compared += 1
         d = {m: user_level_difference(pooled[m]) for m in _metrics(k)}
-        seeds_used = len(pooled[_metrics(k)[0]])
         lines.append(f"- **{a} vs {b}**: " + _describe("pooled", d, f"over {seeds_used} seed(s)", k))
         if per_seed:
             lines += [*per_seed, _seed_level(pooled, k)]
